@@ -1,0 +1,1 @@
+"""The HTTP front door: validates requests, enqueues them for the workers, answers OpenAI-style."""

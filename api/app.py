@@ -1,0 +1,54 @@
+"""The FastAPI application: middleware, error handlers, routers, and the Redis/Celery handles."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI
+
+from api.auth import require_api_key
+from api.errors import install_error_handlers
+from api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from api.routes import embeddings, health, models
+from api.state import AppState
+from shared.celery_app import create_celery_app
+from shared.keys import Keys
+from shared.model_catalog import allowed_models
+from shared.redis_client import async_client
+from shared.settings import Settings
+
+
+def create_app(settings: Settings) -> FastAPI:
+    allowed = allowed_models(settings.supported_models_file, settings.default_model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = async_client(settings.redis_url)
+        celery = create_celery_app(settings)
+        app.state.imbeddings = AppState(settings, redis, celery, Keys(settings.redis_key_prefix), allowed)
+        try:
+            yield
+        finally:
+            await redis.aclose()
+            celery.close()
+
+    docs = settings.docs_enabled
+    app = FastAPI(
+        title="Imbeddings",
+        summary="Image embeddings (CLS and MEAN of a Vision Transformer) behind an OpenAI-style API.",
+        version="1.0.0",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    install_error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1.include_router(embeddings.router)
+    v1.include_router(models.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,53 @@
+"""Hand work to the workers through Celery and wait for the answer in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import anyio.to_thread
+import orjson
+
+from api.errors import ApiError
+from api.state import AppState
+from shared.protocol import EmbedPayload, ImageRef, ItemResult
+from shared.queues import EMBED_TASK, QueueKind, queue_for
+
+# Publishing fails fast when Redis is away, so the client gets a 503 instead of a hung request.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def check_backpressure(state: AppState, model: str, kind: QueueKind) -> None:
+    depth = int(await state.redis.llen(queue_for(model, kind)))
+    if depth >= state.settings.max_queue_depth:
+        raise ApiError(429, f"model {model!r} has {depth} requests queued (limit {state.settings.max_queue_depth}); retry later", code="queue_full", headers={"Retry-After": "1"})
+
+
+async def send_task(state: AppState, name: str, payload: dict[str, object]) -> None:
+    await anyio.to_thread.run_sync(lambda: state.celery.send_task(name, kwargs={"payload": payload}, retry_policy=PUBLISH_RETRY))
+
+
+async def embed_and_wait(state: AppState, model: str, refs: list[ImageRef], request_id: str) -> list[ItemResult]:
+    timeout = state.settings.request_timeout_s
+    reply_key = state.keys.reply(request_id)
+    payload = EmbedPayload(request_id=request_id, model=model, items=refs, reply_key=reply_key, deadline=time.time() + timeout)
+    await send_task(state, EMBED_TASK, payload.model_dump())
+    try:
+        reply = await state.redis.blpop([reply_key], timeout=timeout)
+    except asyncio.CancelledError:
+        await _abandon(state, request_id, timeout)
+        raise
+    if reply is None:
+        await _abandon(state, request_id, timeout)
+        raise ApiError(504, f"no worker answered within {timeout:g} s; the request was withdrawn", code="timeout")
+    return [ItemResult.model_validate(item) for item in orjson.loads(reply[1])]
+
+
+async def _abandon(state: AppState, request_id: str, timeout: float) -> None:
+    """Tell workers to skip this request; a result that still arrives expires unread."""
+    await state.redis.set(state.keys.abandoned(request_id), b"1", ex=int(timeout) + 60)

@@ -1,0 +1,87 @@
+"""Turn the request's ``input`` into image references, refusing malformed ones by index.
+
+Only the form is checked here (URL syntax, data URI header, base64 alphabet, size): fetching and
+decoding happen in the worker, which reports image problems per index the same way.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from urllib.parse import urlsplit
+
+from api.errors import ApiError
+from api.schemas import ImageObject
+from shared.protocol import ImageRef
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+MAX_URL_LENGTH = 8192
+
+
+def _bad(index: int, message: str, code: str = "invalid_image") -> ApiError:
+    return ApiError(400, f"input[{index}]: {message}", code=code, param=f"input[{index}]")
+
+
+def _base64_ref(index: int, payload: str, max_image_bytes: int) -> ImageRef:
+    payload = _WHITESPACE.sub("", payload)
+    if not payload:
+        raise _bad(index, "image data is empty")
+    if len(payload) // 4 * 3 > max_image_bytes + 3:
+        raise _bad(index, f"image is about {len(payload) // 4 * 3} bytes, over the limit of {max_image_bytes} bytes", "image_too_large")
+    try:
+        binascii.a2b_base64(payload, strict_mode=True)
+    except binascii.Error as exc:
+        raise _bad(index, f"not a URL, data URI or valid base64 ({exc})", "invalid_base64") from None
+    return ImageRef(index=index, kind="base64", data=payload)
+
+
+def parse_one(index: int, value: str, max_image_bytes: int) -> ImageRef:
+    text = value.strip()
+    if not text:
+        raise _bad(index, "input is empty")
+    if text[:5].lower() == "data:":
+        match = _DATA_URI.match(text)
+        if not match:
+            raise _bad(index, "malformed data URI (expected data:image/<type>;base64,<data>)")
+        mime = (match.group("mime") or "").lower()
+        if mime and not mime.startswith("image/"):
+            raise _bad(index, f"data URI media type {mime!r} is not an image", "unsupported_media_type")
+        if not match.group("b64"):
+            raise _bad(index, "data URI must be base64-encoded (;base64,)")
+        return _base64_ref(index, text[match.end():], max_image_bytes)
+    if _SCHEME.match(text) and "://" in text[:16]:
+        if len(text) > MAX_URL_LENGTH:
+            raise _bad(index, f"URL is longer than {MAX_URL_LENGTH} characters", "invalid_url")
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018 - raises ValueError for a malformed port
+        except ValueError as exc:
+            raise _bad(index, f"malformed URL ({exc})", "invalid_url") from None
+        if parts.scheme.lower() not in ("http", "https"):
+            raise _bad(index, f"URL scheme {parts.scheme!r} is not allowed (only http and https)", "invalid_url")
+        if not parts.hostname:
+            raise _bad(index, "URL has no host", "invalid_url")
+        return ImageRef(index=index, kind="url", data=text)
+    return _base64_ref(index, text, max_image_bytes)
+
+
+def parse_inputs(raw: str | list[str | ImageObject], max_inputs: int, max_image_bytes: int, offset: int = 0) -> list[ImageRef]:
+    values = [raw] if isinstance(raw, str) else raw
+    if not values:
+        raise ApiError(400, "input is empty: give at least one image", code="invalid_request", param="input")
+    if len(values) > max_inputs:
+        raise ApiError(400, f"input has {len(values)} images, over the limit of {max_inputs} per request", code="too_many_inputs", param="input")
+    refs = []
+    for position, value in enumerate(values):
+        index = offset + position
+        if isinstance(value, ImageObject):
+            if value.image_base64 is not None:
+                text = value.image_base64.strip()
+                refs.append(parse_one(index, text, max_image_bytes) if text[:5].lower() == "data:" else _base64_ref(index, text, max_image_bytes))
+            else:
+                refs.append(parse_one(index, value.image_url or "", max_image_bytes))
+        else:
+            refs.append(parse_one(index, value, max_image_bytes))
+    return refs

@@ -1,0 +1,33 @@
+"""``POST /v1/embeddings``: enqueue, wait for the worker, answer in OpenAI's format."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from api.responses import JSONBytesResponse
+
+from api.dispatch import check_backpressure, embed_and_wait
+from api.formatting import embedding_dim, embedding_item, first_failure
+from api.inputs import parse_inputs
+from api.schemas import ERROR_RESPONSES, EmbeddingRequest, EmbeddingResponse
+from api.state import AppState, get_state
+from api.workers import require_served, resolve_model
+
+router = APIRouter()
+
+
+@router.post("/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES, summary="Embed images (waits for the result)")
+async def create_embeddings(body: EmbeddingRequest, request: Request, state: AppState = Depends(get_state)) -> JSONBytesResponse:
+    settings = state.settings
+    model = resolve_model(state, body.model)
+    refs = parse_inputs(body.input, settings.max_inputs_per_request, settings.max_image_bytes)
+    await require_served(state, model)
+    await check_backpressure(state, model, "interactive")
+    results = await embed_and_wait(state, model, refs, request.state.request_id)
+    failure = first_failure(results)
+    if failure is not None:
+        raise failure
+    data = [embedding_item(result, body.pooling, body.encoding_format, body.dimensions) for result in results]
+    tokens = sum(result.tokens or 0 for result in results)
+    dim = body.dimensions or embedding_dim(results[0])
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens, "input_images": len(results), "embedding_dim": dim}
+    return JSONBytesResponse({"object": "list", "model": model, "data": data, "usage": usage})

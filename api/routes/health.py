@@ -1,0 +1,34 @@
+"""Liveness, readiness and effective configuration."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from api.responses import JSONBytesResponse
+from redis.exceptions import RedisError
+
+from api.state import AppState, get_state
+from api.workers import live_workers
+
+router = APIRouter()
+
+
+@router.get("/health", summary="The API process is alive")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="Redis is reachable and a worker serves the default model")
+async def ready(state: AppState = Depends(get_state)) -> JSONBytesResponse:
+    model = state.settings.default_model
+    try:
+        await state.redis.ping()
+        workers = await live_workers(state, model)
+    except RedisError as exc:
+        return JSONBytesResponse({"status": "unavailable", "redis": f"unreachable ({type(exc).__name__})", "default_model": model, "workers": 0}, status_code=503)
+    body = {"status": "ready" if workers else "unavailable", "redis": "ok", "default_model": model, "workers": workers}
+    return JSONBytesResponse(body, status_code=200 if workers else 503)
+
+
+@router.get("/info", summary="Effective limits and settings (no secrets)")
+async def info(state: AppState = Depends(get_state)) -> dict[str, object]:
+    return {"settings": state.settings.public_view(), "allowed_models": state.allowed_models}

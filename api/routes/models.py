@@ -1,0 +1,32 @@
+"""``GET /v1/models``: the allow-list, and for each model whether and how it is served now."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from api.errors import ApiError
+from api.schemas import ERROR_RESPONSES, ModelCard, ModelList
+from api.state import AppState, get_state
+from api.workers import live_workers, model_infos
+
+router = APIRouter()
+
+
+async def _card(state: AppState, model: str, infos: dict) -> ModelCard:
+    workers = await live_workers(state, model)
+    info = infos.get(model)
+    details = info.model_dump(exclude={"id"}) if info else {}
+    return ModelCard(id=model, served=workers > 0, workers=workers, **details)
+
+
+@router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="Models that may be requested")
+async def list_models(state: AppState = Depends(get_state)) -> ModelList:
+    infos = await model_infos(state)
+    return ModelList(data=[await _card(state, model, infos) for model in state.allowed_models])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES, summary="One model")
+async def get_model(model_id: str, state: AppState = Depends(get_state)) -> ModelCard:
+    if model_id not in state.allowed_models:
+        raise ApiError(404, f"model {model_id!r} is not supported here", code="model_not_found", param="model")
+    return await _card(state, model_id, await model_infos(state))

@@ -1,0 +1,110 @@
+"""Request and response bodies of the HTTP API (OpenAI embeddings conventions)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EncodingFormat = Literal["float", "base64"]
+Pooling = Literal["cls", "mean"]
+
+
+class ImageObject(BaseModel):
+    """``{"type": "image", "image_url": ...}`` or ``{"type": "image", "image_base64": ...}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["image"] = "image"
+    image_url: str | None = Field(None, description="http(s) URL or data URI.")
+    image_base64: str | None = Field(None, description="Base64-encoded image bytes (or a data URI).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageObject:
+        if (self.image_url is None) == (self.image_base64 is None):
+            raise ValueError("give exactly one of image_url or image_base64")
+        return self
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "facebook/dinov2-small", "input": "https://example.com/cat.jpg", "pooling": "cls"}]})
+
+    model: str | None = Field(None, description="Model id from /v1/models; the default model when absent.")
+    input: str | list[str | ImageObject] = Field(description="One image (URL, data URI or base64) or a list of them.")
+    encoding_format: EncodingFormat = Field("float", description="float: JSON numbers; base64: little-endian float32 bytes.")
+    pooling: Pooling = Field("cls", description="Which vector goes into `embedding`; both are always in `embeddings`.")
+    dimensions: int | None = Field(None, ge=1, description="Keep the first N components, then re-normalize.")
+    user: str | None = Field(None, description="Accepted for OpenAI compatibility; not used.")
+
+
+class PooledVectors(BaseModel):
+    cls: list[float] | str
+    mean: list[float] | str
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+    embeddings: PooledVectors
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Vision Transformer tokens processed (CLS + registers + patches per image).")
+    total_tokens: int
+    input_images: int
+    embedding_dim: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[EmbeddingItem]
+    usage: Usage
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "imbeddings"
+    served: bool
+    workers: int
+    dim: int | None = None
+    patch_size: int | None = None
+    image_size: tuple[int, int] | None = None
+    num_register_tokens: int | None = None
+    tokens_per_image: int | None = None
+    model_type: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "Bad request or bad image (the message names the input index)",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        413: "Request body too large",
+        429: "Queue full; retry after the Retry-After header",
+        503: "No worker serves the model, or Redis is unreachable",
+        504: "The wait for a worker ran out",
+    }.items()
+}

@@ -1,0 +1,1 @@
+"""Tooling for running Imbeddings locally and testing it: not imported by the API or the worker."""

@@ -1,0 +1,46 @@
+"""The Celery application both sides share: broker, routing, acknowledgement policy."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.queues import route_by_model
+from shared.settings import Settings
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    app = Celery("imbeddings", broker=settings.redis_url, set_as_current=True)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        # Results are per image and addressed by request or job index, so the worker writes them
+        # itself; Celery's one-blob-per-task result backend is not used.
+        task_ignore_result=True,
+        result_backend=None,
+        task_routes=(route_by_model,),
+        task_create_missing_queues=True,
+        # A message is acknowledged only after its results are stored: a worker killed mid-batch
+        # leaves it unacknowledged and the broker hands it to another worker.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={
+            # Redelivery of unacknowledged messages happens this long after delivery. Every task is
+            # small (one request, or one job chunk), so a short timeout only costs a duplicate
+            # delivery of slow work, which results keyed by item index absorb.
+            "visibility_timeout": settings.broker_visibility_timeout_s,
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "retry_on_timeout": True,
+        },
+        broker_pool_limit=64,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app

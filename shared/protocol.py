@@ -1,0 +1,66 @@
+"""Messages that cross the queue: task payloads, per-image results, model descriptions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ImageRef(BaseModel):
+    """One input image as the client sent it, already checked for form by the API."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(ge=0, description="Position in the request, or in the whole job.")
+    kind: Literal["url", "base64"]
+    data: str = Field(description="The URL, or the base64 payload without any data-URI prefix.")
+
+
+class EmbedPayload(BaseModel):
+    """A synchronous request: results go to ``reply_key`` before ``deadline`` (epoch seconds)."""
+
+    request_id: str
+    model: str
+    items: list[ImageRef]
+    reply_key: str
+    deadline: float
+
+
+class JobChunkPayload(BaseModel):
+    """A slice of an async job; results are stored by item index, so redelivery is harmless."""
+
+    request_id: str
+    job_id: str
+    model: str
+    items: list[ImageRef]
+
+
+class ItemError(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    code: str
+
+
+class ItemResult(BaseModel):
+    """One image's outcome: both vectors (base64 float32, little-endian) or an error."""
+
+    index: int
+    cls: str | None = None
+    mean: str | None = None
+    tokens: int | None = None
+    error: ItemError | None = None
+
+
+class ModelInfo(BaseModel):
+    """What a worker learnt about a model when it loaded it (shown by ``/v1/models``)."""
+
+    id: str
+    model_type: str
+    dim: int
+    patch_size: int
+    image_size: tuple[int, int]
+    num_register_tokens: int
+    tokens_per_image: int
+    dtype: str
+    device: str

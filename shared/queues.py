@@ -1,0 +1,42 @@
+"""Celery queue and task names, derived from model ids the same way on both sides."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Literal
+
+EMBED_TASK = "imbeddings.embed"
+JOB_CHUNK_TASK = "imbeddings.embed_job_chunk"
+
+QueueKind = Literal["interactive", "bulk"]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def model_slug(model_id: str) -> str:
+    """A Redis- and Celery-safe name for a model id (Hub id or filesystem path).
+
+    The hash keeps two ids that sanitise to the same text (``a/b`` and ``a_b``) apart.
+    """
+    readable = _UNSAFE.sub("_", model_id).strip("_.")[-48:] or "model"
+    digest = hashlib.sha1(model_id.encode("utf-8")).hexdigest()[:8]
+    return f"{readable}-{digest}"
+
+
+def queue_for(model_id: str, kind: QueueKind) -> str:
+    base = f"imbeddings.{model_slug(model_id)}"
+    return base if kind == "interactive" else f"{base}.bulk"
+
+
+def route_by_model(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any], task: Any = None, **_: Any) -> dict[str, str] | None:
+    """Celery router: every task carries its model, and each model has its own queues."""
+    payload = kwargs.get("payload") or {}
+    model = payload.get("model")
+    if not model:
+        return None
+    if name == EMBED_TASK:
+        return {"queue": queue_for(model, "interactive")}
+    if name == JOB_CHUNK_TASK:
+        return {"queue": queue_for(model, "bulk")}
+    return None

@@ -1,0 +1,145 @@
+"""The one settings object, read from ``IMBEDDINGS_*`` environment variables.
+
+Both processes (API and worker) read the same object so that limits, names and
+timeouts can never disagree between the two sides of the queue.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMBEDDINGS_", extra="ignore", frozen=True)
+
+    # --- wiring -----------------------------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis used as Celery broker and result store.")
+    redis_key_prefix: str = Field("imb:", description="Prefix of every key Imbeddings itself writes.")
+    default_model: str = Field("facebook/dinov2-small", description="Model used when a request names none.")
+    worker_models: CommaList = Field(default_factory=list, description="Models a worker serves (default: the default model).")
+    supported_models_file: Path = Field(REPO_ROOT / "supported_models.txt", description="Allow-list of model ids.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "IMBEDDINGS_HF_TOKEN"))
+
+    # --- model execution --------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cuda_memory_fraction: float | None = Field(None, gt=0, le=1)
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_batch_wait_ms: float = Field(2.0, ge=0, le=10_000)
+    preprocess_threads: int = Field(2, ge=1, le=256)
+    preprocessing: Literal["exact", "fast"] = Field(
+        "exact", description="exact: the model's Transformers image processor; fast: a checked hand path."
+    )
+    jpeg_draft: bool = Field(False, description="Let libjpeg decode large JPEGs at reduced scale (approximate).")
+    worker_concurrency: int = Field(32, ge=1, le=1024, description="Celery task threads per worker.")
+    torch_threads: int | None = Field(None, ge=1, le=1024)
+
+    # --- request limits ---------------------------------------------------------------------
+    max_request_bytes: int = Field(64 * 2**20, ge=1024)
+    max_inputs_per_request: int = Field(256, ge=1)
+    max_job_inputs: int = Field(100_000, ge=1)
+    max_image_bytes: int = Field(20 * 2**20, ge=64)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_image_side: int = Field(16_384, ge=1)
+    url_fetch_timeout_s: float = Field(10.0, gt=0, le=300)
+    url_max_redirects: int = Field(3, ge=0, le=20)
+    url_allowed_networks: CommaList = Field(default_factory=list)
+
+    # --- queueing and time ------------------------------------------------------------------
+    request_timeout_s: float = Field(60.0, gt=0, le=3600, description="How long /v1/embeddings waits for a worker.")
+    max_queue_depth: int = Field(1000, ge=1, description="Queued tasks per model beyond which new work gets 429.")
+    job_chunk_size: int = Field(32, ge=1, le=10_000)
+    job_result_ttl_s: int = Field(24 * 3600, ge=60)
+    broker_visibility_timeout_s: int = Field(60, ge=5)
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    heartbeat_ttl_s: float = Field(20.0, gt=0)
+
+    # --- access and observability -----------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    docs_enabled: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = True
+
+    _split = field_validator("worker_models", "url_allowed_networks", "api_keys", mode="before")(_split_commas)
+
+    @field_validator("url_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{network!r} is not a CIDR network ({exc})") from None
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if not self.worker_models:
+            object.__setattr__(self, "worker_models", [self.default_model])
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("IMBEDDINGS_HEARTBEAT_TTL_S must be longer than IMBEDDINGS_HEARTBEAT_INTERVAL_S")
+        return self
+
+    def public_view(self) -> dict[str, object]:
+        """Effective settings without secrets, for ``/info`` and start-up logs."""
+        view = self.model_dump(mode="json", exclude={"hf_token", "api_keys", "redis_url"})
+        view["redis_url"] = _redact_url(self.redis_url)
+        view["hf_token_set"] = self.hf_token is not None
+        view["api_keys_configured"] = len(self.api_keys)
+        return view
+
+
+def _redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+def describe_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "settings"
+        env = f"IMBEDDINGS_{field.upper()}" if field != "settings" else "configuration"
+        if field == "hf_token":
+            env = "HF_TOKEN"
+        shown = item.get("input")
+        got = f" (got {shown!r})" if isinstance(shown, (str, int, float)) and field not in ("hf_token", "api_keys") else ""
+        lines.append(f"  {env}: {item['msg']}{got}")
+    return "Invalid Imbeddings configuration:\n" + "\n".join(lines)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings for this process; exits with a readable message when they are invalid."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        print(describe_errors(exc), file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,88 @@
+"""``python -m worker``: load the configured models, then consume their queues with Celery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+from celery.signals import worker_ready, worker_shutting_down
+
+from shared.celery_app import create_celery_app
+from shared.keys import Keys
+from shared.logs import configure_logging
+from shared.model_catalog import CatalogError, allowed_models
+from shared.queues import queue_for
+from shared.redis_client import sync_client
+from shared.settings import get_settings
+
+log = logging.getLogger("worker")
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging("worker", settings.log_level, settings.log_json)
+
+    try:
+        allowed = allowed_models(settings.supported_models_file, settings.default_model)
+    except CatalogError as exc:
+        sys.exit(f"worker cannot start: {exc}")
+    refused = [model for model in settings.worker_models if model not in allowed]
+    if refused:
+        sys.exit(f"worker cannot start: {', '.join(map(repr, refused))} not in the allow-list {settings.supported_models_file}")
+
+    # Heavy imports after the configuration is known to be valid, so mistakes are reported fast.
+    import transformers
+
+    from worker import tasks  # noqa: F401  (registers the Celery tasks)
+    from worker.heartbeat import Heartbeat
+    from worker.model_loader import ModelRefused, load_model, resolve_device, resolve_dtype
+    from worker.result_store import ResultStore
+    from worker.runtime import WorkerRuntime, configure_torch_threads
+
+    transformers.logging.set_verbosity_error()
+    configure_torch_threads(settings)
+    app = create_celery_app(settings)
+    runtime = WorkerRuntime(settings)
+    try:
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        for model_id in settings.worker_models:
+            runtime.add(load_model(model_id, device, dtype, token, settings.max_batch_size))
+    except ModelRefused as exc:
+        sys.exit(f"worker cannot start: {exc}")
+
+    redis = sync_client(settings.redis_url)
+    keys = Keys(settings.redis_key_prefix)
+    tasks.install_context(tasks.WorkerContext(runtime, ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5)))
+    node = f"worker-{os.getpid()}@{socket.gethostname()}"
+    heartbeat = Heartbeat(redis, keys, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
+
+    @worker_ready.connect(weak=False)
+    def _announce(**_: object) -> None:
+        heartbeat.start()
+        log.info("worker ready", extra={"node": node, "models": settings.worker_models})
+
+    @worker_shutting_down.connect(weak=False)
+    def _withdraw(**_: object) -> None:
+        heartbeat.stop()
+
+    queues = [queue_for(model, kind) for model in settings.worker_models for kind in ("interactive", "bulk")]
+    app.worker_main([
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.worker_concurrency}",
+        f"--queues={','.join(queues)}",
+        f"--hostname={node}",
+        f"--loglevel={settings.log_level}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ])
+    runtime.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Announce in Redis which models this worker serves, so the API can answer 503 instead of hanging."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from shared.keys import Keys
+from shared.protocol import ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(self, redis: Redis, keys: Keys, worker_name: str, models: list[ModelInfo], interval_s: float, ttl_s: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._name = worker_name
+        self._models = models
+        self._interval_s = interval_s
+        self._ttl_s = ttl_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def beat(self) -> None:
+        now = time.time()
+        pipe = self._redis.pipeline(transaction=False)
+        for info in self._models:
+            key = self._keys.model_workers(info.id)
+            pipe.zadd(key, {self._name: now + self._ttl_s})
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.hset(self._keys.model_info(), info.id, info.model_dump_json())
+        pipe.execute()
+
+    def stop(self) -> None:
+        """Withdraw at once: the API stops sending this worker's models work it would not finish."""
+        self._stopped.set()
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for info in self._models:
+                pipe.zrem(self._keys.model_workers(info.id), self._name)
+            pipe.execute()
+        except RedisError as exc:
+            log.warning("could not withdraw heartbeat", extra={"error": str(exc)})
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            try:
+                self.beat()
+            except RedisError as exc:
+                log.warning("heartbeat failed", extra={"error": str(exc)})
