@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 EncodingFormat = Literal["float", "base64"]
 Pooling = Literal["cls", "mean"]
@@ -22,7 +23,7 @@ class ImageObject(BaseModel):
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageObject:
         if (self.image_url is None) == (self.image_base64 is None):
-            raise ValueError("give exactly one of image_url or image_base64")
+            raise PydanticCustomError("image_object", "give exactly one of image_url or image_base64")
         return self
 
 
@@ -35,6 +36,27 @@ class EmbeddingRequest(BaseModel):
     pooling: Pooling = Field("cls", description="Which vector goes into `embedding`; both are always in `embeddings`.")
     dimensions: int | None = Field(None, ge=1, description="Keep the first N components, then re-normalize.")
     user: str | None = Field(None, description="Accepted for OpenAI compatibility; not used.")
+
+    @field_validator("input", mode="wrap")
+    @classmethod
+    def _errors_by_position(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Report a bad input as ``input[i]`` with one clear reason, not once per union branch."""
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise PydanticCustomError("image_input", "must be an image (URL, data URI or base64 string) or a list of them")
+        errors: list[InitErrorDetails] = []
+        for position, item in enumerate(value):
+            if isinstance(item, dict):
+                try:
+                    ImageObject.model_validate(item)
+                except ValidationError as exc:
+                    errors += [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=(position, *e["loc"]), input=e["input"]) for e in exc.errors()]
+            elif not isinstance(item, str):
+                errors.append(InitErrorDetails(type=PydanticCustomError("image_input", "expected a URL, data URI or base64 string, or an image object"), loc=(position,), input=item))
+        if errors:
+            raise ValidationError.from_exception_data("input", errors)
+        return handler(value)
 
 
 class PooledVectors(BaseModel):

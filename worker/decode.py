@@ -14,7 +14,7 @@ from worker.errors import ImageInputError
 
 # Formats a photo arrives in. Everything else (EPS and other Ghostscript formats, ICO, PSD, ...) is
 # refused before a parser for it is even tried.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # multi-picture JPEGs (MPO) open through JPEG
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -75,7 +75,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         image = _scale_to_8bit(image)
     elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
     if image.mode == "RGB":
         return image
     if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -89,4 +89,4 @@ def _scale_to_8bit(image: Image.Image) -> Image.Image:
     values = np.asarray(image, dtype=np.float64)
     # Mode "I" holds 16-bit data from PNG/TIFF in practice; wider values are clipped to 16 bits.
     scaled = np.clip(values, 0, 65535) / 257.0
-    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+    return Image.fromarray(np.round(scaled).astype(np.uint8))

@@ -60,7 +60,7 @@ def probe_image() -> Image.Image:
     y, x = np.mgrid[0:240, 0:320]
     base = np.stack([x / 320 * 255, y / 240 * 255, (x + y) / 560 * 255], axis=-1)
     noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-    return Image.fromarray(noisy, mode="RGB")
+    return Image.fromarray(noisy)
 
 
 def _patch_size(config: PretrainedConfig) -> int:

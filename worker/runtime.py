@@ -66,9 +66,12 @@ class ModelRuntime:
         self._prepared_slots.acquire()
         try:
             pixel_values = self._preprocess(decode_image(data, self._limits.decode))
-        except BaseException:
+        except ImageInputError:
             self._prepared_slots.release()
             raise
+        except Exception as exc:  # anything else a decoder or processor trips over is still the image's fault
+            self._prepared_slots.release()
+            raise ImageInputError("invalid_image", f"image could not be processed: {type(exc).__name__}: {exc}") from None
         return self._batcher.submit(pixel_values, on_done=self._prepared_slots.release)
 
     def _collect(self, ref: ImageRef, queued: Future[Future[Embedding]] | ImageInputError) -> ItemResult:

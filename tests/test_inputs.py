@@ -1,0 +1,55 @@
+"""The API's check of input form: what is a URL, a data URI, plain base64, and what is refused."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from api.errors import ApiError
+from api.inputs import parse_inputs, parse_one
+from api.schemas import ImageObject
+
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 30).decode()
+
+
+def test_kinds() -> None:
+    assert parse_one(0, "https://example.com/a.jpg", 1000).kind == "url"
+    assert parse_one(0, "HTTP://example.com/a.jpg", 1000).kind == "url"
+    ref = parse_one(3, f"data:image/png;base64,{PNG}", 1000)
+    assert (ref.kind, ref.index, ref.data) == ("base64", 3, PNG)
+    assert parse_one(0, f"  {PNG[:20]}\n{PNG[20:]}  ", 1000).data == PNG  # wrapped base64 is fine
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        ("", "invalid_image"),
+        ("file:///etc/passwd", "invalid_url"),
+        ("gopher://example.com/", "invalid_url"),
+        ("http://", "invalid_url"),
+        ("http://example.com:99999/a.jpg", "invalid_url"),
+        ("data:image/png;base64,!!!", "invalid_base64"),
+        ("data:application/pdf;base64," + PNG, "unsupported_media_type"),
+        ("data:image/png," + PNG, "invalid_image"),
+        ("data:,", "invalid_image"),
+        ("%%%%", "invalid_base64"),
+    ],
+)
+def test_refusals_name_the_index(value: str, code: str) -> None:
+    with pytest.raises(ApiError) as error:
+        parse_one(7, value, 1000)
+    assert error.value.status == 400 and error.value.code == code and error.value.param == "input[7]"
+    assert error.value.message.startswith("input[7]:")
+
+
+def test_size_and_count_limits() -> None:
+    with pytest.raises(ApiError, match="over the limit of 10 bytes"):
+        parse_one(0, PNG, 10)
+    with pytest.raises(ApiError, match="over the limit of 2 per request"):
+        parse_inputs([PNG, PNG, PNG], max_inputs=2, max_image_bytes=1000)
+
+
+def test_objects_and_offsets() -> None:
+    refs = parse_inputs([ImageObject(image_base64=PNG), ImageObject(image_url="https://x.test/a.png")], 10, 1000, offset=100)
+    assert [(r.index, r.kind) for r in refs] == [(100, "base64"), (101, "url")]

@@ -1,0 +1,74 @@
+"""Configuration: read from IMBEDDINGS_* variables, validated with messages that name the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from shared.model_catalog import allowed_models, read_allow_list
+from shared.settings import REPO_ROOT, Settings, describe_errors
+
+
+def test_defaults_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMBEDDINGS_WORKER_MODELS", " a/b , c ")
+    monkeypatch.setenv("IMBEDDINGS_API_KEYS", "k1,k2")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    settings = Settings()
+    assert settings.default_model == "facebook/dinov2-small"
+    assert settings.worker_models == ["a/b", "c"]
+    assert [k.get_secret_value() for k in settings.api_keys] == ["k1", "k2"]
+    view = settings.public_view()
+    assert "hf_secret" not in str(view) and "k1" not in str(view)
+    assert view["hf_token_set"] is True and view["api_keys_configured"] == 2
+
+
+def test_worker_models_default_to_the_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMBEDDINGS_DEFAULT_MODEL", "/models/mine")
+    assert Settings().worker_models == ["/models/mine"]
+
+
+def test_redis_password_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMBEDDINGS_REDIS_URL", "redis://:hunter2@redis:6379/0")
+    assert Settings().public_view()["redis_url"] == "redis://***@redis:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "needle"),
+    [
+        ("IMBEDDINGS_PORT", "eighty", "IMBEDDINGS_PORT"),
+        ("IMBEDDINGS_DTYPE", "int4", "IMBEDDINGS_DTYPE"),
+        ("IMBEDDINGS_DEVICE", "tpu", "IMBEDDINGS_DEVICE"),
+        ("IMBEDDINGS_MAX_BATCH_SIZE", "0", "IMBEDDINGS_MAX_BATCH_SIZE"),
+        ("IMBEDDINGS_URL_ALLOWED_NETWORKS", "10.0.0.0/33", "IMBEDDINGS_URL_ALLOWED_NETWORKS"),
+        ("IMBEDDINGS_REDIS_URL", "http://redis", "IMBEDDINGS_REDIS_URL"),
+    ],
+)
+def test_invalid_values_are_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str, needle: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    assert needle in describe_errors(error.value)
+
+
+def test_processes_refuse_to_start_with_bad_settings() -> None:
+    for module in ("api", "worker"):
+        result = subprocess.run([sys.executable, "-m", module], cwd=REPO_ROOT, env={"IMBEDDINGS_PORT": "-1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        assert "Invalid Imbeddings configuration" in result.stderr and "IMBEDDINGS_PORT" in result.stderr
+
+
+def test_allow_list_parsing(tmp_path) -> None:
+    path = tmp_path / "models.txt"
+    path.write_text("# comment\nfacebook/dinov2-small  # trailing comment\n\n/local/model\nfacebook/dinov2-small\n")
+    assert read_allow_list(path) == ["facebook/dinov2-small", "/local/model"]
+    assert allowed_models(path, "/air-gapped/default") == ["/air-gapped/default", "facebook/dinov2-small", "/local/model"]
+
+
+def test_repo_allow_list_names_every_family() -> None:
+    models = read_allow_list(REPO_ROOT / "supported_models.txt")
+    for family in ("facebook/dinov2-small", "facebook/dinov2-with-registers-small", "facebook/dinov3-vits16-pretrain-lvd1689m", "facebook/dino-vits16", "facebook/webssl-dino300m-full2b-224", "facebook/deit-small-patch16-224", "google/vit-base-patch16-224"):
+        assert family in models
+    assert not any("distilled" in model for model in models)
