@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(2.0, ge=0, le=10_000)
     preprocess_threads: int = Field(2, ge=1, le=256)
     preprocessing: Literal["exact", "fast"] = Field(
-        "exact", description="exact: the model's Transformers image processor; fast: a checked hand path."
+        "fast", description="exact: call the Transformers image processor; fast: its own operations without a layout copy (bit-identical, checked at load)."
     )
     jpeg_draft: bool = Field(False, description="Let libjpeg decode large JPEGs at reduced scale (approximate).")
     worker_concurrency: int = Field(32, ge=1, le=1024, description="Celery task threads per worker.")

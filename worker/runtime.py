@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,8 +16,8 @@ from worker.batching import BatchObserver, BatchRunner, Embedding
 from worker.decode import DecodeLimits, decode_image
 from worker.errors import ImageInputError
 from worker.fetch import FetchLimits
-from worker.model_loader import LoadedModel
-from worker.preprocess import Preprocessor, ProcessorPreprocessor
+from worker.model_loader import LoadedModel, probe_image
+from worker.preprocess import Preprocessor, choose_preprocessor
 from worker.sources import read_image_bytes
 
 
@@ -102,11 +102,16 @@ class WorkerRuntime:
 
     def add(self, model: LoadedModel) -> ModelRuntime:
         batcher = BatchRunner(model, self.settings.max_batch_size, self.settings.max_batch_wait_ms / 1000, self._observe_batch)
+        limits = self.limits
+        if self.settings.jpeg_draft:
+            # libjpeg may decode at 1/2, 1/4 or 1/8 scale, but never below twice the model's input size.
+            side = 2 * max(model.info.image_size)
+            limits = replace(limits, decode=replace(limits.decode, jpeg_draft_size=(side, side)))
         runtime = ModelRuntime(
             model,
-            ProcessorPreprocessor(model.processor),
+            choose_preprocessor(model.processor, self.settings.preprocessing, probe_image()),
             batcher,
-            self.limits,
+            limits,
             self.fetch_pool,
             self.prep_pool,
             max_prepared=4 * self.settings.max_batch_size,

@@ -1,0 +1,82 @@
+"""Cross-request batching: images from concurrent requests share forward passes, and every result
+goes back to the right request in the right order."""
+
+from __future__ import annotations
+
+import io
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tests.conftest import Service, data_uri
+from tests.photos import EXAMPLES, encode
+from tests.reference import reference_vectors
+from worker.batching import BatchRunner
+from worker.model_loader import load_model
+from worker.preprocess import ProcessorPreprocessor
+
+
+def _distinct_images(count: int, seed: int) -> list[Image.Image]:
+    """Different crops of real photos, so a mix-up between requests cannot go unnoticed."""
+    rng = random.Random(seed)
+    photos = [Image.open(p).convert("RGB") for p in sorted(EXAMPLES.iterdir())]
+    images = []
+    for _ in range(count):
+        photo = rng.choice(photos)
+        w, h = rng.randint(photo.width // 2, photo.width), rng.randint(photo.height // 2, photo.height)
+        x, y = rng.randint(0, photo.width - w), rng.randint(0, photo.height - h)
+        images.append(photo.crop((x, y, x + w, y + h)))
+    return images
+
+
+def test_batch_runner_coalesces_and_routes_results(tiny_models: dict[str, Path]) -> None:
+    model = load_model(str(tiny_models["dinov2-registers-tiny"]), torch.device("cpu"), torch.float32, None, warmup_batch=1)
+    preprocess = ProcessorPreprocessor(model.processor)
+    images = _distinct_images(48, seed=1)
+    pixels = [preprocess(image) for image in images]
+    sizes: list[int] = []
+    lock = threading.Lock()
+
+    def observe(size: int, seconds: float) -> None:
+        with lock:
+            sizes.append(size)
+
+    runner = BatchRunner(model, max_batch_size=8, max_wait_s=0.005, observe=observe)
+    try:
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            embeddings = list(pool.map(lambda p: runner.submit(p).result(timeout=60), pixels))
+    finally:
+        runner.stop()
+    assert sum(sizes) == 48 and max(sizes) > 1 and max(sizes) <= 8
+    for image, embedding in zip(images, embeddings):
+        cls, mean = reference_vectors(tiny_models["dinov2-registers-tiny"], image)
+        assert np.abs(embedding.cls.numpy() - cls).max() < 1e-5
+        assert np.abs(embedding.mean.numpy() - mean).max() < 1e-5
+
+
+def test_concurrent_requests_each_get_their_own_vectors(service: Service) -> None:
+    family = "vit-tiny"
+    requests = [_distinct_images(random.Random(i).randint(1, 4), seed=100 + i) for i in range(24)]
+
+    def send(images: list[Image.Image]) -> list[dict]:
+        with service.client() as client:
+            body = {"model": service.model(family), "input": [data_uri(encode(im, "PNG"), "image/png") for im in images], "encoding_format": "float"}
+            response = client.post("/v1/embeddings", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["data"]
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(send, requests))
+    for images, items in zip(requests, answers):
+        assert [item["index"] for item in items] == list(range(len(images)))
+        for image, item in zip(images, items):
+            # The client sent PNG, so the reference sees the same pixels.
+            sent = Image.open(io.BytesIO(encode(image, "PNG")))
+            cls, mean = reference_vectors(service.models[family], sent)
+            assert np.abs(np.asarray(item["embeddings"]["cls"]) - cls).max() < 1e-5
+            assert np.abs(np.asarray(item["embeddings"]["mean"]) - mean).max() < 1e-5
