@@ -10,6 +10,7 @@ import anyio.to_thread
 import orjson
 
 from api.errors import ApiError
+from api.inputs import ParsedImage
 from api.state import AppState
 from shared.protocol import EmbedPayload, ImageRef, ItemResult
 from shared.queues import EMBED_TASK, QueueKind, queue_for
@@ -18,36 +19,52 @@ from shared.queues import EMBED_TASK, QueueKind, queue_for
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
 async def check_backpressure(state: AppState, model: str, kind: QueueKind) -> None:
     depth = int(await state.redis.llen(queue_for(model, kind)))
     if depth >= state.settings.max_queue_depth:
         raise ApiError(429, f"model {model!r} has {depth} requests queued (limit {state.settings.max_queue_depth}); retry later", code="queue_full", headers={"Retry-After": "1"})
 
 
+async def stash_images(state: AppState, work_id: str, images: list[ParsedImage], ttl_s: int) -> list[ImageRef]:
+    """Store image bytes in Redis for the worker, and reference them (URLs pass through as they are)."""
+    refs = []
+    pipe = state.redis.pipeline(transaction=False)
+    for image in images:
+        if image.data is not None:
+            key = state.keys.blob(work_id, image.index)
+            pipe.set(key, image.data, ex=ttl_s)
+            refs.append(ImageRef(index=image.index, kind="blob", data=key))
+        else:
+            assert image.url is not None
+            refs.append(ImageRef(index=image.index, kind="url", data=image.url))
+    if len(pipe):
+        await pipe.execute()
+    return refs
+
+
 async def send_task(state: AppState, name: str, payload: dict[str, object]) -> None:
     await anyio.to_thread.run_sync(lambda: state.celery.send_task(name, kwargs={"payload": payload}, retry_policy=PUBLISH_RETRY))
 
 
-async def embed_and_wait(state: AppState, model: str, refs: list[ImageRef], request_id: str) -> list[ItemResult]:
+async def embed_and_wait(state: AppState, model: str, images: list[ParsedImage], request_id: str) -> list[ItemResult]:
     timeout = state.settings.request_timeout_s
-    reply_key = state.keys.reply(request_id)
+    # Keys are per dispatch, not per request id: clients choose X-Request-ID and may reuse it.
+    work_id = uuid.uuid4().hex
+    refs = await stash_images(state, work_id, images, ttl_s=int(timeout) + 60)
+    reply_key = state.keys.reply(work_id)
     payload = EmbedPayload(request_id=request_id, model=model, items=refs, reply_key=reply_key, deadline=time.time() + timeout)
     await send_task(state, EMBED_TASK, payload.model_dump())
     try:
         reply = await state.redis.blpop([reply_key], timeout=timeout)
     except asyncio.CancelledError:
-        await _abandon(state, request_id, timeout)
+        await _abandon(state, reply_key, timeout)
         raise
     if reply is None:
-        await _abandon(state, request_id, timeout)
+        await _abandon(state, reply_key, timeout)
         raise ApiError(504, f"no worker answered within {timeout:g} s; the request was withdrawn", code="timeout")
     return [ItemResult.model_validate(item) for item in orjson.loads(reply[1])]
 
 
-async def _abandon(state: AppState, request_id: str, timeout: float) -> None:
+async def _abandon(state: AppState, reply_key: str, timeout: float) -> None:
     """Tell workers to skip this request; a result that still arrives expires unread."""
-    await state.redis.set(state.keys.abandoned(request_id), b"1", ex=int(timeout) + 60)
+    await state.redis.set(state.keys.abandoned(reply_key), b"1", ex=int(timeout) + 60)

@@ -11,13 +11,17 @@ from shared.queues import model_slug
 class Keys:
     prefix: str
 
-    def reply(self, request_id: str) -> str:
+    def reply(self, work_id: str) -> str:
         """List the worker pushes one synchronous request's results onto."""
-        return f"{self.prefix}reply:{request_id}"
+        return f"{self.prefix}reply:{work_id}"
 
-    def abandoned(self, request_id: str) -> str:
+    def blob(self, work_id: str, index: int) -> str:
+        """The bytes of one input image, stored by the API for the worker to read."""
+        return f"{self.prefix}blob:{work_id}:{index}"
+
+    def abandoned(self, reply_key: str) -> str:
         """Set by the API when it stopped waiting, so workers skip the work."""
-        return f"{self.prefix}abandoned:{request_id}"
+        return f"{self.prefix}abandoned:{reply_key}"
 
     def model_workers(self, model_id: str) -> str:
         """Sorted set of worker names serving a model, scored by heartbeat expiry time."""

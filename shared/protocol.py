@@ -8,13 +8,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ImageRef(BaseModel):
-    """One input image as the client sent it, already checked for form by the API."""
+    """One input image, already checked for form by the API.
+
+    Image bytes do not ride in the task message: the API stores them in Redis under ``data`` (a
+    claim check), so messages stay small and no image is base64-encoded twice on its way.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     index: int = Field(ge=0, description="Position in the request, or in the whole job.")
-    kind: Literal["url", "base64"]
-    data: str = Field(description="The URL, or the base64 payload without any data-URI prefix.")
+    kind: Literal["url", "blob"]
+    data: str = Field(description="The URL to fetch, or the Redis key holding the image bytes.")
 
 
 class EmbedPayload(BaseModel):

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     jpeg_draft: bool = Field(False, description="Let libjpeg decode large JPEGs at reduced scale (approximate).")
     worker_concurrency: int = Field(32, ge=1, le=1024, description="Celery task threads per worker.")
     torch_threads: int | None = Field(None, ge=1, le=1024)
+    worker_metrics_port: int = Field(9101, ge=0, le=65535, description="Port of a worker's /metrics (0: not served).")
+    worker_metrics_host: str = "127.0.0.1"
 
     # --- request limits ---------------------------------------------------------------------
     max_request_bytes: int = Field(64 * 2**20, ge=1024)

@@ -86,6 +86,7 @@ def service_env(redis_url: str, allow_list: Path, models: dict[str, Path], **ove
         "IMBEDDINGS_HEARTBEAT_TTL_S": "4",
         "IMBEDDINGS_LOG_JSON": "true",
         "IMBEDDINGS_WORKER_CONCURRENCY": "16",
+        "IMBEDDINGS_WORKER_METRICS_PORT": "0",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
@@ -105,6 +106,8 @@ def start_api(env: dict[str, str], log_path: Path, port: int | None = None) -> t
 
 
 def start_worker(env: dict[str, str], log_path: Path) -> ServiceProcess:
+    if env.get("IMBEDDINGS_WORKER_METRICS_PORT", "0") == "0":
+        env = {**env, "IMBEDDINGS_WORKER_METRICS_PORT": str(free_port())}
     return ServiceProcess("worker", env, log_path).start()
 
 

@@ -10,15 +10,16 @@ from api.errors import ApiError
 from api.inputs import parse_inputs, parse_one
 from api.schemas import ImageObject
 
-PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 30).decode()
+RAW = b"\x89PNG\r\n\x1a\n" + b"\0" * 30
+PNG = base64.b64encode(RAW).decode()
 
 
 def test_kinds() -> None:
-    assert parse_one(0, "https://example.com/a.jpg", 1000).kind == "url"
-    assert parse_one(0, "HTTP://example.com/a.jpg", 1000).kind == "url"
-    ref = parse_one(3, f"data:image/png;base64,{PNG}", 1000)
-    assert (ref.kind, ref.index, ref.data) == ("base64", 3, PNG)
-    assert parse_one(0, f"  {PNG[:20]}\n{PNG[20:]}  ", 1000).data == PNG  # wrapped base64 is fine
+    assert parse_one(0, "https://example.com/a.jpg", 1000).url == "https://example.com/a.jpg"
+    assert parse_one(0, "HTTP://example.com/a.jpg", 1000).url == "HTTP://example.com/a.jpg"
+    image = parse_one(3, f"data:image/png;base64,{PNG}", 1000)
+    assert (image.index, image.data, image.url) == (3, RAW, None)
+    assert parse_one(0, f"  {PNG[:20]}\n{PNG[20:]}  ", 1000).data == RAW  # wrapped base64 is fine
 
 
 @pytest.mark.parametrize(
@@ -52,4 +53,4 @@ def test_size_and_count_limits() -> None:
 
 def test_objects_and_offsets() -> None:
     refs = parse_inputs([ImageObject(image_base64=PNG), ImageObject(image_url="https://x.test/a.png")], 10, 1000, offset=100)
-    assert [(r.index, r.kind) for r in refs] == [(100, "base64"), (101, "url")]
+    assert [(r.index, r.data is not None, r.url) for r in refs] == [(100, True, None), (101, False, "https://x.test/a.png")]

@@ -35,7 +35,7 @@ def main() -> None:
     # Heavy imports after the configuration is known to be valid, so mistakes are reported fast.
     import transformers
 
-    from worker import tasks  # noqa: F401  (registers the Celery tasks)
+    from worker import metrics, tasks  # tasks: registers the Celery tasks
     from worker.heartbeat import Heartbeat
     from worker.model_loader import ModelRefused, load_model, resolve_device, resolve_dtype
     from worker.result_store import ResultStore
@@ -56,12 +56,14 @@ def main() -> None:
 
     redis = sync_client(settings.redis_url)
     keys = Keys(settings.redis_key_prefix)
-    tasks.install_context(tasks.WorkerContext(runtime, ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5)))
+    tasks.install_context(tasks.WorkerContext(runtime, ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5), redis))
     node = f"worker-{os.getpid()}@{socket.gethostname()}"
     heartbeat = Heartbeat(redis, keys, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
 
     @worker_ready.connect(weak=False)
     def _announce(**_: object) -> None:
+        if settings.worker_metrics_port:
+            metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
         heartbeat.start()
         log.info("worker ready", extra={"node": node, "models": settings.worker_models})
 

@@ -1,8 +1,9 @@
 """Coalesce images from concurrent requests into model batches, on one thread per model.
 
 Task threads submit one preprocessed image at a time and get a future back. The batch thread takes
-whatever is waiting as soon as the model is free (up to ``max_batch_size``), giving stragglers at
-most ``max_wait_s`` to join, so a lone request is not delayed and a busy model runs full batches.
+whatever is waiting as soon as the model is free (up to ``max_batch_size``). It waits for more, up
+to ``max_wait_s``, only while ``incoming()`` says images are being decoded for this model right now:
+a lone request never waits, and a busy model runs fuller batches.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ BatchObserver = Callable[[int, float], None]
 
 
 class BatchRunner:
-    def __init__(self, model: LoadedModel, max_batch_size: int, max_wait_s: float, observe: BatchObserver | None = None) -> None:
+    def __init__(self, model: LoadedModel, max_batch_size: int, max_wait_s: float, observe: BatchObserver | None = None, incoming: Callable[[], int] = lambda: 0) -> None:
         self._model = model
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._observe = observe
+        self._incoming = incoming
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"batch:{model.info.model_type}", daemon=True)
         self._thread.start()
@@ -69,9 +71,12 @@ class BatchRunner:
             deadline = time.monotonic() + self._max_wait_s
             stopping = False
             while len(batch) < self._max_batch_size:
+                remaining = deadline - time.monotonic()
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if self._max_wait_s else self._queue.get_nowait()
+                    item = self._queue.get(timeout=remaining) if remaining > 0 and self._incoming() > 0 else self._queue.get_nowait()
                 except queue.Empty:
+                    if remaining > 0 and self._incoming() > 0:
+                        continue
                     break
                 if item is None:
                     stopping = True

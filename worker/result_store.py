@@ -20,12 +20,15 @@ class ResultStore:
         self._keys = keys
         self._reply_ttl_s = reply_ttl_s
 
-    def is_abandoned(self, request_id: str) -> bool:
-        return bool(self._redis.exists(self._keys.abandoned(request_id)))
+    def is_abandoned(self, reply_key: str) -> bool:
+        return bool(self._redis.exists(self._keys.abandoned(reply_key)))
 
     def reply(self, payload: EmbedPayload, results: list[ItemResult]) -> None:
         # An API that gave up never pops the list; the expiry discards the late answer.
         pipe = self._redis.pipeline(transaction=True)
         pipe.rpush(payload.reply_key, dump_results(results))
         pipe.expire(payload.reply_key, self._reply_ttl_s)
+        blobs = [ref.data for ref in payload.items if ref.kind == "blob"]
+        if blobs:
+            pipe.delete(*blobs)
         pipe.execute()

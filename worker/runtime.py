@@ -4,21 +4,24 @@ fetch, decode and preprocess images while the model computes."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
-from shared.protocol import ImageRef, ItemError, ItemResult
+from shared.protocol import ItemError, ItemResult
 from shared.settings import Settings
 from shared.vectors import encode_f32
-from worker.batching import BatchObserver, BatchRunner, Embedding
+from worker import metrics
+from worker.batching import BatchRunner, Embedding
 from worker.decode import DecodeLimits, decode_image
 from worker.errors import ImageInputError
-from worker.fetch import FetchLimits
+from worker.fetch import FetchLimits, fetch_url
 from worker.model_loader import LoadedModel, probe_image
 from worker.preprocess import Preprocessor, choose_preprocessor
-from worker.sources import read_image_bytes
+from worker.sources import ImageInput
 
 
 @dataclass(frozen=True)
@@ -37,53 +40,71 @@ class InputLimits:
 class ModelRuntime:
     """One served model: images in, (CLS, MEAN) out, in the order they were given."""
 
-    def __init__(self, model: LoadedModel, preprocess: Preprocessor, batcher: BatchRunner, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, max_prepared: int) -> None:
+    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float) -> None:
         self.model = model
         self._preprocess = preprocess
-        self._batcher = batcher
         self._limits = limits
         self._fetch_pool = fetch_pool
         self._prep_pool = prep_pool
         # Preprocessed images waiting for the model are bounded, so a burst cannot grow memory.
-        self._prepared_slots = threading.BoundedSemaphore(max_prepared)
+        self._prepared_slots = threading.BoundedSemaphore(4 * max_batch_size)
+        # Images handed to the decode pool and not yet queued for the model: the batcher waits for
+        # these (briefly) rather than run a half-empty batch.
+        self._decoding = 0
+        self._decoding_lock = threading.Lock()
+        self._batcher = BatchRunner(model, max_batch_size, max_batch_wait_s, partial(metrics.observe_batch, model.model_id), incoming=lambda: self._decoding)
 
-    def embed(self, refs: list[ImageRef]) -> list[ItemResult]:
-        fetched: list[Future[bytes] | None] = [
-            self._fetch_pool.submit(read_image_bytes, ref, self._limits.fetch, self._limits.decode.max_bytes) if ref.kind == "url" else None
-            for ref in refs
-        ]
+    def embed(self, inputs: list[ImageInput]) -> list[ItemResult]:
+        """Results in the order of ``inputs``; every image gets a vector or an error."""
+        # URLs are fetched in parallel on I/O threads; decoding waits for its bytes in input order.
+        fetched = [self._fetch_pool.submit(fetch_url, item.url, self._limits.fetch) if item.url is not None else None for item in inputs]
         queued: list[Future[Future[Embedding]] | ImageInputError] = []
-        for ref, fetch in zip(refs, fetched):
+        for item, fetch in zip(inputs, fetched):
             try:
-                data = fetch.result() if fetch is not None else read_image_bytes(ref, self._limits.fetch, self._limits.decode.max_bytes)
+                data = fetch.result() if fetch is not None else item.data
             except ImageInputError as exc:
                 queued.append(exc)
                 continue
+            assert data is not None
+            self._count_decoding(+1)
             queued.append(self._prep_pool.submit(self._prepare, data))
-        return [self._collect(ref, item) for ref, item in zip(refs, queued)]
+        return [self._collect(item.index, entry) for item, entry in zip(inputs, queued)]
+
+    def _count_decoding(self, delta: int) -> None:
+        with self._decoding_lock:
+            self._decoding += delta
 
     def _prepare(self, data: bytes) -> Future[Embedding]:
         self._prepared_slots.acquire()
         try:
-            pixel_values = self._preprocess(decode_image(data, self._limits.decode))
-        except ImageInputError:
-            self._prepared_slots.release()
-            raise
-        except Exception as exc:  # anything else a decoder or processor trips over is still the image's fault
-            self._prepared_slots.release()
-            raise ImageInputError("invalid_image", f"image could not be processed: {type(exc).__name__}: {exc}") from None
-        return self._batcher.submit(pixel_values, on_done=self._prepared_slots.release)
+            started = time.perf_counter()
+            try:
+                pixel_values = self._preprocess(decode_image(data, self._limits.decode))
+            except ImageInputError:
+                self._prepared_slots.release()
+                raise
+            except Exception as exc:  # anything else a decoder or processor trips over is still the image's fault
+                self._prepared_slots.release()
+                raise ImageInputError("invalid_image", f"image could not be processed: {type(exc).__name__}: {exc}") from None
+            metrics.PREPROCESS_SECONDS.labels(self.model.model_id).observe(time.perf_counter() - started)
+            return self._batcher.submit(pixel_values, on_done=self._prepared_slots.release)
+        finally:
+            # Only now: the image is in the batcher's queue (or failed), never counted in neither.
+            self._count_decoding(-1)
 
-    def _collect(self, ref: ImageRef, queued: Future[Future[Embedding]] | ImageInputError) -> ItemResult:
+    def _collect(self, index: int, queued: Future[Future[Embedding]] | ImageInputError) -> ItemResult:
         try:
             if isinstance(queued, ImageInputError):
                 raise queued
             embedding = queued.result().result()
         except ImageInputError as exc:
-            return ItemResult(index=ref.index, error=exc.to_item_error())
+            metrics.IMAGES.labels(self.model.model_id, "rejected").inc()
+            return ItemResult(index=index, error=exc.to_item_error())
         except Exception as exc:  # the model failed, not the input: reported, never swallowed silently
-            return ItemResult(index=ref.index, error=ItemError(message=f"inference failed: {type(exc).__name__}: {exc}", type="server_error", code="inference_failed"))
-        return ItemResult(index=ref.index, cls=encode_f32(embedding.cls.numpy()), mean=encode_f32(embedding.mean.numpy()), tokens=self.model.info.tokens_per_image)
+            metrics.IMAGES.labels(self.model.model_id, "failed").inc()
+            return ItemResult(index=index, error=ItemError(message=f"inference failed: {type(exc).__name__}: {exc}", type="server_error", code="inference_failed"))
+        metrics.IMAGES.labels(self.model.model_id, "embedded").inc()
+        return ItemResult(index=index, cls=encode_f32(embedding.cls.numpy()), mean=encode_f32(embedding.mean.numpy()), tokens=self.model.info.tokens_per_image)
 
     def stop(self) -> None:
         self._batcher.stop()
@@ -92,16 +113,15 @@ class ModelRuntime:
 class WorkerRuntime:
     """All models of this worker process and the pools they share."""
 
-    def __init__(self, settings: Settings, observe_batch: BatchObserver | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.limits = InputLimits.from_settings(settings)
         self.fetch_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fetch")
         self.prep_pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="prep")
         self.models: dict[str, ModelRuntime] = {}
-        self._observe_batch = observe_batch
 
     def add(self, model: LoadedModel) -> ModelRuntime:
-        batcher = BatchRunner(model, self.settings.max_batch_size, self.settings.max_batch_wait_ms / 1000, self._observe_batch)
+        metrics.MODEL_LOAD_SECONDS.labels(model.model_id).set(model.load_seconds)
         limits = self.limits
         if self.settings.jpeg_draft:
             # libjpeg may decode at 1/2, 1/4 or 1/8 scale, but never below twice the model's input size.
@@ -110,11 +130,11 @@ class WorkerRuntime:
         runtime = ModelRuntime(
             model,
             choose_preprocessor(model.processor, self.settings.preprocessing, probe_image()),
-            batcher,
             limits,
             self.fetch_pool,
             self.prep_pool,
-            max_prepared=4 * self.settings.max_batch_size,
+            self.settings.max_batch_size,
+            self.settings.max_batch_wait_ms / 1000,
         )
         self.models[model.model_id] = runtime
         return runtime

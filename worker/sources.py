@@ -1,26 +1,36 @@
-"""Where an image's bytes come from: the request itself (base64) or a URL."""
+"""Where an image's bytes come from: the API's claim check in Redis, or a URL fetched later."""
 
 from __future__ import annotations
 
-import base64
-import binascii
+from dataclasses import dataclass
 
-from shared.protocol import ImageRef
-from worker.errors import ImageInputError
-from worker.fetch import FetchLimits, fetch_url
+from redis import Redis
 
-
-def decode_base64(payload: str, max_bytes: int) -> bytes:
-    # base64 grows data by 4/3: refuse oversize payloads before allocating their decoded form.
-    if len(payload) // 4 * 3 > max_bytes + 3:
-        raise ImageInputError("image_too_large", f"image is about {len(payload) // 4 * 3} bytes, over the limit of {max_bytes}")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageInputError("invalid_base64", f"image is not valid base64: {exc}") from None
+from shared.protocol import ImageRef, ItemError, ItemResult
 
 
-def read_image_bytes(ref: ImageRef, fetch_limits: FetchLimits, max_bytes: int) -> bytes:
-    if ref.kind == "base64":
-        return decode_base64(ref.data, max_bytes)
-    return fetch_url(ref.data, fetch_limits)
+@dataclass(frozen=True)
+class ImageInput:
+    """One image ready for the pipeline: its bytes, or a URL still to fetch."""
+
+    index: int
+    data: bytes | None = None
+    url: str | None = None
+
+
+def load_inputs(redis: Redis, refs: list[ImageRef]) -> list[ImageInput | ItemResult]:
+    """Read every stored image of a task in one round trip; a missing one is reported in place."""
+    keys = [ref.data for ref in refs if ref.kind == "blob"]
+    blobs = iter(redis.mget(keys) if keys else [])
+    loaded: list[ImageInput | ItemResult] = []
+    for ref in refs:
+        if ref.kind == "url":
+            loaded.append(ImageInput(ref.index, url=ref.data))
+            continue
+        data = next(blobs)
+        if data is None:
+            error = ItemError(message="the image's stored bytes expired before a worker reached them; submit it again", type="server_error", code="input_expired")
+            loaded.append(ItemResult(index=ref.index, error=error))
+        else:
+            loaded.append(ImageInput(ref.index, data=data))
+    return loaded

@@ -8,12 +8,15 @@ from dataclasses import dataclass
 
 from celery import shared_task
 from pydantic import ValidationError
+from redis import Redis
 
 from shared.logs import request_id_var
-from shared.protocol import EmbedPayload, ItemError, ItemResult
+from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult
 from shared.queues import EMBED_TASK
+from worker import metrics
 from worker.result_store import ResultStore
 from worker.runtime import WorkerRuntime
+from worker.sources import ImageInput, load_inputs
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 class WorkerContext:
     runtime: WorkerRuntime
     store: ResultStore
+    redis: Redis
 
 
 _context: WorkerContext | None = None
@@ -39,6 +43,17 @@ def _ctx() -> WorkerContext:
     return _context
 
 
+def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef]) -> list[ItemResult]:
+    """Every ref's result, in order: a vector or an in-place error."""
+    runtime = context.runtime.models.get(model)
+    if runtime is None:
+        error = ItemError(message=f"this worker does not serve model {model!r}", type="server_error", code="model_not_served")
+        return [ItemResult(index=ref.index, error=error) for ref in refs]
+    loaded = load_inputs(context.redis, refs)
+    embedded = iter(runtime.embed([item for item in loaded if isinstance(item, ImageInput)]))
+    return [next(embedded) if isinstance(item, ImageInput) else item for item in loaded]
+
+
 @shared_task(name=EMBED_TASK, ignore_result=True)
 def embed(payload: dict) -> None:
     try:
@@ -49,17 +64,14 @@ def embed(payload: dict) -> None:
     token = request_id_var.set(request.request_id)
     try:
         context = _ctx()
-        if time.time() > request.deadline or context.store.is_abandoned(request.request_id):
+        if time.time() > request.deadline or context.store.is_abandoned(request.reply_key):
             log.info("skipping request the API stopped waiting for", extra={"model": request.model, "images": len(request.items)})
+            metrics.TASKS.labels("embed", "skipped").inc()
             return
-        runtime = context.runtime.models.get(request.model)
-        if runtime is None:
-            error = ItemError(message=f"this worker does not serve model {request.model!r}", type="server_error", code="model_not_served")
-            results = [ItemResult(index=ref.index, error=error) for ref in request.items]
-        else:
-            started = time.perf_counter()
-            results = runtime.embed(request.items)
-            log.info("request embedded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
+        started = time.perf_counter()
+        results = embed_refs(context, request.model, request.items)
         context.store.reply(request, results)
+        metrics.TASKS.labels("embed", "done").inc()
+        log.info("request embedded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
     finally:
         request_id_var.reset(token)

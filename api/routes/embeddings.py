@@ -19,10 +19,10 @@ router = APIRouter()
 async def create_embeddings(body: EmbeddingRequest, request: Request, state: AppState = Depends(get_state)) -> JSONBytesResponse:
     settings = state.settings
     model = resolve_model(state, body.model)
-    refs = parse_inputs(body.input, settings.max_inputs_per_request, settings.max_image_bytes)
+    images = parse_inputs(body.input, settings.max_inputs_per_request, settings.max_image_bytes)
     await require_served(state, model)
     await check_backpressure(state, model, "interactive")
-    results = await embed_and_wait(state, model, refs, request.state.request_id)
+    results = await embed_and_wait(state, model, images, request.state.request_id)
     failure = first_failure(results)
     if failure is not None:
         raise failure

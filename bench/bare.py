@@ -1,0 +1,55 @@
+"""The ceilings the service is measured against: the model alone, and a plain in-process loop."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor
+
+from worker.model_loader import LoadedModel
+from worker.pooling import pool_cls_mean
+
+
+def _rate(step, images_per_step: int, seconds: float) -> float:
+    step()  # warm-up
+    started = time.perf_counter()
+    count = 0
+    while time.perf_counter() - started < seconds:
+        step()
+        count += images_per_step
+    return count / (time.perf_counter() - started)
+
+
+def model_only(model: LoadedModel, batch_sizes: list[int], seconds: float) -> dict[int, float]:
+    """img/s of ``model(pixel_values)`` alone on random pixels, per batch size."""
+    height, width = model.info.image_size
+    rates = {}
+    for batch in batch_sizes:
+        pixels = torch.randn(batch, 3, height, width).to(model.device, model.dtype)
+
+        def step() -> None:
+            with torch.inference_mode():
+                model.module(pixel_values=pixels)
+
+        rates[batch] = _rate(step, batch, seconds)
+    return rates
+
+
+def in_process_loop(model: LoadedModel, model_dir: Path, jpegs: list[bytes], batch: int, seconds: float) -> float:
+    """img/s of what a user would write: decode, the Transformers processor, forward, pool."""
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    cursor = 0
+
+    def step() -> None:
+        nonlocal cursor
+        images = [Image.open(io.BytesIO(jpegs[(cursor + i) % len(jpegs)])).convert("RGB") for i in range(batch)]
+        cursor += batch
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
+        with torch.inference_mode():
+            pool_cls_mean(model.module(pixel_values=pixels).last_hidden_state, model.num_register_tokens)
+
+    return _rate(step, batch, seconds)
