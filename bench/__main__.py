@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from bench.bare import in_process_loop, model_only
+from bench.fidelity import fidelity
 from bench.service import measure_service, start_stack
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
@@ -77,7 +78,7 @@ def run(preset: str, dtype: str, args: argparse.Namespace, jpegs: list[bytes], w
         "best_batch": best_batch,
         "batch1_forward_ms": round(1000 / rates[1], 1),
         "in_process_loop_img_s": round(loop, 2),
-        **{k: round(v, 2) for k, v in service.items()},
+        **{k: round(v, 2) if isinstance(v, float) else v for k, v in service.items()},
     }
     row["e2e_vs_loop"] = round(service["e2e_img_s"] / loop, 3)
     row["e2e_vs_model_only"] = round(service["e2e_img_s"] / rates[best_batch], 3)
@@ -111,9 +112,15 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), help="extra IMBEDDINGS_*=value for the worker and API")
     parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--skip-fidelity", action="store_true", help="do not measure the cosine cost of bfloat16/float16/JPEG draft")
     args = parser.parse_args()
 
     jpegs = jpegs_1024()
+    fidelities = {}
+    if not args.skip_fidelity:
+        for preset in args.models.split(","):
+            fidelities[preset] = fidelity(build(preset, args.model_cache / preset), jpegs, image_side=224)
+            print(json.dumps({"fidelity": preset, **fidelities[preset]}), flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="imbeddings-bench-") as tmp:
         for preset in args.models.split(","):
@@ -121,10 +128,12 @@ def main() -> None:
                 started = time.perf_counter()
                 rows.append(run(preset, dtype, args, jpegs, Path(tmp)))
                 print(json.dumps(rows[-1]), f"({time.perf_counter() - started:.0f} s)", flush=True)
-    result = {"machine": machine(), "clients": args.clients, "env": dict(args.env), "results": rows}
+    result = {"machine": machine(), "clients": args.clients, "env": dict(args.env), "results": rows, "min_cosine_vs_float32": fidelities}
     print()
     print(json.dumps(result["machine"]))
     print(table(rows))
+    for preset, costs in fidelities.items():
+        print(f"min cosine vs float32 ({preset}, {len(jpegs)} photos): " + ", ".join(f"{option} cls {c['cls']} mean {c['mean']}" for option, c in costs.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

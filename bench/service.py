@@ -99,7 +99,7 @@ def one_image_bodies(jpegs: list[bytes], port: int) -> list[bytes]:
     return bodies
 
 
-def measure_service(stack: Stack, jpegs: list[bytes], clients: int, requests: int, latency_requests: int) -> dict[str, float]:
+def measure_service(stack: Stack, jpegs: list[bytes], clients: int, requests: int, latency_requests: int) -> dict[str, object]:
     requests_raw = one_image_bodies(jpegs, stack.port)
     api_rss_start = rss_mb(stack.api.pid)
 
@@ -112,7 +112,13 @@ def measure_service(stack: Stack, jpegs: list[bytes], clients: int, requests: in
     worker_rss_start = rss_mb(stack.worker.pid)
     pids = {"worker": stack.worker.pid, "api": stack.api.pid, "redis": stack.redis.process.pid, "client": os.getpid()}
     cpu_start = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    high = asyncio.run(run_load("127.0.0.1", stack.port, requests_raw, clients, requests))
+    rss_trace: list[float] = []
+
+    def sample_rss(done: int) -> None:
+        if done % max(1, requests // 10) == 0:
+            rss_trace.append(round(rss_mb(stack.worker.pid), 1))
+
+    high = asyncio.run(run_load("127.0.0.1", stack.port, requests_raw, clients, requests, on_progress=sample_rss))
     cpu = {name: (cpu_seconds(pid) - cpu_start[name]) / requests * 1000 for name, pid in pids.items()}
     mean_batch, mean_forward_ms = stack.batch_stats()
     errors = {**low.errors, **high.errors}
@@ -127,6 +133,7 @@ def measure_service(stack: Stack, jpegs: list[bytes], clients: int, requests: in
         "api_rss_mb_end": rss_mb(stack.api.pid),
         "worker_rss_mb_start": worker_rss_start,
         "worker_rss_mb_end": rss_mb(stack.worker.pid),
+        "worker_rss_mb_trace": rss_trace,
         **{f"{name}_cpu_ms_per_img": value for name, value in cpu.items()},
         "mean_batch_size": mean_batch,
         "mean_forward_ms": mean_forward_ms,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +35,13 @@ def test_model_without_token_sequence_is_refused(tiny_models: dict[str, Path]) -
         load_model(str(tiny_models["convnext-tiny"]), CPU, torch.float32, None, warmup_batch=1)
 
 
-def test_reduced_precision_converts_the_weights(tiny_models: dict[str, Path]) -> None:
-    loaded = load_model(str(tiny_models["dinov2-tiny"]), CPU, torch.bfloat16, None, warmup_batch=1)
+def test_reduced_precision_converts_the_weights_and_logs_its_cost(tiny_models: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="worker.model_loader"):
+        loaded = load_model(str(tiny_models["dinov2-tiny"]), CPU, torch.bfloat16, None, warmup_batch=1)
     assert {p.dtype for p in loaded.module.parameters()} == {torch.bfloat16}
     assert loaded.info.dtype == "bfloat16"
+    record = next(r for r in caplog.records if r.getMessage() == "reduced precision checked")
+    assert 0.99 < record.cosine_cls_vs_float32 <= 1.0 and 0.99 < record.cosine_mean_vs_float32 <= 1.0
 
 
 def test_worker_process_refuses_a_distilled_model(tiny_models: dict[str, Path], allow_list: Path, redis_server) -> None:
