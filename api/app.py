@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from api.auth import require_api_key
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from api.routes import embeddings, health, models
+from api.routes import embeddings, health, jobs, models
 from api.state import AppState
 from shared.celery_app import create_celery_app
 from shared.keys import Keys
@@ -46,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.include_router(embeddings.router)
+    v1.include_router(jobs.router)
     v1.include_router(models.router)
     app.include_router(v1)
     app.include_router(health.router)

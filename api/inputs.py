@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from api.errors import ApiError
 from api.schemas import ImageObject
+from shared.protocol import ItemError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.IGNORECASE)
@@ -23,11 +24,12 @@ MAX_URL_LENGTH = 8192
 
 @dataclass(frozen=True)
 class ParsedImage:
-    """One input: either a URL for the worker to fetch, or the image's bytes."""
+    """One input: a URL for the worker to fetch, the image's bytes, or why it was refused."""
 
     index: int
     url: str | None = None
     data: bytes | None = None
+    error: ItemError | None = None
 
 
 def _bad(index: int, message: str, code: str = "invalid_image") -> ApiError:
@@ -79,21 +81,30 @@ def parse_one(index: int, value: str, max_image_bytes: int) -> ParsedImage:
     return _base64_ref(index, text, max_image_bytes)
 
 
-def parse_inputs(raw: str | list[str | ImageObject], max_inputs: int, max_image_bytes: int, offset: int = 0) -> list[ParsedImage]:
+def parse_inputs(raw: str | list[str | ImageObject], max_inputs: int, max_image_bytes: int, offset: int = 0, strict: bool = True) -> list[ParsedImage]:
+    """Strict (a request): the first malformed input refuses the whole request with a 400.
+    Lenient (a job): a malformed input becomes that item's error and the rest go ahead."""
     values = [raw] if isinstance(raw, str) else raw
     if not values:
         raise ApiError(400, "input is empty: give at least one image", code="invalid_request", param="input")
     if len(values) > max_inputs:
         raise ApiError(400, f"input has {len(values)} images, over the limit of {max_inputs} per request", code="too_many_inputs", param="input")
-    refs = []
+    images = []
     for position, value in enumerate(values):
         index = offset + position
-        if isinstance(value, ImageObject):
-            if value.image_base64 is not None:
-                text = value.image_base64.strip()
-                refs.append(parse_one(index, text, max_image_bytes) if text[:5].lower() == "data:" else _base64_ref(index, text, max_image_bytes))
-            else:
-                refs.append(parse_one(index, value.image_url or "", max_image_bytes))
-        else:
-            refs.append(parse_one(index, value, max_image_bytes))
-    return refs
+        try:
+            images.append(_parse_value(index, value, max_image_bytes))
+        except ApiError as exc:
+            if strict:
+                raise
+            images.append(ParsedImage(index=index, error=ItemError(message=exc.message, code=exc.code or "invalid_image")))
+    return images
+
+
+def _parse_value(index: int, value: str | ImageObject, max_image_bytes: int) -> ParsedImage:
+    if not isinstance(value, ImageObject):
+        return parse_one(index, value, max_image_bytes)
+    if value.image_base64 is None:
+        return parse_one(index, value.image_url or "", max_image_bytes)
+    text = value.image_base64.strip()
+    return parse_one(index, text, max_image_bytes) if text[:5].lower() == "data:" else _base64_ref(index, text, max_image_bytes)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio
 from celery import Celery
 from fastapi import Request
+from redis.commands.core import AsyncScript
 
+from shared.jobs import CANCEL, STORE_RESULTS
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -19,6 +21,12 @@ class AppState:
     celery: Celery
     keys: Keys
     allowed_models: list[str]
+    store_results_script: AsyncScript = field(init=False)
+    cancel_script: AsyncScript = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.store_results_script = self.redis.register_script(STORE_RESULTS)
+        self.cancel_script = self.redis.register_script(CANCEL)
 
 
 def get_state(request: Request) -> AppState:

@@ -25,6 +25,15 @@ async def model_infos(state: AppState) -> dict[str, ModelInfo]:
     return {key.decode(): ModelInfo.model_validate_json(value) for key, value in raw.items()}
 
 
+async def validate_dimensions(state: AppState, model: str, dimensions: int | None) -> None:
+    """Refuse a truncation longer than the vectors, when a worker has told us how long they are."""
+    if dimensions is None:
+        return
+    raw = await state.redis.hget(state.keys.model_info(), model)
+    if raw is not None and dimensions > (dim := ModelInfo.model_validate_json(raw).dim):
+        raise ApiError(400, f"dimensions={dimensions} is larger than the model's embedding size {dim}", code="invalid_dimensions", param="dimensions")
+
+
 async def require_served(state: AppState, model: str) -> None:
     if await live_workers(state, model) == 0:
         raise ApiError(503, f"no worker is serving model {model!r} right now; retry later", code="model_not_served", param="model", headers={"Retry-After": "5"})

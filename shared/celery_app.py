@@ -33,6 +33,9 @@ def create_celery_app(settings: Settings) -> Celery:
             "visibility_timeout": settings.broker_visibility_timeout_s,
             "unacked_restore_interval": 5,
             "unacked_restore_throttle": 1,
+            # The restore sweep's lock: a worker killed while holding it must not block the sweep
+            # of the others for kombu's default five minutes.
+            "unacked_mutex_expire": 30,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "retry_on_timeout": True,

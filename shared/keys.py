@@ -15,9 +15,9 @@ class Keys:
         """List the worker pushes one synchronous request's results onto."""
         return f"{self.prefix}reply:{work_id}"
 
-    def blob(self, work_id: str, index: int) -> str:
-        """The bytes of one input image, stored by the API for the worker to read."""
-        return f"{self.prefix}blob:{work_id}:{index}"
+    def blobs(self, work_id: str) -> str:
+        """Hash: input index -> image bytes of one request, stored by the API for the worker."""
+        return f"{self.prefix}blobs:{work_id}"
 
     def abandoned(self, reply_key: str) -> str:
         """Set by the API when it stopped waiting, so workers skip the work."""
@@ -31,8 +31,14 @@ class Keys:
         """Hash: model id -> ModelInfo JSON, written by workers when they load a model."""
         return f"{self.prefix}model-info"
 
+    # A job's keys share a hash tag, so its scripts also run on a Redis Cluster.
     def job(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}"
+        return f"{self.prefix}job:{{{job_id}}}"
 
     def job_results(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}:results"
+        """Hash: item index -> ItemResult JSON."""
+        return f"{self.prefix}job:{{{job_id}}}:results"
+
+    def job_blobs(self, job_id: str) -> str:
+        """Hash: item index -> image bytes not yet embedded."""
+        return f"{self.prefix}job:{{{job_id}}}:blobs"

@@ -10,15 +10,16 @@ from pydantic import BaseModel, ConfigDict, Field
 class ImageRef(BaseModel):
     """One input image, already checked for form by the API.
 
-    Image bytes do not ride in the task message: the API stores them in Redis under ``data`` (a
-    claim check), so messages stay small and no image is base64-encoded twice on its way.
+    Image bytes do not ride in the task message: the API stores them in the Redis hash named by
+    ``data``, under the item's index (a claim check), so messages stay small and no image is
+    base64-encoded twice on its way.
     """
 
     model_config = ConfigDict(frozen=True)
 
     index: int = Field(ge=0, description="Position in the request, or in the whole job.")
     kind: Literal["url", "blob"]
-    data: str = Field(description="The URL to fetch, or the Redis key holding the image bytes.")
+    data: str = Field(description="The URL to fetch, or the Redis hash holding the image bytes.")
 
 
 class EmbedPayload(BaseModel):

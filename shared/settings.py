@@ -50,7 +50,8 @@ class Settings(BaseSettings):
         "fast", description="exact: call the Transformers image processor; fast: its own operations without a layout copy (bit-identical, checked at load)."
     )
     jpeg_draft: bool = Field(False, description="Let libjpeg decode large JPEGs at reduced scale (approximate).")
-    worker_concurrency: int = Field(32, ge=1, le=1024, description="Celery task threads per worker.")
+    worker_concurrency: int = Field(16, ge=1, le=1024, description="Celery task threads per worker (tasks in flight).")
+    bulk_concurrency: int = Field(2, ge=1, le=256, description="Job chunks a worker embeds at once per model.")
     torch_threads: int | None = Field(None, ge=1, le=1024)
     worker_metrics_port: int = Field(9101, ge=0, le=65535, description="Port of a worker's /metrics (0: not served).")
     worker_metrics_host: str = "127.0.0.1"
@@ -68,10 +69,11 @@ class Settings(BaseSettings):
 
     # --- queueing and time ------------------------------------------------------------------
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="How long /v1/embeddings waits for a worker.")
-    max_queue_depth: int = Field(1000, ge=1, description="Queued tasks per model beyond which new work gets 429.")
-    job_chunk_size: int = Field(32, ge=1, le=10_000)
-    job_result_ttl_s: int = Field(24 * 3600, ge=60)
-    broker_visibility_timeout_s: int = Field(60, ge=5)
+    max_queue_depth: int = Field(1000, ge=1, description="Queued requests per model beyond which new ones get 429.")
+    max_job_queue_depth: int = Field(50_000, ge=1, description="Queued job chunks per model beyond which new jobs get 429.")
+    job_chunk_size: int = Field(16, ge=1, le=10_000, description="Images per job chunk task.")
+    job_result_ttl_s: int = Field(24 * 3600, ge=1, description="Jobs and results are kept this long after their last update.")
+    broker_visibility_timeout_s: int = Field(120, ge=5, description="An unacknowledged task is handed out again this long after delivery.")
     heartbeat_interval_s: float = Field(5.0, gt=0)
     heartbeat_ttl_s: float = Field(20.0, gt=0)
 

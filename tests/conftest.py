@@ -124,6 +124,17 @@ def wait_served(base_url: str, model: str, worker: ServiceProcess, timeout_s: fl
     wait_until(served, timeout_s, interval_s=0.25, what=f"a worker serving {model}")
 
 
+def wait_worker_ready(worker: ServiceProcess, timeout_s: float = 120) -> None:
+    """This worker (not merely some worker) has loaded its models and consumes its queues."""
+
+    def ready() -> bool:
+        if not worker.alive():
+            raise RuntimeError(f"worker exited:\n{worker.log_text()[-3000:]}")
+        return '"message": "worker ready"' in worker.log_text()
+
+    wait_until(ready, timeout_s, interval_s=0.25, what="the worker to be ready")
+
+
 def _get_ok(url: str) -> bool:
     try:
         return httpx.get(url, timeout=1.0).status_code == 200

@@ -56,7 +56,7 @@ def main() -> None:
 
     redis = sync_client(settings.redis_url)
     keys = Keys(settings.redis_key_prefix)
-    tasks.install_context(tasks.WorkerContext(runtime, ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5), redis))
+    tasks.install_context(tasks.WorkerContext(runtime, ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5, job_ttl_s=settings.job_result_ttl_s), redis))
     node = f"worker-{os.getpid()}@{socket.gethostname()}"
     heartbeat = Heartbeat(redis, keys, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
 

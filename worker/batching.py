@@ -3,11 +3,13 @@
 Task threads submit one preprocessed image at a time and get a future back. The batch thread takes
 whatever is waiting as soon as the model is free (up to ``max_batch_size``). It waits for more, up
 to ``max_wait_s``, only while ``incoming()`` says images are being decoded for this model right now:
-a lone request never waits, and a busy model runs fuller batches.
+a lone request never waits, and a busy model runs fuller batches. Images of interactive requests go
+before those of bulk jobs, so a running backfill does not hold up ``/v1/embeddings``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -40,6 +42,8 @@ class _Pending:
 
 BatchObserver = Callable[[int, float], None]
 
+INTERACTIVE, BULK, _STOP = 0, 1, 2
+
 
 class BatchRunner:
     def __init__(self, model: LoadedModel, max_batch_size: int, max_wait_s: float, observe: BatchObserver | None = None, incoming: Callable[[], int] = lambda: 0) -> None:
@@ -48,23 +52,25 @@ class BatchRunner:
         self._max_wait_s = max_wait_s
         self._observe = observe
         self._incoming = incoming
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.PriorityQueue[tuple[int, int, _Pending | None]] = queue.PriorityQueue()
+        self._sequence = itertools.count()  # FIFO within a priority
         self._thread = threading.Thread(target=self._run, name=f"batch:{model.info.model_type}", daemon=True)
         self._thread.start()
 
-    def submit(self, pixel_values: torch.Tensor, on_done: Callable[[], None] | None = None) -> Future[Embedding]:
+    def submit(self, pixel_values: torch.Tensor, on_done: Callable[[], None] | None = None, priority: int = INTERACTIVE) -> Future[Embedding]:
         """Queue one ``(3, H, W)`` image; ``on_done`` runs once the image has left the model."""
         future: Future[Embedding] = Future()
-        self._queue.put(_Pending(pixel_values, future, on_done))
+        self._queue.put((priority, next(self._sequence), _Pending(pixel_values, future, on_done)))
         return future
 
     def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        """Finish what is queued, then end the thread."""
+        self._queue.put((_STOP, next(self._sequence), None))
+        self._thread.join(timeout=60)
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
+            first = self._queue.get()[2]
             if first is None:
                 return
             batch = [first]
@@ -73,7 +79,7 @@ class BatchRunner:
             while len(batch) < self._max_batch_size:
                 remaining = deadline - time.monotonic()
                 try:
-                    item = self._queue.get(timeout=remaining) if remaining > 0 and self._incoming() > 0 else self._queue.get_nowait()
+                    item = (self._queue.get(timeout=remaining) if remaining > 0 and self._incoming() > 0 else self._queue.get_nowait())[2]
                 except queue.Empty:
                     if remaining > 0 and self._incoming() > 0:
                         continue

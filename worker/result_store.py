@@ -1,4 +1,4 @@
-"""Where finished work goes: the reply list a waiting API request blocks on."""
+"""Where finished work goes: the reply list a waiting request blocks on, or a job's result hash."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import json
 
 from redis import Redis
 
+from shared.jobs import MARK_RUNNING, STORE_RESULTS
 from shared.keys import Keys
-from shared.protocol import EmbedPayload, ItemResult
+from shared.protocol import EmbedPayload, ItemResult, JobChunkPayload
 
 
 def dump_results(results: list[ItemResult]) -> str:
@@ -15,10 +16,13 @@ def dump_results(results: list[ItemResult]) -> str:
 
 
 class ResultStore:
-    def __init__(self, redis: Redis, keys: Keys, reply_ttl_s: int) -> None:
+    def __init__(self, redis: Redis, keys: Keys, reply_ttl_s: int, job_ttl_s: int) -> None:
         self._redis = redis
         self._keys = keys
         self._reply_ttl_s = reply_ttl_s
+        self._job_ttl_s = job_ttl_s
+        self._store_results = redis.register_script(STORE_RESULTS)
+        self._mark_running = redis.register_script(MARK_RUNNING)
 
     def is_abandoned(self, reply_key: str) -> bool:
         return bool(self._redis.exists(self._keys.abandoned(reply_key)))
@@ -28,7 +32,31 @@ class ResultStore:
         pipe = self._redis.pipeline(transaction=True)
         pipe.rpush(payload.reply_key, dump_results(results))
         pipe.expire(payload.reply_key, self._reply_ttl_s)
-        blobs = [ref.data for ref in payload.items if ref.kind == "blob"]
+        blobs = {ref.data for ref in payload.items if ref.kind == "blob"}
         if blobs:
             pipe.delete(*blobs)
         pipe.execute()
+
+    def start_chunk(self, chunk: JobChunkPayload) -> tuple[str, set[int]]:
+        """The job's status, and which of the chunk's items already have a stored result.
+
+        A redelivered chunk (its worker died after storing, before acknowledging) skips those.
+        """
+        status = self._mark_running(keys=[self._keys.job(chunk.job_id)]).decode()
+        indices = [ref.index for ref in chunk.items]
+        stored = self._redis.hmget(self._keys.job_results(chunk.job_id), [str(i) for i in indices])
+        return status, {index for index, value in zip(indices, stored) if value is not None}
+
+    def store_chunk(self, chunk: JobChunkPayload, results: list[ItemResult], now: int) -> str:
+        """Record each item once (counted once) and drop the chunk's image bytes; returns the job status."""
+        args: list[str | int] = [self._job_ttl_s, now]
+        for result in results:
+            args += [result.index, json.dumps(result.model_dump(exclude_none=True)), 1 if result.error else 0]
+        status = self._store_results(keys=[self._keys.job(chunk.job_id), self._keys.job_results(chunk.job_id)], args=args)[3].decode()
+        self.drop_blobs(chunk)
+        return status
+
+    def drop_blobs(self, chunk: JobChunkPayload) -> None:
+        fields = [str(ref.index) for ref in chunk.items if ref.kind == "blob"]
+        if fields:
+            self._redis.hdel(self._keys.job_blobs(chunk.job_id), *fields)

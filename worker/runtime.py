@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -15,7 +17,7 @@ from shared.protocol import ItemError, ItemResult
 from shared.settings import Settings
 from shared.vectors import encode_f32
 from worker import metrics
-from worker.batching import BatchRunner, Embedding
+from worker.batching import BULK, INTERACTIVE, BatchRunner, Embedding
 from worker.decode import DecodeLimits, decode_image
 from worker.errors import ImageInputError
 from worker.fetch import FetchLimits, fetch_url
@@ -40,8 +42,11 @@ class InputLimits:
 class ModelRuntime:
     """One served model: images in, (CLS, MEAN) out, in the order they were given."""
 
-    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float) -> None:
+    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float, bulk_concurrency: int) -> None:
         self.model = model
+        # Job chunks take turns: enough at once to keep batches full, few enough that requests and
+        # other chunks are not starved.
+        self.bulk_slots = threading.BoundedSemaphore(bulk_concurrency)
         self._preprocess = preprocess
         self._limits = limits
         self._fetch_pool = fetch_pool
@@ -54,8 +59,9 @@ class ModelRuntime:
         self._decoding_lock = threading.Lock()
         self._batcher = BatchRunner(model, max_batch_size, max_batch_wait_s, partial(metrics.observe_batch, model.model_id), incoming=lambda: self._decoding)
 
-    def embed(self, inputs: list[ImageInput]) -> list[ItemResult]:
+    def embed(self, inputs: list[ImageInput], bulk: bool = False) -> list[ItemResult]:
         """Results in the order of ``inputs``; every image gets a vector or an error."""
+        priority = BULK if bulk else INTERACTIVE
         # URLs are fetched in parallel on I/O threads; decoding waits for its bytes in input order.
         fetched = [self._fetch_pool.submit(fetch_url, item.url, self._limits.fetch) if item.url is not None else None for item in inputs]
         queued: list[Future[Future[Embedding]] | ImageInputError] = []
@@ -67,14 +73,14 @@ class ModelRuntime:
                 continue
             assert data is not None
             self._count_decoding(+1)
-            queued.append(self._prep_pool.submit(self._prepare, data))
+            queued.append(self._prep_pool.submit(self._prepare, data, priority))
         return [self._collect(item.index, entry) for item, entry in zip(inputs, queued)]
 
     def _count_decoding(self, delta: int) -> None:
         with self._decoding_lock:
             self._decoding += delta
 
-    def _prepare(self, data: bytes) -> Future[Embedding]:
+    def _prepare(self, data: bytes, priority: int) -> Future[Embedding]:
         self._prepared_slots.acquire()
         try:
             started = time.perf_counter()
@@ -87,7 +93,7 @@ class ModelRuntime:
                 self._prepared_slots.release()
                 raise ImageInputError("invalid_image", f"image could not be processed: {type(exc).__name__}: {exc}") from None
             metrics.PREPROCESS_SECONDS.labels(self.model.model_id).observe(time.perf_counter() - started)
-            return self._batcher.submit(pixel_values, on_done=self._prepared_slots.release)
+            return self._batcher.submit(pixel_values, on_done=self._prepared_slots.release, priority=priority)
         finally:
             # Only now: the image is in the batcher's queue (or failed), never counted in neither.
             self._count_decoding(-1)
@@ -135,9 +141,19 @@ class WorkerRuntime:
             self.prep_pool,
             self.settings.max_batch_size,
             self.settings.max_batch_wait_ms / 1000,
+            self.settings.bulk_concurrency,
         )
         self.models[model.model_id] = runtime
         return runtime
+
+    @contextmanager
+    def bulk_slot(self, model_id: str) -> Iterator[None]:
+        runtime = self.models.get(model_id)
+        if runtime is None:
+            yield
+            return
+        with runtime.bulk_slots:
+            yield
 
     def stop(self) -> None:
         for runtime in self.models.values():

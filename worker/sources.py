@@ -19,15 +19,20 @@ class ImageInput:
 
 
 def load_inputs(redis: Redis, refs: list[ImageRef]) -> list[ImageInput | ItemResult]:
-    """Read every stored image of a task in one round trip; a missing one is reported in place."""
-    keys = [ref.data for ref in refs if ref.kind == "blob"]
-    blobs = iter(redis.mget(keys) if keys else [])
+    """Read a task's stored images (one round trip per hash); a missing one is reported in place."""
+    fields: dict[str, list[str]] = {}
+    for ref in refs:
+        if ref.kind == "blob":
+            fields.setdefault(ref.data, []).append(str(ref.index))
+    blobs: dict[tuple[str, str], bytes | None] = {}
+    for key, names in fields.items():
+        blobs.update(zip(((key, name) for name in names), redis.hmget(key, names)))
     loaded: list[ImageInput | ItemResult] = []
     for ref in refs:
         if ref.kind == "url":
             loaded.append(ImageInput(ref.index, url=ref.data))
             continue
-        data = next(blobs)
+        data = blobs[(ref.data, str(ref.index))]
         if data is None:
             error = ItemError(message="the image's stored bytes expired before a worker reached them; submit it again", type="server_error", code="input_expired")
             loaded.append(ItemResult(index=ref.index, error=error))

@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from redis import Redis
 
 from shared.logs import request_id_var
-from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult
-from shared.queues import EMBED_TASK
+from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult, JobChunkPayload
+from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
 from worker import metrics
 from worker.result_store import ResultStore
 from worker.runtime import WorkerRuntime
@@ -43,14 +43,14 @@ def _ctx() -> WorkerContext:
     return _context
 
 
-def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef]) -> list[ItemResult]:
+def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef], bulk: bool = False) -> list[ItemResult]:
     """Every ref's result, in order: a vector or an in-place error."""
     runtime = context.runtime.models.get(model)
     if runtime is None:
         error = ItemError(message=f"this worker does not serve model {model!r}", type="server_error", code="model_not_served")
         return [ItemResult(index=ref.index, error=error) for ref in refs]
     loaded = load_inputs(context.redis, refs)
-    embedded = iter(runtime.embed([item for item in loaded if isinstance(item, ImageInput)]))
+    embedded = iter(runtime.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk))
     return [next(embedded) if isinstance(item, ImageInput) else item for item in loaded]
 
 
@@ -73,5 +73,33 @@ def embed(payload: dict) -> None:
         context.store.reply(request, results)
         metrics.TASKS.labels("embed", "done").inc()
         log.info("request embedded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
+    finally:
+        request_id_var.reset(token)
+
+
+@shared_task(name=JOB_CHUNK_TASK, ignore_result=True)
+def embed_job_chunk(payload: dict) -> None:
+    """One slice of a job. Safe to run twice: results are stored per index, once."""
+    try:
+        chunk = JobChunkPayload.model_validate(payload)
+    except ValidationError as exc:
+        log.error("dropping malformed job chunk message", extra={"error": str(exc)})
+        return
+    token = request_id_var.set(chunk.request_id)
+    try:
+        context = _ctx()
+        status, done = context.store.start_chunk(chunk)
+        if status in ("gone", "cancelled"):
+            context.store.drop_blobs(chunk)
+            log.info("skipping chunk of a cancelled or expired job", extra={"job_id": chunk.job_id, "images": len(chunk.items)})
+            metrics.TASKS.labels("job_chunk", "skipped").inc()
+            return
+        todo = [ref for ref in chunk.items if ref.index not in done]
+        started = time.perf_counter()
+        with context.runtime.bulk_slot(chunk.model):
+            results = embed_refs(context, chunk.model, todo, bulk=True)
+        status = context.store.store_chunk(chunk, results, now=int(time.time()))
+        metrics.TASKS.labels("job_chunk", "done").inc()
+        log.info("job chunk embedded", extra={"job_id": chunk.job_id, "model": chunk.model, "images": len(results), "already_done": len(done), "job_status": status, "seconds": round(time.perf_counter() - started, 4)})
     finally:
         request_id_var.reset(token)

@@ -10,7 +10,7 @@ from api.formatting import embedding_dim, embedding_item, first_failure
 from api.inputs import parse_inputs
 from api.schemas import ERROR_RESPONSES, EmbeddingRequest, EmbeddingResponse
 from api.state import AppState, get_state
-from api.workers import require_served, resolve_model
+from api.workers import require_served, resolve_model, validate_dimensions
 
 router = APIRouter()
 
@@ -19,6 +19,7 @@ router = APIRouter()
 async def create_embeddings(body: EmbeddingRequest, request: Request, state: AppState = Depends(get_state)) -> JSONBytesResponse:
     settings = state.settings
     model = resolve_model(state, body.model)
+    await validate_dimensions(state, model, body.dimensions)
     images = parse_inputs(body.input, settings.max_inputs_per_request, settings.max_image_bytes)
     await require_served(state, model)
     await check_backpressure(state, model, "interactive")

@@ -1,0 +1,65 @@
+"""Async jobs: ``POST /v1/jobs`` (202), ``GET /v1/jobs/{id}``, results (paged or JSONL), ``DELETE``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from api.jobs import cancel_job, create_job, get_job, result_lines, result_page
+from api.responses import JSONBytesResponse
+from api.schemas import ERROR_RESPONSES, EmbeddingRequest
+from api.state import AppState, get_state
+from shared.jobs import JobRecord, JobStatus
+
+router = APIRouter()
+
+
+class JobView(BaseModel):
+    id: str
+    object: Literal["embedding.job"] = "embedding.job"
+    status: JobStatus
+    model: str
+    total: int
+    completed: int
+    failed: int
+    created_at: int
+    finished_at: int | None
+
+
+class JobResultsPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict]
+    has_more: bool
+
+
+def _view(job: JobRecord) -> JobView:
+    return JobView.model_validate(job.model_dump())
+
+
+@router.post("/jobs", status_code=202, response_model=JobView, responses=ERROR_RESPONSES, summary="Submit an embedding job (large inputs allowed)")
+async def submit_job(body: EmbeddingRequest, request: Request, state: AppState = Depends(get_state)) -> JobView:
+    return _view(await create_job(state, body, request.state.request_id))
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="A job's status and progress")
+async def job_status(job_id: str, state: AppState = Depends(get_state)) -> JobView:
+    return _view(await get_job(state, job_id))
+
+
+@router.get("/jobs/{job_id}/results", response_model=JobResultsPage, responses=ERROR_RESPONSES, summary="A page of a job's results, in index order")
+async def job_results(job_id: str, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000), state: AppState = Depends(get_state)) -> JSONBytesResponse:
+    return JSONBytesResponse(await result_page(state, job_id, offset, limit))
+
+
+@router.get("/jobs/{job_id}/results.jsonl", responses={200: {"content": {"application/x-ndjson": {}}}, **ERROR_RESPONSES}, summary="All of a job's results as JSON lines")
+async def job_results_jsonl(job_id: str, state: AppState = Depends(get_state)) -> StreamingResponse:
+    job, lines = await result_lines(state, job_id)
+    return StreamingResponse(lines, media_type="application/x-ndjson", headers={"X-Job-Status": job.status})
+
+
+@router.delete("/jobs/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="Cancel a job and delete its results")
+async def delete_job(job_id: str, state: AppState = Depends(get_state)) -> JobView:
+    return _view(await cancel_job(state, job_id))

@@ -1,0 +1,1 @@
+"""Bulk backfill client: a manifest of images in, two float32 matrices (CLS, MEAN) out."""

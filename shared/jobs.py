@@ -1,0 +1,114 @@
+"""Async jobs in Redis: the record both sides read, ids, and the scripts that change job state.
+
+Every state change is one Lua script, so it is atomic: an item's result is written at most once
+(``HSETNX``) and counted only when it was, which makes duplicate deliveries of a chunk harmless, and
+the job turns ``completed`` in the same step that accounts for its last item.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Literal
+
+from pydantic import BaseModel
+
+JobStatus = Literal["queued", "running", "completed", "cancelled"]
+
+
+class JobRecord(BaseModel):
+    id: str
+    object: Literal["embedding.job"] = "embedding.job"
+    status: JobStatus
+    model: str
+    total: int
+    completed: int = 0
+    failed: int = 0
+    created_at: int
+    finished_at: int | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    pooling: Literal["cls", "mean"] = "cls"
+    dimensions: int | None = None
+    results_deleted: bool = False
+
+    @classmethod
+    def from_redis(cls, fields: dict[bytes, bytes]) -> JobRecord:
+        values = {key.decode(): value.decode() for key, value in fields.items()}
+        values = {key: value for key, value in values.items() if value != ""}
+        return cls.model_validate(values)
+
+    def to_redis(self) -> dict[str, str | int]:
+        return {key: ("" if value is None else int(value) if isinstance(value, bool) else value) for key, value in self.model_dump(exclude={"object"}).items()}
+
+
+def new_job_id() -> str:
+    """``job_`` + creation time (hex seconds) + randomness: an expired id can be told from a wrong one."""
+    return f"job_{int(time.time()):08x}{secrets.token_hex(8)}"
+
+
+def job_created_at(job_id: str) -> int | None:
+    if not job_id.startswith("job_") or len(job_id) != 28:
+        return None
+    try:
+        return int(job_id[4:12], 16)
+    except ValueError:
+        return None
+
+
+# KEYS: job hash, results hash. ARGV: ttl seconds, now, then triples (index, result json, "1" if error).
+# Returns {completed, failed, total, status}; status "gone" when the job is unknown or cancelled.
+STORE_RESULTS = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == 'cancelled' then
+  return {0, 0, 0, 'gone'}
+end
+local ok, bad = 0, 0
+for i = 3, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
+    if ARGV[i + 2] == '1' then bad = bad + 1 else ok = ok + 1 end
+  end
+end
+local completed = redis.call('HINCRBY', KEYS[1], 'completed', ok)
+local failed = redis.call('HINCRBY', KEYS[1], 'failed', bad)
+local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+if status == 'queued' and completed + failed > 0 then
+  status = 'running'
+end
+if completed + failed >= total then
+  status = 'completed'
+  local finished = redis.call('HGET', KEYS[1], 'finished_at')
+  if not finished or finished == '' then
+    redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
+  end
+end
+redis.call('HSET', KEYS[1], 'status', status)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return {completed, failed, total, status}
+"""
+
+# KEYS: job hash. Marks a queued job running when a worker starts on it; returns the status.
+MARK_RUNNING = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running')
+  return 'running'
+end
+return status or 'gone'
+"""
+
+# KEYS: job hash, results hash, blobs hash. ARGV: now. Cancels what has not run and drops stored
+# results and image bytes; a completed job keeps its status. Returns the status, or 'gone'.
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  return 'gone'
+end
+if status == 'queued' or status == 'running' then
+  status = 'cancelled'
+  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'results_deleted', '1')
+redis.call('UNLINK', KEYS[2], KEYS[3])
+return status
+"""
