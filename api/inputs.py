@@ -44,7 +44,7 @@ def _base64_ref(index: int, payload: str, max_image_bytes: int) -> ParsedImage:
         raise _bad(index, f"image is about {len(payload) // 4 * 3} bytes, over the limit of {max_image_bytes} bytes", "image_too_large")
     try:
         data = binascii.a2b_base64(payload, strict_mode=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or non-ASCII text
         raise _bad(index, f"not a URL, data URI or valid base64 ({exc})", "invalid_base64") from None
     if len(data) > max_image_bytes:
         raise _bad(index, f"image is {len(data)} bytes, over the limit of {max_image_bytes} bytes", "image_too_large")

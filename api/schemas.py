@@ -31,7 +31,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "facebook/dinov2-small", "input": "https://example.com/cat.jpg", "pooling": "cls"}]})
 
     model: str | None = Field(None, description="Model id from /v1/models; the default model when absent.")
-    input: str | list[str | ImageObject] = Field(description="One image (URL, data URI or base64) or a list of them.")
+    input: str | list[str | ImageObject] = Field(description="One image (URL, data URI or base64) or a list of them.", min_length=1)
     encoding_format: EncodingFormat = Field("float", description="float: JSON numbers; base64: little-endian float32 bytes.")
     pooling: Pooling = Field("cls", description="Which vector goes into `embedding`; both are always in `embeddings`.")
     dimensions: int | None = Field(None, ge=1, description="Keep the first N components, then re-normalize.")
@@ -41,6 +41,8 @@ class EmbeddingRequest(BaseModel):
     @classmethod
     def _errors_by_position(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         """Report a bad input as ``input[i]`` with one clear reason, not once per union branch."""
+        if value == "" or value == []:
+            raise PydanticCustomError("image_input", "input is empty: give at least one image")
         if isinstance(value, str):
             return value
         if not isinstance(value, list):

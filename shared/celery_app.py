@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from shared.broker import TRANSPORT
 from shared.queues import route_by_model
 from shared.settings import Settings
 
@@ -11,6 +12,7 @@ from shared.settings import Settings
 def create_celery_app(settings: Settings) -> Celery:
     app = Celery("imbeddings", broker=settings.redis_url, set_as_current=True)
     app.conf.update(
+        broker_transport=TRANSPORT,
         task_serializer="json",
         accept_content=["json"],
         # Results are per image and addressed by request or job index, so the worker writes them
@@ -23,6 +25,9 @@ def create_celery_app(settings: Settings) -> Celery:
         # leaves it unacknowledged and the broker hands it to another worker.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # Tasks running when the broker drops finish and store their results (stores are idempotent);
+        # their messages, not acknowledged, come back once and are skipped as already done.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,

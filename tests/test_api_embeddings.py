@@ -94,7 +94,8 @@ def test_other_families_are_routed_by_model(service: Service) -> None:
     ("body", "param", "needle"),
     [
         ({"input": []}, "input", "empty"),
-        ({"input": ""}, "input[0]", "empty"),
+        ({"input": ""}, "input", "empty"),
+        ({"input": ["   "]}, "input[0]", "empty"),
         ({"input": "not base64 at all!"}, "input[0]", "base64"),
         ({"input": [data_uri(JPEG), "data:text/plain;base64,aGVsbG8="]}, "input[1]", "not an image"),
         ({"input": [data_uri(JPEG), "data:image/png,rawbytes"]}, "input[1]", "base64"),

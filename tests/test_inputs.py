@@ -35,6 +35,8 @@ def test_kinds() -> None:
         ("data:image/png," + PNG, "invalid_image"),
         ("data:,", "invalid_image"),
         ("%%%%", "invalid_base64"),
+        ("\x80", "invalid_base64"),
+        ("data:image/png;base64,ÿÿÿÿ", "invalid_base64"),
     ],
 )
 def test_refusals_name_the_index(value: str, code: str) -> None:

@@ -26,6 +26,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Special-purpose ranges that Python's ``is_global`` still calls global.
+_ALSO_FORBIDDEN = tuple(ipaddress.ip_network(n) for n in ("100.64.0.0/10", "192.0.0.0/24", "192.88.99.0/24"))
 _REDIRECTS = {301, 302, 303, 307, 308}
 _USER_AGENT = b"Imbeddings/1.0 (+image fetcher)"
 
@@ -59,12 +61,16 @@ def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
 
 
 def is_forbidden(address: IPAddress, allowed: tuple[IPNetwork, ...] = ()) -> bool:
-    """True for every address that is not plainly public, unless an operator allowed its network."""
+    """True for every address that is not plainly public, unless an operator allowed its network.
+
+    An IPv6 address that carries an IPv4 one (mapped, 6to4, Teredo, NAT64) is judged by the IPv4
+    address it leads to.
+    """
     if any(address in network for network in allowed if network.version == address.version):
         return False
     inner = embedded_ipv4(address)
-    if inner is not None and is_forbidden(inner, allowed):
-        return True
+    if inner is not None:
+        return is_forbidden(inner, allowed)
     return (
         not address.is_global
         or address.is_private
@@ -73,7 +79,7 @@ def is_forbidden(address: IPAddress, allowed: tuple[IPNetwork, ...] = ()) -> boo
         or address.is_multicast
         or address.is_reserved
         or address.is_unspecified
-        or (isinstance(address, ipaddress.IPv4Address) and address in ipaddress.IPv4Network("100.64.0.0/10"))
+        or any(address in network for network in _ALSO_FORBIDDEN if network.version == address.version)
     )
 
 

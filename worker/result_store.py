@@ -27,15 +27,21 @@ class ResultStore:
     def is_abandoned(self, reply_key: str) -> bool:
         return bool(self._redis.exists(self._keys.abandoned(reply_key)))
 
-    def reply(self, payload: EmbedPayload, results: list[ItemResult]) -> None:
-        # An API that gave up never pops the list; the expiry discards the late answer.
+    def reply(self, payload: EmbedPayload, results: list[ItemResult]) -> bool:
+        """Push the results for the waiting request; False when it had stopped waiting (discarded)."""
+        blobs = {ref.data for ref in payload.items if ref.kind == "blob"}
+        if self.is_abandoned(payload.reply_key):
+            if blobs:
+                self._redis.delete(*blobs)
+            return False
+        # Should the API give up between the check and the push, the expiry discards the answer.
         pipe = self._redis.pipeline(transaction=True)
         pipe.rpush(payload.reply_key, dump_results(results))
         pipe.expire(payload.reply_key, self._reply_ttl_s)
-        blobs = {ref.data for ref in payload.items if ref.kind == "blob"}
         if blobs:
             pipe.delete(*blobs)
         pipe.execute()
+        return True
 
     def start_chunk(self, chunk: JobChunkPayload) -> tuple[str, set[int]]:
         """The job's status, and which of the chunk's items already have a stored result.

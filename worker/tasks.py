@@ -70,9 +70,9 @@ def embed(payload: dict) -> None:
             return
         started = time.perf_counter()
         results = embed_refs(context, request.model, request.items)
-        context.store.reply(request, results)
-        metrics.TASKS.labels("embed", "done").inc()
-        log.info("request embedded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
+        delivered = context.store.reply(request, results)
+        metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
+        log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
     finally:
         request_id_var.reset(token)
 

@@ -1,0 +1,117 @@
+"""A corpus of malformed and malicious images, generated from real photos at test time.
+
+``REFUSED`` must each get a 400 naming the input; ``ACCEPTED`` are odd but legitimate files that must
+be embedded (first frame of an animation, deep or unusual colour modes).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from functools import cache
+
+import numpy as np
+from PIL import Image
+
+from tests.photos import EXAMPLES, encode
+
+
+def _photo() -> Image.Image:
+    return Image.open(EXAMPLES / "cmp1.jpg").convert("RGB")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png(width: int, height: int, idat: bytes, color_type: int = 0) -> bytes:
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _png_bomb(side: int) -> bytes:
+    """A real, valid grayscale PNG of side x side zeros: tiny on the wire, huge once decoded."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)
+    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    return _png(side, side, body)
+
+
+def _jpeg_with_size(width: int, height: int) -> bytes:
+    """A real JPEG whose frame header claims other dimensions."""
+    data = bytearray(encode(_photo(), "JPEG", quality=80))
+    sof = next(i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC2))
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _gif_with_screen(width: int, height: int) -> bytes:
+    data = bytearray(encode(_photo().convert("P"), "GIF"))
+    data[6:10] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
+def _animated(fmt: str) -> bytes:
+    frames = [_photo().resize((64, 48)), Image.new("RGB", (64, 48), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def _tiff_huge() -> bytes:
+    data = bytearray(encode(_photo().resize((32, 32)), "TIFF"))
+    # Rewrite the ImageWidth/ImageLength entries (tags 256/257) of the first IFD.
+    offset = struct.unpack("<I", data[4:8])[0]
+    count = struct.unpack("<H", data[offset : offset + 2])[0]
+    for entry in range(count):
+        base = offset + 2 + 12 * entry
+        tag, kind = struct.unpack("<HH", data[base : base + 4])
+        if tag in (256, 257):
+            data[base + 8 : base + 12] = struct.pack("<I", 200_000) if kind == 4 else struct.pack("<HH", 60_000, 0)
+    return bytes(data)
+
+
+@cache
+def refused() -> dict[str, bytes]:
+    jpeg = encode(_photo(), "JPEG", quality=90)
+    png = encode(_photo(), "PNG")
+    return {
+        "empty": b"",
+        "text": b"just some text, no image here",
+        "html": b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>",
+        "svg": b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'><rect width='10' height='10'/></svg>",
+        "pdf": b"%PDF-1.7\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF",
+        "eps-needs-ghostscript": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+        "zip": b"PK\x03\x04" + b"\x00" * 60,
+        "truncated-jpeg": jpeg[: len(jpeg) // 2],
+        "truncated-png": png[: len(png) // 2],
+        "jpeg-magic-only": b"\xff\xd8\xff\xe0" + b"\x00" * 100,
+        "png-magic-only": b"\x89PNG\r\n\x1a\n",
+        "png-bad-crc": png[:20] + bytes([png[20] ^ 0xFF]) + png[21:],
+        "png-zero-size": _png(0, 0, zlib.compress(b"")),
+        "png-bomb-64mpx": _png_bomb(8_000),
+        "png-header-says-1e10px": _png(100_000, 100_000, zlib.compress(b"\x00" * 101)),
+        "jpeg-header-says-60000px": _jpeg_with_size(60_000, 60_000),
+        "gif-screen-65535px": _gif_with_screen(65_535, 65_535),
+        "tiff-header-says-huge": _tiff_huge(),
+        "random-bytes": np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+    }
+
+
+@cache
+def accepted() -> dict[str, bytes]:
+    photo = _photo()
+    deep = (np.asarray(photo.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    return {
+        "animated-gif": _animated("GIF"),
+        "animated-webp": _animated("WEBP"),
+        "apng": _animated("PNG"),
+        "png-16bit": encode(Image.fromarray(deep), "PNG"),
+        "cmyk-jpeg": encode(photo.convert("CMYK"), "JPEG"),
+        "palette-png": encode(photo.convert("P"), "PNG"),
+        "one-pixel": encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
+        "very-wide": encode(photo.resize((4000, 20)), "PNG"),
+        "bmp": encode(photo, "BMP"),
+        "tiff": encode(photo, "TIFF"),
+    }
