@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 
+from api import metrics
 from api.dispatch import check_backpressure, publish, stash_images
 from api.errors import ApiError
 from api.formatting import embedding_item, item_error_body
@@ -32,8 +33,8 @@ async def create_job(state: AppState, body: EmbeddingRequest, request_id: str) -
     keys = state.keys
     # Order matters: image bytes, then the job record, then the tasks that need both.
     refs = await stash_images(state, keys.job_blobs(job.id), [image for image in images if image.error is None], ttl)
-    await state.redis.hset(keys.job(job.id), mapping=job.to_redis())
-    await state.redis.expire(keys.job(job.id), ttl)
+    fields = [item for pair in job.to_redis().items() for item in pair]
+    await state.create_job_script(keys=[keys.job(job.id), keys.job_counts()], args=[ttl, *fields])
     refused = [ItemResult(index=image.index, error=image.error) for image in images if image.error is not None]
     if refused:
         await store_results(state, job.id, refused)
@@ -43,8 +44,9 @@ async def create_job(state: AppState, body: EmbeddingRequest, request_id: str) -
         await publish(state, JOB_CHUNK_TASK, chunks)
     except Exception:
         # Not accepted: the client gets an error and retries; nothing half-queued lingers.
-        await state.cancel_script(keys=[keys.job(job.id), keys.job_results(job.id), keys.job_blobs(job.id)], args=[int(time.time())])
+        await _cancel(state, job.id)
         raise
+    metrics.JOB_IMAGES.labels(model).inc(job.total)
     return await get_job(state, job.id)
 
 
@@ -52,7 +54,7 @@ async def store_results(state: AppState, job_id: str, results: list[ItemResult])
     args: list[str | int] = [state.settings.job_result_ttl_s, int(time.time())]
     for result in results:
         args += [result.index, orjson.dumps(result.model_dump(exclude_none=True)).decode(), 1 if result.error else 0]
-    await state.store_results_script(keys=[state.keys.job(job_id), state.keys.job_results(job_id)], args=args)
+    await state.store_results_script(keys=[state.keys.job(job_id), state.keys.job_results(job_id), state.keys.job_counts()], args=args)
 
 
 def _not_found(state: AppState, job_id: str) -> ApiError:
@@ -70,9 +72,13 @@ async def get_job(state: AppState, job_id: str) -> JobRecord:
     return JobRecord.from_redis(fields)
 
 
-async def cancel_job(state: AppState, job_id: str) -> JobRecord:
+async def _cancel(state: AppState, job_id: str) -> bytes:
     keys = state.keys
-    status = await state.cancel_script(keys=[keys.job(job_id), keys.job_results(job_id), keys.job_blobs(job_id)], args=[int(time.time())])
+    return await state.cancel_script(keys=[keys.job(job_id), keys.job_results(job_id), keys.job_blobs(job_id), keys.job_counts()], args=[int(time.time())])
+
+
+async def cancel_job(state: AppState, job_id: str) -> JobRecord:
+    status = await _cancel(state, job_id)
     if status == b"gone":
         raise _not_found(state, job_id)
     return await get_job(state, job_id)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import metrics
 from shared.logs import request_id_var
+
+access_log = logging.getLogger("api.access")
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -37,6 +42,54 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
+
+
+class ObservabilityMiddleware:
+    """One access-log line and the request metrics per HTTP request.
+
+    Routes are labelled by their template (``/v1/jobs/{job_id}``), models only once a handler has
+    accepted them (``request.state.model``), so label values stay few. Query strings are never
+    logged: nothing a client sends in them ends up in logs.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            seconds = time.perf_counter() - started
+            route = _route_template(scope)
+            model = scope.get("state", {}).get("model", "")
+            metrics.REQUESTS.labels(route, scope["method"], model, str(status)).inc()
+            metrics.LATENCY.labels(route, scope["method"]).observe(seconds)
+            if route != "/metrics":
+                access_log.info("request", extra={"method": scope["method"], "path": scope["path"], "route": route, "status": status, "model": model, "seconds": round(seconds, 4)})
+
+
+def _route_template(scope: Scope) -> str:
+    """The matched route as a template (``/v1/jobs/{job_id}``), from the path and its parameters."""
+    if "route" not in scope:
+        return "unmatched"
+    path: str = scope["path"]
+    for name, value in scope.get("path_params", {}).items():
+        head, found, tail = path.rpartition(str(value))
+        if found:
+            path = f"{head}{{{name}}}{tail}"
+    return path
 
 
 class BodyLimitMiddleware:

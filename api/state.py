@@ -9,7 +9,7 @@ from celery import Celery
 from fastapi import Request
 from redis.commands.core import AsyncScript
 
-from shared.jobs import CANCEL, STORE_RESULTS
+from shared.jobs import CANCEL, CREATE, STORE_RESULTS
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -21,10 +21,12 @@ class AppState:
     celery: Celery
     keys: Keys
     allowed_models: list[str]
+    create_job_script: AsyncScript = field(init=False)
     store_results_script: AsyncScript = field(init=False)
     cancel_script: AsyncScript = field(init=False)
 
     def __post_init__(self) -> None:
+        self.create_job_script = self.redis.register_script(CREATE)
         self.store_results_script = self.redis.register_script(STORE_RESULTS)
         self.cancel_script = self.redis.register_script(CANCEL)
 

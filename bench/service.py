@@ -40,22 +40,26 @@ class Stack:
     port: int
     metrics_port: int
 
-    def batch_stats(self) -> tuple[float, float]:
-        """Mean batch size and mean forward time (ms) so far, from the worker's /metrics."""
+    def batch_totals(self) -> tuple[float, float, float]:
+        """Batches, images and forward seconds so far, from the worker's /metrics."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
             text = response.read().decode()
         totals: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name.endswith(("_sum", "_count")):
-                    totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-        batches = totals.get("imbeddings_worker_batch_size_count", 0.0) or 1.0
-        return totals.get("imbeddings_worker_batch_size_sum", 0.0) / batches, totals.get("imbeddings_worker_forward_seconds_sum", 0.0) / batches * 1000
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        return totals.get("imbeddings_worker_batch_size_count", 0.0), totals.get("imbeddings_worker_batch_size_sum", 0.0), totals.get("imbeddings_worker_forward_seconds_sum", 0.0)
 
     def stop(self) -> None:
         self.api.stop()
         self.worker.stop(timeout_s=60)
         self.redis.stop(graceful=False)
+
+
+def _batch_means(before: tuple[float, float, float], after: tuple[float, float, float]) -> tuple[float, float]:
+    """Mean batch size and mean forward time (ms) between two readings."""
+    batches = (after[0] - before[0]) or 1.0
+    return (after[1] - before[1]) / batches, (after[2] - before[2]) / batches * 1000
 
 
 def start_stack(workdir: Path, model_dir: Path, dtype: str, extra_env: dict[str, str]) -> Stack:
@@ -103,9 +107,12 @@ def measure_service(stack: Stack, jpegs: list[bytes], clients: int, requests: in
     requests_raw = one_image_bodies(jpegs, stack.port)
     api_rss_start = rss_mb(stack.api.pid)
 
-    # Low load: one client, one image at a time.
+    # Low load: one client, one image at a time. The worker's own forward time during this phase is
+    # what the latency is compared with: the machine's speed drifts between separate measurements.
     asyncio.run(run_load("127.0.0.1", stack.port, requests_raw, 1, 10))
+    before_low = stack.batch_totals()
     low = asyncio.run(run_load("127.0.0.1", stack.port, requests_raw, 1, latency_requests))
+    _, low_forward_ms = _batch_means(before_low, stack.batch_totals())
 
     # Throughput: many concurrent one-image clients. Warm up, then measure.
     asyncio.run(run_load("127.0.0.1", stack.port, requests_raw, clients, 4 * clients))
@@ -118,9 +125,10 @@ def measure_service(stack: Stack, jpegs: list[bytes], clients: int, requests: in
         if done % max(1, requests // 10) == 0:
             rss_trace.append(round(rss_mb(stack.worker.pid), 1))
 
+    before_high = stack.batch_totals()
     high = asyncio.run(run_load("127.0.0.1", stack.port, requests_raw, clients, requests, on_progress=sample_rss))
     cpu = {name: (cpu_seconds(pid) - cpu_start[name]) / requests * 1000 for name, pid in pids.items()}
-    mean_batch, mean_forward_ms = stack.batch_stats()
+    mean_batch, mean_forward_ms = _batch_means(before_high, stack.batch_totals())
     errors = {**low.errors, **high.errors}
     if errors:
         raise RuntimeError(f"the service answered errors during the benchmark: {errors}")
@@ -129,6 +137,7 @@ def measure_service(stack: Stack, jpegs: list[bytes], clients: int, requests: in
         "e2e_p50_ms": percentile(high.latencies_s, 50) * 1000,
         "low_load_p50_ms": percentile(low.latencies_s, 50) * 1000,
         "low_load_p99_ms": percentile(low.latencies_s, 99) * 1000,
+        "low_load_worker_forward_ms": low_forward_ms,
         "api_rss_mb_start": api_rss_start,
         "api_rss_mb_end": rss_mb(stack.api.pid),
         "worker_rss_mb_start": worker_rss_start,

@@ -55,9 +55,29 @@ def job_created_at(job_id: str) -> int | None:
         return None
 
 
-# KEYS: job hash, results hash. ARGV: ttl seconds, now, then triples (index, result json, "1" if error).
-# Returns {completed, failed, total, status}; status "gone" when the job is unknown or cancelled.
-STORE_RESULTS = """
+# Every status change goes through set_status, which also keeps the service-wide job counts (a hash
+# of status -> number of jobs, read by the API's /metrics) in step.
+_SET_STATUS = """
+local function set_status(job, counts, old, new)
+  if old ~= new then
+    redis.call('HSET', job, 'status', new)
+    redis.call('HINCRBY', counts, old, -1)
+    redis.call('HINCRBY', counts, new, 1)
+  end
+end
+"""
+
+# KEYS: job hash, job counts. ARGV: ttl seconds, then field/value pairs of the new job record.
+CREATE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'queued', 1)
+"""
+
+# KEYS: job hash, results hash, job counts. ARGV: ttl seconds, now, then triples (index, result
+# json, "1" if error). Returns {completed, failed, total, status}; status "gone" when the job is
+# unknown or cancelled.
+STORE_RESULTS = _SET_STATUS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == 'cancelled' then
   return {0, 0, 0, 'gone'}
@@ -71,42 +91,44 @@ end
 local completed = redis.call('HINCRBY', KEYS[1], 'completed', ok)
 local failed = redis.call('HINCRBY', KEYS[1], 'failed', bad)
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
-if status == 'queued' and completed + failed > 0 then
-  status = 'running'
+local new = status
+if new == 'queued' and completed + failed > 0 then
+  new = 'running'
 end
 if completed + failed >= total then
-  status = 'completed'
+  new = 'completed'
   local finished = redis.call('HGET', KEYS[1], 'finished_at')
   if not finished or finished == '' then
     redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
   end
 end
-redis.call('HSET', KEYS[1], 'status', status)
+set_status(KEYS[1], KEYS[3], status, new)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
-return {completed, failed, total, status}
+return {completed, failed, total, new}
 """
 
-# KEYS: job hash. Marks a queued job running when a worker starts on it; returns the status.
-MARK_RUNNING = """
+# KEYS: job hash, job counts. Marks a queued job running when a worker starts on it; returns the status.
+MARK_RUNNING = _SET_STATUS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'running')
+  set_status(KEYS[1], KEYS[2], status, 'running')
   return 'running'
 end
 return status or 'gone'
 """
 
-# KEYS: job hash, results hash, blobs hash. ARGV: now. Cancels what has not run and drops stored
-# results and image bytes; a completed job keeps its status. Returns the status, or 'gone'.
-CANCEL = """
+# KEYS: job hash, results hash, blobs hash, job counts. ARGV: now. Cancels what has not run and
+# drops stored results and image bytes; a completed job keeps its status. Returns the status, or 'gone'.
+CANCEL = _SET_STATUS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   return 'gone'
 end
 if status == 'queued' or status == 'running' then
+  set_status(KEYS[1], KEYS[4], status, 'cancelled')
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[1])
   status = 'cancelled'
-  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1])
 end
 redis.call('HSET', KEYS[1], 'results_deleted', '1')
 redis.call('UNLINK', KEYS[2], KEYS[3])

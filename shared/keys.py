@@ -31,14 +31,17 @@ class Keys:
         """Hash: model id -> ModelInfo JSON, written by workers when they load a model."""
         return f"{self.prefix}model-info"
 
-    # A job's keys share a hash tag, so its scripts also run on a Redis Cluster.
     def job(self, job_id: str) -> str:
-        return f"{self.prefix}job:{{{job_id}}}"
+        return f"{self.prefix}job:{job_id}"
 
     def job_results(self, job_id: str) -> str:
         """Hash: item index -> ItemResult JSON."""
-        return f"{self.prefix}job:{{{job_id}}}:results"
+        return f"{self.prefix}job:{job_id}:results"
 
     def job_blobs(self, job_id: str) -> str:
         """Hash: item index -> image bytes not yet embedded."""
-        return f"{self.prefix}job:{{{job_id}}}:blobs"
+        return f"{self.prefix}job:{job_id}:blobs"
+
+    def job_counts(self) -> str:
+        """Hash: job status -> number of jobs (queued/running now; completed/cancelled so far)."""
+        return f"{self.prefix}job-counts"

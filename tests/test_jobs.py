@@ -121,12 +121,14 @@ def test_duplicate_delivery_counts_each_item_once(service: Service) -> None:
     job_id = new_job_id()
     r.hset(keys.job(job_id), mapping={"id": job_id, "status": "queued", "model": "m", "total": 3, "completed": 0, "failed": 0, "created_at": 0, "finished_at": ""})
     store = r.register_script(STORE_RESULTS)
+    script_keys = [keys.job(job_id), keys.job_results(job_id), f"test-counts:{job_id}"]
     args = [3600, 1, 0, '{"index":0}', 0, 1, '{"index":1,"error":{}}', 1]
-    assert store(keys=[keys.job(job_id), keys.job_results(job_id)], args=args)[:3] == [1, 1, 3]
-    assert store(keys=[keys.job(job_id), keys.job_results(job_id)], args=args)[:3] == [1, 1, 3]
-    final = store(keys=[keys.job(job_id), keys.job_results(job_id)], args=[3600, 2, 2, '{"index":2}', 0, *args[2:]])
+    assert store(keys=script_keys, args=args)[:3] == [1, 1, 3]
+    assert store(keys=script_keys, args=args)[:3] == [1, 1, 3]
+    final = store(keys=script_keys, args=[3600, 2, 2, '{"index":2}', 0, *args[2:]])
     assert final == [2, 1, 3, b"completed"]
     assert r.hlen(keys.job_results(job_id)) == 3
+    assert r.hgetall(f"test-counts:{job_id}") == {b"queued": b"-1", b"running": b"0", b"completed": b"1"}
 
 
 def test_job_input_limit_and_model_checks(service: Service) -> None:

@@ -39,15 +39,15 @@ def main() -> None:
     from worker.heartbeat import Heartbeat
     from worker.model_loader import ModelRefused, load_model, resolve_device, resolve_dtype
     from worker.result_store import ResultStore
-    from worker.runtime import WorkerRuntime, configure_torch_threads
+    from worker.runtime import WorkerRuntime, configure_torch
 
     transformers.logging.set_verbosity_error()
-    configure_torch_threads(settings)
     app = create_celery_app(settings)
     runtime = WorkerRuntime(settings)
     try:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
+        configure_torch(settings, device)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         for model_id in settings.worker_models:
             runtime.add(load_model(model_id, device, dtype, token, settings.max_batch_size))
@@ -56,9 +56,12 @@ def main() -> None:
 
     redis = sync_client(settings.redis_url)
     keys = Keys(settings.redis_key_prefix)
+    # Heartbeats fail fast: a missed beat is retried by the next one, and a stopping worker must not
+    # wait a minute on an unreachable Redis to withdraw.
+    heartbeat_redis = sync_client(settings.redis_url, retries=1)
     tasks.install_context(tasks.WorkerContext(runtime, ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5, job_ttl_s=settings.job_result_ttl_s), redis))
     node = f"worker-{os.getpid()}@{socket.gethostname()}"
-    heartbeat = Heartbeat(redis, keys, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
+    heartbeat = Heartbeat(heartbeat_redis, keys, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
 
     @worker_ready.connect(weak=False)
     def _announce(**_: object) -> None:
@@ -69,6 +72,9 @@ def main() -> None:
 
     @worker_shutting_down.connect(weak=False)
     def _withdraw(**_: object) -> None:
+        # Warm shutdown: running requests finish; job chunks still waiting for a turn go back to the
+        # queue at once (not after the visibility timeout), and this worker stops being announced.
+        runtime.stopping.set()
         heartbeat.stop()
 
     queues = [queue_for(model, kind) for model in settings.worker_models for kind in ("interactive", "bulk")]

@@ -48,7 +48,7 @@ class ResultStore:
 
         A redelivered chunk (its worker died after storing, before acknowledging) skips those.
         """
-        status = self._mark_running(keys=[self._keys.job(chunk.job_id)]).decode()
+        status = self._mark_running(keys=[self._keys.job(chunk.job_id), self._keys.job_counts()]).decode()
         indices = [ref.index for ref in chunk.items]
         stored = self._redis.hmget(self._keys.job_results(chunk.job_id), [str(i) for i in indices])
         return status, {index for index, value in zip(indices, stored) if value is not None}
@@ -58,7 +58,8 @@ class ResultStore:
         args: list[str | int] = [self._job_ttl_s, now]
         for result in results:
             args += [result.index, json.dumps(result.model_dump(exclude_none=True)), 1 if result.error else 0]
-        status = self._store_results(keys=[self._keys.job(chunk.job_id), self._keys.job_results(chunk.job_id)], args=args)[3].decode()
+        keys = [self._keys.job(chunk.job_id), self._keys.job_results(chunk.job_id), self._keys.job_counts()]
+        status = self._store_results(keys=keys, args=args)[3].decode()
         self.drop_blobs(chunk)
         return status
 

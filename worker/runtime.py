@@ -116,11 +116,16 @@ class ModelRuntime:
         self._batcher.stop()
 
 
+class WorkerStopping(Exception):
+    """The worker is shutting down: work not yet started goes back to the queue."""
+
+
 class WorkerRuntime:
     """All models of this worker process and the pools they share."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.stopping = threading.Event()
         self.limits = InputLimits.from_settings(settings)
         self.fetch_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fetch")
         self.prep_pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="prep")
@@ -148,12 +153,20 @@ class WorkerRuntime:
 
     @contextmanager
     def bulk_slot(self, model_id: str) -> Iterator[None]:
+        """A turn to embed a job chunk; raises WorkerStopping if shutdown begins while waiting."""
         runtime = self.models.get(model_id)
         if runtime is None:
             yield
             return
-        with runtime.bulk_slots:
+        while not runtime.bulk_slots.acquire(timeout=0.25):
+            if self.stopping.is_set():
+                raise WorkerStopping
+        try:
+            if self.stopping.is_set():
+                raise WorkerStopping
             yield
+        finally:
+            runtime.bulk_slots.release()
 
     def stop(self) -> None:
         for runtime in self.models.values():
@@ -162,6 +175,9 @@ class WorkerRuntime:
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def configure_torch_threads(settings: Settings) -> None:
+def configure_torch(settings: Settings, device: torch.device) -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if device.type == "cuda" and settings.cuda_memory_fraction is not None:
+        # A cap for this process, so several workers (or other programs) can share one GPU.
+        torch.cuda.set_per_process_memory_fraction(settings.cuda_memory_fraction, device)

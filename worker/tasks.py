@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from celery import shared_task
+from celery.exceptions import Reject
 from pydantic import ValidationError
 from redis import Redis
 
@@ -15,7 +16,7 @@ from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult, JobCh
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
 from worker import metrics
 from worker.result_store import ResultStore
-from worker.runtime import WorkerRuntime
+from worker.runtime import WorkerRuntime, WorkerStopping
 from worker.sources import ImageInput, load_inputs
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,13 @@ def embed_job_chunk(payload: dict) -> None:
             return
         todo = [ref for ref in chunk.items if ref.index not in done]
         started = time.perf_counter()
-        with context.runtime.bulk_slot(chunk.model):
-            results = embed_refs(context, chunk.model, todo, bulk=True)
+        try:
+            with context.runtime.bulk_slot(chunk.model):
+                results = embed_refs(context, chunk.model, todo, bulk=True)
+        except WorkerStopping:
+            log.info("worker stopping: job chunk handed back to the queue", extra={"job_id": chunk.job_id})
+            metrics.TASKS.labels("job_chunk", "requeued").inc()
+            raise Reject("worker stopping", requeue=True) from None
         status = context.store.store_chunk(chunk, results, now=int(time.time()))
         metrics.TASKS.labels("job_chunk", "done").inc()
         log.info("job chunk embedded", extra={"job_id": chunk.job_id, "model": chunk.model, "images": len(results), "already_done": len(done), "job_status": status, "seconds": round(time.perf_counter() - started, 4)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from api.responses import JSONBytesResponse
 
+from api import metrics
 from api.dispatch import check_backpressure, embed_and_wait
 from api.formatting import embedding_dim, embedding_item, first_failure
 from api.inputs import parse_inputs
@@ -19,6 +20,7 @@ router = APIRouter()
 async def create_embeddings(body: EmbeddingRequest, request: Request, state: AppState = Depends(get_state)) -> JSONBytesResponse:
     settings = state.settings
     model = resolve_model(state, body.model)
+    request.state.model = model
     await validate_dimensions(state, model, body.dimensions)
     images = parse_inputs(body.input, settings.max_inputs_per_request, settings.max_image_bytes)
     await require_served(state, model)
@@ -30,5 +32,6 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: App
     data = [embedding_item(result, body.pooling, body.encoding_format, body.dimensions) for result in results]
     tokens = sum(result.tokens or 0 for result in results)
     dim = body.dimensions or embedding_dim(results[0])
+    metrics.IMAGES_EMBEDDED.labels(model).inc(len(data))
     usage = {"prompt_tokens": tokens, "total_tokens": tokens, "input_images": len(results), "embedding_dim": dim}
     return JSONBytesResponse({"object": "list", "model": model, "data": data, "usage": usage})

@@ -1,11 +1,13 @@
-"""Liveness, readiness and effective configuration."""
+"""Liveness, readiness, effective configuration and metrics: open routes, no API key needed."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from api.responses import JSONBytesResponse
+from fastapi.responses import Response
 from redis.exceptions import RedisError
 
+from api import metrics
+from api.responses import JSONBytesResponse
 from api.state import AppState, get_state
 from api.workers import live_workers
 
@@ -32,3 +34,9 @@ async def ready(state: AppState = Depends(get_state)) -> JSONBytesResponse:
 @router.get("/info", summary="Effective limits and settings (no secrets)")
 async def info(state: AppState = Depends(get_state)) -> dict[str, object]:
     return {"settings": state.settings.public_view(), "allowed_models": state.allowed_models}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def prometheus_metrics(state: AppState = Depends(get_state)) -> Response:
+    body, content_type = await metrics.render(state)
+    return Response(body, media_type=content_type)

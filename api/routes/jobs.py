@@ -41,7 +41,9 @@ def _view(job: JobRecord) -> JobView:
 
 @router.post("/jobs", status_code=202, response_model=JobView, responses=ERROR_RESPONSES, summary="Submit an embedding job (large inputs allowed)")
 async def submit_job(body: EmbeddingRequest, request: Request, state: AppState = Depends(get_state)) -> JobView:
-    return _view(await create_job(state, body, request.state.request_id))
+    job = await create_job(state, body, request.state.request_id)
+    request.state.model = job.model
+    return _view(job)
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="A job's status and progress")

@@ -1,0 +1,49 @@
+"""The API's Prometheus metrics (``GET /metrics``); workers serve theirs on their own port.
+
+Request counts and latencies are recorded per process. Queue depths and job counts describe the
+whole service and are read from Redis when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from api.state import AppState
+from shared.queues import queue_for
+
+REGISTRY = CollectorRegistry()
+
+REQUESTS = Counter("imbeddings_http_requests_total", "HTTP requests, by route, method, model and status.", ["route", "method", "model", "status"], registry=REGISTRY)
+LATENCY = Histogram(
+    "imbeddings_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route.",
+    ["route", "method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+IMAGES_EMBEDDED = Counter("imbeddings_images_embedded_total", "Images answered with vectors by /v1/embeddings, by model.", ["model"], registry=REGISTRY)
+JOB_IMAGES = Counter("imbeddings_job_images_submitted_total", "Images submitted in jobs, by model.", ["model"], registry=REGISTRY)
+QUEUE_DEPTH = Gauge("imbeddings_queue_depth", "Tasks waiting in a model's queue (interactive: requests; bulk: job chunks).", ["model", "queue"], registry=REGISTRY)
+JOBS = Gauge("imbeddings_jobs", "Jobs by status: queued and running now; completed and cancelled so far.", ["status"], registry=REGISTRY)
+SERVED_BY = Gauge("imbeddings_model_workers", "Live workers serving each model.", ["model"], registry=REGISTRY)
+
+
+async def render(state: AppState) -> tuple[bytes, str]:
+    """Refresh the service-wide gauges from Redis, then the exposition text."""
+    pipe = state.redis.pipeline(transaction=False)
+    for model in state.allowed_models:
+        pipe.llen(queue_for(model, "interactive"))
+        pipe.llen(queue_for(model, "bulk"))
+        pipe.zcount(state.keys.model_workers(model), time.time(), "+inf")
+    pipe.hgetall(state.keys.job_counts())
+    *per_model, counts = await pipe.execute()
+    for position, model in enumerate(state.allowed_models):
+        interactive, bulk, workers = per_model[3 * position : 3 * position + 3]
+        QUEUE_DEPTH.labels(model, "interactive").set(interactive)
+        QUEUE_DEPTH.labels(model, "bulk").set(bulk)
+        SERVED_BY.labels(model).set(workers)
+    for status in ("queued", "running", "completed", "cancelled"):
+        JOBS.labels(status).set(int(counts.get(status.encode(), 0)))
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
