@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from api.auth import require_api_key
 from api.errors import install_error_handlers
-from api.middleware import BodyLimitMiddleware, ObservabilityMiddleware, RequestIdMiddleware
+from api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
 from api.routes import embeddings, health, jobs, models
 from api.state import AppState
 from shared.celery_app import create_celery_app
@@ -50,8 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
     v1.include_router(models.router)
     app.include_router(v1)
     app.include_router(health.router)
-    # Outermost last: the request id is set before the access log and the body limit run.
+    # Added last runs first: a refused oversize body is still counted, logged and given an id.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(ObservabilityMiddleware)
-    app.add_middleware(RequestIdMiddleware)
     return app

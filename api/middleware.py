@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids on every response, and a hard cap on request body size."""
+"""ASGI middleware: request id, metrics and access log per request; a hard cap on body size."""
 
 from __future__ import annotations
 
@@ -18,8 +18,14 @@ access_log = logging.getLogger("api.access")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class RequestIdMiddleware:
-    """Accepts a well-formed ``X-Request-ID`` or makes one; it is echoed back and logged throughout."""
+class ObservabilityMiddleware:
+    """Per HTTP request: its id, its metrics and one access-log line.
+
+    ``X-Request-ID`` is taken when it is a plain token, made otherwise, returned on the response and
+    set for every log line of the request's handling (and passed on to the worker). Routes are
+    labelled by template (``/v1/jobs/{job_id}``), models only once a handler accepted them
+    (``request.state.model``), so label values stay few. Query strings are never logged.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -32,52 +38,27 @@ class RequestIdMiddleware:
         request_id = supplied if _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
 
-        async def send_with_id(message: Message) -> None:
+        async def send_observed(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
-
-
-class ObservabilityMiddleware:
-    """One access-log line and the request metrics per HTTP request.
-
-    Routes are labelled by their template (``/v1/jobs/{job_id}``), models only once a handler has
-    accepted them (``request.state.model``), so label values stay few. Query strings are never
-    logged: nothing a client sends in them ends up in logs.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
+            await self.app(scope, receive, send_observed)
         finally:
             seconds = time.perf_counter() - started
             route = _route_template(scope)
-            model = scope.get("state", {}).get("model", "")
+            model = scope["state"].get("model", "")
             metrics.REQUESTS.labels(route, scope["method"], model, str(status)).inc()
             metrics.LATENCY.labels(route, scope["method"]).observe(seconds)
             if route != "/metrics":
                 access_log.info("request", extra={"method": scope["method"], "path": scope["path"], "route": route, "status": status, "model": model, "seconds": round(seconds, 4)})
+            request_id_var.reset(token)
 
 
 def _route_template(scope: Scope) -> str:

@@ -6,7 +6,9 @@ import base64
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -163,15 +165,35 @@ def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
+class _PhotoHandler(SimpleHTTPRequestHandler):
+    delay_s = 0.0
+
+    def do_GET(self) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        super().do_GET()
+
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+@contextmanager
+def serve_photos(delay_s: float = 0.0) -> Iterator[str]:
+    """The example photos over plain HTTP on the one address workers may fetch from; each answer
+    can be made to take ``delay_s``, so work is still in progress when a test breaks something."""
+    handler = type("PhotoHandler", (_PhotoHandler,), {"delay_s": delay_s})
+    server = ThreadingHTTPServer((IMAGE_HOST, 0), partial(handler, directory=str(EXAMPLES)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{IMAGE_HOST}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @dataclass
 class ImageServer:
     base_url: str
-    server: ThreadingHTTPServer
 
     def url(self, name: str) -> str:
         return f"{self.base_url}/{name}"
@@ -179,10 +201,11 @@ class ImageServer:
 
 @pytest.fixture(scope="session")
 def image_server() -> Iterator[ImageServer]:
-    """A plain HTTP server holding the example photos, on the one address the worker may fetch from."""
-    handler = partial(_QuietHandler, directory=str(EXAMPLES))
-    server = ThreadingHTTPServer((IMAGE_HOST, 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield ImageServer(f"http://{IMAGE_HOST}:{server.server_address[1]}", server)
-    server.shutdown()
+    with serve_photos() as base_url:
+        yield ImageServer(base_url)
+
+
+@pytest.fixture
+def slow_images() -> Iterator[str]:
+    with serve_photos(delay_s=0.2) as base_url:
+        yield base_url

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,7 +15,7 @@ import redis
 from devtools.processes import wait_until
 from devtools.redis_server import RedisServer
 from shared.queues import queue_for
-from tests.conftest import IMAGE_HOST, Service, data_uri, service_env, start_api, start_worker, wait_served
+from tests.conftest import Service, data_uri, serve_photos, service_env, start_api, start_worker, wait_served
 from tests.photos import EXAMPLES
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
@@ -97,34 +94,23 @@ def test_oversized_body_is_refused_before_it_is_read(guarded_api: tuple[str, Pat
     assert answer.startswith("HTTP/1.1 413")
 
 
-class _VerySlow(SimpleHTTPRequestHandler):
-    def do_GET(self) -> None:
-        time.sleep(4)
-        super().do_GET()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def busy_stack(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[tuple[str, str, dict[str, str]]]:
     """One worker that takes one request at a time, images that take 4 s to fetch, and an API with
     a queue limit of 2 and a 2 s wait."""
-    server = ThreadingHTTPServer((IMAGE_HOST, 0), partial(_VerySlow, directory=str(EXAMPLES)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     store = RedisServer(tmp_path / "redis").start()
     model = str(tiny_models["vit-tiny"])
     env = service_env(store.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model, IMBEDDINGS_WORKER_CONCURRENCY="1", IMBEDDINGS_MAX_QUEUE_DEPTH="2", IMBEDDINGS_REQUEST_TIMEOUT_S="2")
     worker = start_worker(env, tmp_path / "worker.log")
     api, base_url = start_api(env, tmp_path / "api.log")
     try:
-        wait_served(base_url, model, worker)
-        yield base_url, f"http://{IMAGE_HOST}:{server.server_address[1]}/cmp1.jpg", env
+        with serve_photos(delay_s=4) as slow_base:
+            wait_served(base_url, model, worker)
+            yield base_url, f"{slow_base}/cmp1.jpg", env
     finally:
         api.stop()
         worker.stop()
         store.stop(graceful=False)
-        server.shutdown()
 
 
 def test_full_queue_gets_429_and_late_results_are_discarded(busy_stack: tuple[str, str, dict[str, str]]) -> None:

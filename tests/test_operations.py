@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
-from tests.conftest import IMAGE_HOST, Service, data_uri, service_env, start_api, start_worker, wait_served, wait_worker_ready
+from tests.conftest import Service, data_uri, service_env, start_api, start_worker, wait_served, wait_worker_ready
 from tests.jobs_helpers import submit, wait_done
 from tests.photos import EXAMPLES
 
@@ -35,25 +32,6 @@ def _value(samples: dict, name: str, **labels: str) -> float:
 
 def _log_lines(process: ServiceProcess) -> list[dict]:
     return [json.loads(line) for line in process.log_text().splitlines() if line.startswith("{")]
-
-
-class _Slow(SimpleHTTPRequestHandler):
-    delay = 0.3
-
-    def do_GET(self) -> None:
-        time.sleep(self.delay)
-        super().do_GET()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def slow_images() -> Iterator[str]:
-    server = ThreadingHTTPServer((IMAGE_HOST, 0), partial(_Slow, directory=str(EXAMPLES)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://{IMAGE_HOST}:{server.server_address[1]}"
-    server.shutdown()
 
 
 @pytest.fixture

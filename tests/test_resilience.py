@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,31 +15,11 @@ import redis
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
 from shared.keys import Keys
-from tests.conftest import IMAGE_HOST, service_env, start_api, start_worker, wait_served, wait_worker_ready
+from tests.conftest import service_env, start_api, start_worker, wait_served, wait_worker_ready
 from tests.jobs_helpers import all_results, elapsed, submit, wait_done
-from tests.photos import EXAMPLES
 
 VISIBILITY_S = 10
 NAMES = ("cmp1.jpg", "cmp2.jpg", "cmp3.png", "cmp4.png", "img.webp")
-
-
-class _SlowHandler(SimpleHTTPRequestHandler):
-    """Each image takes a while to arrive, so a job is still running when we break something."""
-
-    def do_GET(self) -> None:
-        time.sleep(0.15)
-        super().do_GET()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def slow_images() -> Iterator[str]:
-    server = ThreadingHTTPServer((IMAGE_HOST, 0), partial(_SlowHandler, directory=str(EXAMPLES)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://{IMAGE_HOST}:{server.server_address[1]}"
-    server.shutdown()
 
 
 @pytest.fixture
@@ -58,9 +35,13 @@ def stack_env(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) ->
     server.stop(graceful=False)
 
 
-def _expected(client: httpx.Client, base: str) -> dict[str, list[float]]:
-    data = client.post("/v1/embeddings", json={"input": [f"{base}/{name}" for name in NAMES]}).json()["data"]
-    return {name: item["embedding"] for name, item in zip(NAMES, data)}
+def _job_under_way(client: httpx.Client, images: str, total: int) -> tuple[str, dict[str, list[float]]]:
+    """A job of ``total`` slow URLs that has started and is far from done, and each photo's vector."""
+    data = client.post("/v1/embeddings", json={"input": [f"{images}/{name}" for name in NAMES]}).json()["data"]
+    expected = {name: item["embedding"] for name, item in zip(NAMES, data)}
+    job_id = submit(client, {"input": [f"{images}/{NAMES[i % len(NAMES)]}" for i in range(total)]})["id"]
+    wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["completed"] >= 8, 60, what="the job to be under way")
+    return job_id, expected
 
 
 def _check_every_item_once(client: httpx.Client, env: dict[str, str], job_id: str, total: int, expected: dict[str, list[float]]) -> None:
@@ -83,22 +64,20 @@ def test_worker_killed_mid_chunk(tmp_path: Path, stack_env: tuple[RedisServer, d
     try:
         wait_served(base_url, model, first)
         with httpx.Client(base_url=base_url, timeout=30) as client:
-            expected = _expected(client, slow_images)
             total = 80
-            job = submit(client, {"input": [f"{slow_images}/{NAMES[i % len(NAMES)]}" for i in range(total)]})
-            wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["completed"] >= 8, 60, what="the job to be under way")
+            job_id, expected = _job_under_way(client, slow_images, total)
             first.stop(signal.SIGKILL, timeout_s=10)
             killed = time.monotonic()
-            at_kill = client.get(f"/v1/jobs/{job['id']}").json()
+            at_kill = client.get(f"/v1/jobs/{job_id}").json()
             assert at_kill["status"] == "running" and at_kill["completed"] < total
 
             second = start_worker(env, tmp_path / "worker-b.log")
             wait_worker_ready(second)
             available = time.monotonic()
-            wait_done(client, job["id"], timeout_s=180)
+            wait_done(client, job_id, timeout_s=180)
             print(f"recovery: job completed {elapsed(available)} s after the second worker was up ({elapsed(killed)} s after the kill)")
             assert time.monotonic() - available < 180
-            _check_every_item_once(client, env, job["id"], total, expected)
+            _check_every_item_once(client, env, job_id, total, expected)
     finally:
         api.stop()
         first.stop(signal.SIGKILL)
@@ -114,14 +93,12 @@ def test_redis_restarted_mid_job(tmp_path: Path, stack_env: tuple[RedisServer, d
     try:
         wait_served(base_url, model, worker)
         with httpx.Client(base_url=base_url, timeout=30) as client:
-            expected = _expected(client, slow_images)
             total = 60
-            job = submit(client, {"input": [f"{slow_images}/{NAMES[i % len(NAMES)]}" for i in range(total)]})
-            wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["completed"] >= 8, 60, what="the job to be under way")
+            job_id, expected = _job_under_way(client, slow_images, total)
 
             server.stop(graceful=True)  # SHUTDOWN: the append-only file is complete
             down = time.monotonic()
-            for path in (f"/v1/jobs/{job['id']}", "/ready", "/v1/models"):
+            for path in (f"/v1/jobs/{job_id}", "/ready", "/v1/models"):
                 started = time.monotonic()
                 answer = client.get(path)
                 assert answer.status_code == 503 and time.monotonic() - started < 5, (path, answer.text)
@@ -131,11 +108,11 @@ def test_redis_restarted_mid_job(tmp_path: Path, stack_env: tuple[RedisServer, d
 
             RedisServer(server.data_dir, server.port).start()
             up = time.monotonic()
-            wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").status_code == 200, 30, what="the API to recover")
+            wait_until(lambda: client.get(f"/v1/jobs/{job_id}").status_code == 200, 30, what="the API to recover")
             print(f"API answered again {elapsed(up)} s after Redis came back")
-            wait_done(client, job["id"], timeout_s=180)
+            wait_done(client, job_id, timeout_s=180)
             print(f"job completed {elapsed(up)} s after Redis came back ({elapsed(down)} s after it went away)")
-            _check_every_item_once(client, env, job["id"], total, expected)
+            _check_every_item_once(client, env, job_id, total, expected)
             # The worker rode out the outage: its heartbeat resumes and it takes new work.
             wait_until(lambda: client.get("/ready").status_code == 200, 30, what="/ready after the restart")
             assert worker.alive()

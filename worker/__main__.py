@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
@@ -20,7 +21,28 @@ from shared.settings import get_settings
 log = logging.getLogger("worker")
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas unless the operator set MALLOC_ARENA_MAX.
+
+    glibc gives busy threads arenas of their own (up to 8 per core). With task, decode and torch
+    threads all freeing large tensors, memory fragments across arenas and RSS creeps up: ViT-B/16
+    in bfloat16 grew 170 MB over 2,000 requests with the default and stayed flat after warm-up
+    with two arenas, at no cost in speed (bench/). Must run before the worker starts its threads.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its own allocator, nothing to tune
+        return
+    libc.mallopt(M_ARENA_MAX, arenas)
+
+
 def main() -> None:
+    limit_malloc_arenas()
     settings = get_settings()
     configure_logging("worker", settings.log_level, settings.log_json)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from celery import shared_task
 from celery.exceptions import Reject
@@ -20,6 +23,8 @@ from worker.runtime import WorkerRuntime, WorkerStopping
 from worker.sources import ImageInput, load_inputs
 
 log = logging.getLogger(__name__)
+
+Message = TypeVar("Message", EmbedPayload, JobChunkPayload)
 
 
 @dataclass
@@ -55,15 +60,28 @@ def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef], bulk: b
     return [next(embedded) if isinstance(item, ImageInput) else item for item in loaded]
 
 
+@contextmanager
+def _message(kind: str, schema: type[Message], payload: dict) -> Iterator[Message | None]:
+    """The validated message, its request id on every log line of the work; None if malformed."""
+    try:
+        message = schema.model_validate(payload)
+    except ValidationError as exc:
+        log.error("dropping malformed message", extra={"kind": kind, "error": str(exc)})
+        metrics.TASKS.labels(kind, "malformed").inc()
+        yield None
+        return
+    token = request_id_var.set(message.request_id)
+    try:
+        yield message
+    finally:
+        request_id_var.reset(token)
+
+
 @shared_task(name=EMBED_TASK, ignore_result=True)
 def embed(payload: dict) -> None:
-    try:
-        request = EmbedPayload.model_validate(payload)
-    except ValidationError as exc:
-        log.error("dropping malformed embed message", extra={"error": str(exc)})
-        return
-    token = request_id_var.set(request.request_id)
-    try:
+    with _message("embed", EmbedPayload, payload) as request:
+        if request is None:
+            return
         context = _ctx()
         if time.time() > request.deadline or context.store.is_abandoned(request.reply_key):
             log.info("skipping request the API stopped waiting for", extra={"model": request.model, "images": len(request.items)})
@@ -74,20 +92,14 @@ def embed(payload: dict) -> None:
         delivered = context.store.reply(request, results)
         metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
         log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
-    finally:
-        request_id_var.reset(token)
 
 
 @shared_task(name=JOB_CHUNK_TASK, ignore_result=True)
 def embed_job_chunk(payload: dict) -> None:
     """One slice of a job. Safe to run twice: results are stored per index, once."""
-    try:
-        chunk = JobChunkPayload.model_validate(payload)
-    except ValidationError as exc:
-        log.error("dropping malformed job chunk message", extra={"error": str(exc)})
-        return
-    token = request_id_var.set(chunk.request_id)
-    try:
+    with _message("job_chunk", JobChunkPayload, payload) as chunk:
+        if chunk is None:
+            return
         context = _ctx()
         status, done = context.store.start_chunk(chunk)
         if status in ("gone", "cancelled"):
@@ -107,5 +119,3 @@ def embed_job_chunk(payload: dict) -> None:
         status = context.store.store_chunk(chunk, results, now=int(time.time()))
         metrics.TASKS.labels("job_chunk", "done").inc()
         log.info("job chunk embedded", extra={"job_id": chunk.job_id, "model": chunk.model, "images": len(results), "already_done": len(done), "job_status": status, "seconds": round(time.perf_counter() - started, 4)})
-    finally:
-        request_id_var.reset(token)
