@@ -26,6 +26,7 @@ run: install
 	$(BIN)/python -m devtools.run_local
 
 test: install-dev
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: install-dev

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import binascii
 import re
-from urllib.parse import urlsplit
-
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from api.errors import ApiError
 from api.schemas import ImageObject

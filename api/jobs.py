@@ -15,7 +15,7 @@ from api.inputs import parse_inputs
 from api.schemas import EmbeddingRequest
 from api.state import AppState
 from api.workers import resolve_model, validate_dimensions
-from shared.jobs import JobRecord, job_created_at, new_job_id
+from shared.jobs import JobRecord, job_created_at, new_job_id, store_results_args
 from shared.protocol import ItemResult, JobChunkPayload
 from shared.queues import JOB_CHUNK_TASK
 
@@ -51,9 +51,7 @@ async def create_job(state: AppState, body: EmbeddingRequest, request_id: str) -
 
 
 async def store_results(state: AppState, job_id: str, results: list[ItemResult]) -> None:
-    args: list[str | int] = [state.settings.job_result_ttl_s, int(time.time())]
-    for result in results:
-        args += [result.index, orjson.dumps(result.model_dump(exclude_none=True)).decode(), 1 if result.error else 0]
+    args = store_results_args(state.settings.job_result_ttl_s, int(time.time()), results)
     await state.store_results_script(keys=[state.keys.job(job_id), state.keys.job_results(job_id), state.keys.job_counts()], args=args)
 
 

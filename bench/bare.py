@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,13 +31,13 @@ def model_only(model: LoadedModel, batch_sizes: list[int], seconds: float) -> di
     rates = {}
     for batch in batch_sizes:
         pixels = torch.randn(batch, 3, height, width).to(model.device, model.dtype)
-
-        def step() -> None:
-            with torch.inference_mode():
-                model.module(pixel_values=pixels)
-
-        rates[batch] = _rate(step, batch, seconds)
+        rates[batch] = _rate(partial(_forward, model, pixels), batch, seconds)
     return rates
+
+
+def _forward(model: LoadedModel, pixels: torch.Tensor) -> None:
+    with torch.inference_mode():
+        model.module(pixel_values=pixels)
 
 
 def in_process_loop(model: LoadedModel, model_dir: Path, jpegs: list[bytes], batch: int, seconds: float) -> float:

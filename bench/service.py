@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import os
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path

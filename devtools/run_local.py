@@ -8,8 +8,8 @@ Starts a private Redis server (append-only file on, data in ``.local/redis``) un
 from __future__ import annotations
 
 import os
-import socket
 import signal
+import socket
 import sys
 import time
 

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from shared.protocol import ItemResult
+
 JobStatus = Literal["queued", "running", "completed", "cancelled"]
 
 
@@ -53,6 +55,14 @@ def job_created_at(job_id: str) -> int | None:
         return int(job_id[4:12], 16)
     except ValueError:
         return None
+
+
+def store_results_args(ttl_s: int, now: int, results: list[ItemResult]) -> list[str | int]:
+    """ARGV for STORE_RESULTS: each result once, flagged when it is an error."""
+    args: list[str | int] = [ttl_s, now]
+    for result in results:
+        args += [result.index, result.model_dump_json(exclude_none=True), 1 if result.error else 0]
+    return args
 
 
 # Every status change goes through set_status, which also keeps the service-wide job counts (a hash

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ from transformers import AutoImageProcessor, AutoModel
 from transformers.image_transforms import convert_to_rgb
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(model_dir: str) -> tuple[object, torch.nn.Module]:
     return AutoImageProcessor.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
 

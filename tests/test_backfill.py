@@ -22,7 +22,7 @@ def _manifest(tmp_path: Path, image_server: ImageServer, copies: int) -> tuple[P
     local = tmp_path / "photos"
     shutil.copytree(EXAMPLES, local)
     lines = []
-    for i in range(copies):
+    for _ in range(copies):
         lines += [str(local / "cmp1.jpg"), "photos/cmp3.png", image_server.url("cmp2.jpg"), data_uri((EXAMPLES / "img.webp").read_bytes(), "image/webp")]
     lines[5] = str(local / "missing.jpg")  # unreadable file
     lines[6] = image_server.url("no-such-image.jpg")  # server answers 404

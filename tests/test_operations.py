@@ -31,7 +31,18 @@ def _value(samples: dict, name: str, **labels: str) -> float:
 
 
 def _log_lines(process: ServiceProcess) -> list[dict]:
-    return [json.loads(line) for line in process.log_text().splitlines() if line.startswith("{")]
+    # Only finished lines: the process may be half-way through writing the last one.
+    return [json.loads(line) for line in process.log_text().split("\n")[:-1] if line.startswith("{")]
+
+
+def _logged(process: ServiceProcess, **fields: str) -> bool:
+    return any(all(line.get(k) == v for k, v in fields.items()) for line in _log_lines(process))
+
+
+def _wait_logged(process: ServiceProcess, **fields: str) -> None:
+    # A worker logs a request's work after it has stored the result, so the client can have its
+    # answer a moment before the line is written.
+    wait_until(lambda: _logged(process, **fields), 10, what=f"a log line with {fields}")
 
 
 @pytest.fixture
@@ -57,8 +68,9 @@ def test_several_models_are_routed_and_a_dead_workers_model_turns_503(tmp_path: 
             for model, request_id in ((vit, "route-vit"), (dinov2, "route-dinov2"), (dinov3, "route-dinov3")):
                 answer = client.post("/v1/embeddings", json={"model": model, "input": data_uri(JPEG)}, headers={"X-Request-ID": request_id})
                 assert answer.status_code == 200 and answer.json()["model"] == model
-            served_by = {line["request_id"]: name for name, worker in (("a", first), ("b", second)) for line in _log_lines(worker) if line.get("message") == "request embedded"}
-            assert served_by == {"route-vit": "a", "route-dinov2": "a", "route-dinov3": "b"}
+            for request_id, worker, other in (("route-vit", first, second), ("route-dinov2", first, second), ("route-dinov3", second, first)):
+                _wait_logged(worker, message="request embedded", request_id=request_id)
+                assert not _logged(other, request_id=request_id)
 
             second.stop(signal.SIGKILL)  # no goodbye: only the heartbeat's expiry tells
             killed = time.monotonic()
@@ -110,10 +122,9 @@ def test_request_id_reaches_worker_logs_and_logs_hold_no_image_data(service: Ser
         job = client.post("/v1/jobs", json={"input": [data_uri(JPEG)] * 2}, headers={"X-Request-ID": "trace-job-456"})
         assert job.status_code == 202
         wait_done(client, job.json()["id"])
-    worker_lines = _log_lines(service.worker)
-    assert any(line.get("request_id") == "trace-e2e-123" and line["message"] == "request embedded" for line in worker_lines)
-    assert any(line.get("request_id") == "trace-job-456" and line["message"] == "job chunk embedded" for line in worker_lines)
-    assert any(line.get("request_id") == "trace-e2e-123" and line.get("route") == "/v1/embeddings" for line in _log_lines(service.api))
+    _wait_logged(service.worker, request_id="trace-e2e-123", message="request embedded")
+    _wait_logged(service.worker, request_id="trace-job-456", message="job chunk embedded")
+    _wait_logged(service.api, request_id="trace-e2e-123", route="/v1/embeddings")
     for text in (service.worker.log_text(), service.api.log_text()):
         assert b64[1000:1100] not in text
 

@@ -106,7 +106,7 @@ def test_redis_restarted_mid_job(tmp_path: Path, stack_env: tuple[RedisServer, d
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_unavailable"
             time.sleep(2)
 
-            RedisServer(server.data_dir, server.port).start()
+            server.start()  # same port, same data directory: it reloads the append-only file
             up = time.monotonic()
             wait_until(lambda: client.get(f"/v1/jobs/{job_id}").status_code == 200, 30, what="the API to recover")
             print(f"API answered again {elapsed(up)} s after Redis came back")

@@ -20,21 +20,24 @@ from tests.conftest import Service
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 
 
+def _fuzz(operation: schemathesis.APIOperation, tried: dict[str, int]) -> None:
+    @FUZZ
+    @given(case=operation.as_strategy())
+    def check(case: schemathesis.Case) -> None:
+        response = case.call(timeout=60)
+        tried[operation.label] = tried.get(operation.label, 0) + 1
+        if response.status_code >= 500:
+            assert response.status_code == 503 and response.json()["error"]["code"] == "model_not_served", (operation.label, response.text)
+        case.validate_response(response, checks=[status_code_conformance, content_type_conformance, response_schema_conformance])
+
+    check()
+
+
 def test_no_server_errors(service: Service) -> None:
     schema = schemathesis.openapi.from_url(f"{service.base_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10
     tried: dict[str, int] = {}
     for operation in operations:
-
-        @FUZZ
-        @given(case=operation.as_strategy())
-        def check(case: schemathesis.Case) -> None:
-            response = case.call(timeout=60)
-            tried[operation.label] = tried.get(operation.label, 0) + 1
-            if response.status_code >= 500:
-                assert response.status_code == 503 and response.json()["error"]["code"] == "model_not_served", (operation.label, response.text)
-            case.validate_response(response, checks=[status_code_conformance, content_type_conformance, response_schema_conformance])
-
-        check()
-    print({label: count for label, count in tried.items()})
+        _fuzz(operation, tried)
+    print(tried)

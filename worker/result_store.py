@@ -6,7 +6,7 @@ import json
 
 from redis import Redis
 
-from shared.jobs import MARK_RUNNING, STORE_RESULTS
+from shared.jobs import MARK_RUNNING, STORE_RESULTS, store_results_args
 from shared.keys import Keys
 from shared.protocol import EmbedPayload, ItemResult, JobChunkPayload
 
@@ -55,9 +55,7 @@ class ResultStore:
 
     def store_chunk(self, chunk: JobChunkPayload, results: list[ItemResult], now: int) -> str:
         """Record each item once (counted once) and drop the chunk's image bytes; returns the job status."""
-        args: list[str | int] = [self._job_ttl_s, now]
-        for result in results:
-            args += [result.index, json.dumps(result.model_dump(exclude_none=True)), 1 if result.error else 0]
+        args = store_results_args(self._job_ttl_s, now, results)
         keys = [self._keys.job(chunk.job_id), self._keys.job_results(chunk.job_id), self._keys.job_counts()]
         status = self._store_results(keys=keys, args=args)[3].decode()
         self.drop_blobs(chunk)

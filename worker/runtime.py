@@ -82,20 +82,23 @@ class ModelRuntime:
 
     def _prepare(self, data: bytes, priority: int) -> Future[Embedding]:
         self._prepared_slots.acquire()
+        queued = False
         try:
             started = time.perf_counter()
-            try:
-                pixel_values = self._preprocess(decode_image(data, self._limits.decode))
-            except ImageInputError:
-                self._prepared_slots.release()
-                raise
-            except Exception as exc:  # anything else a decoder or processor trips over is still the image's fault
-                self._prepared_slots.release()
-                raise ImageInputError("invalid_image", f"image could not be processed: {type(exc).__name__}: {exc}") from None
+            pixel_values = self._preprocess(decode_image(data, self._limits.decode))
             metrics.PREPROCESS_SECONDS.labels(self.model.model_id).observe(time.perf_counter() - started)
-            return self._batcher.submit(pixel_values, on_done=self._prepared_slots.release, priority=priority)
+            future = self._batcher.submit(pixel_values, on_done=self._prepared_slots.release, priority=priority)
+            queued = True
+            return future
+        except ImageInputError:
+            raise
+        except Exception as exc:  # anything else a decoder or processor trips over is still the image's fault
+            raise ImageInputError("invalid_image", f"image could not be processed: {type(exc).__name__}: {exc}") from None
         finally:
-            # Only now: the image is in the batcher's queue (or failed), never counted in neither.
+            if not queued:
+                self._prepared_slots.release()
+            # Counted as decoding until it is in the batcher's queue (or failed), so the batcher
+            # never sees an image in neither place.
             self._count_decoding(-1)
 
     def _collect(self, index: int, queued: Future[Future[Embedding]] | ImageInputError) -> ItemResult:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from api.responses import JSONBytesResponse
 
 from api import metrics
 from api.dispatch import check_backpressure, embed_and_wait
 from api.formatting import embedding_dim, embedding_item, first_failure
 from api.inputs import parse_inputs
+from api.responses import JSONBytesResponse
 from api.schemas import ERROR_RESPONSES, EmbeddingRequest, EmbeddingResponse
 from api.state import AppState, get_state
 from api.workers import require_served, resolve_model, validate_dimensions
