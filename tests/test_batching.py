@@ -6,18 +6,22 @@ from __future__ import annotations
 import io
 import random
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from tests.conftest import Service, data_uri
 from tests.photos import EXAMPLES, encode
 from tests.reference import reference_vectors
-from worker.batching import BatchRunner
-from worker.model_loader import load_model
+from worker.batching import BULK, INTERACTIVE, BatchRunner
+from worker.compute import compute_executor
+from worker.model_loader import LoadedModel, load_model
 from worker.preprocess import ProcessorPreprocessor
 
 
@@ -46,17 +50,72 @@ def test_batch_runner_coalesces_and_routes_results(tiny_models: dict[str, Path])
         with lock:
             sizes.append(size)
 
-    runner = BatchRunner(model, max_batch_size=8, max_wait_s=0.005, observe=observe)
+    compute = compute_executor()
+    runner = BatchRunner(model, compute, max_batch_size=8, max_wait_s=0.005, observe=observe)
     try:
         with ThreadPoolExecutor(max_workers=12) as pool:
             embeddings = list(pool.map(lambda p: runner.submit(p).result(timeout=60), pixels))
     finally:
         runner.stop()
+        compute.shutdown()
     assert sum(sizes) == 48 and max(sizes) > 1 and max(sizes) <= 8
     for image, embedding in zip(images, embeddings):
         cls, mean = reference_vectors(tiny_models["dinov2-registers-tiny"], image)
         assert np.abs(embedding.cls.numpy() - cls).max() < 1e-5
         assert np.abs(embedding.mean.numpy() - mean).max() < 1e-5
+
+
+@pytest.fixture
+def vit_runner_parts(tiny_models: dict[str, Path]) -> Iterator[tuple[LoadedModel, ThreadPoolExecutor, torch.Tensor]]:
+    model = load_model(str(tiny_models["vit-tiny"]), torch.device("cpu"), torch.float32, None, warmup_batch=1)
+    pixels = ProcessorPreprocessor(model.processor)(_distinct_images(1, seed=3)[0])
+    compute = compute_executor()
+    yield model, compute, pixels
+    compute.shutdown()
+
+
+def test_interactive_images_go_before_bulk_ones(vit_runner_parts: tuple[LoadedModel, ThreadPoolExecutor, torch.Tensor]) -> None:
+    model, compute, pixels = vit_runner_parts
+    order: list[str] = []
+    runner = BatchRunner(model, compute, max_batch_size=1, max_wait_s=0)
+    model_free = threading.Event()
+    compute.submit(model_free.wait)  # the model is busy while the images arrive
+    try:
+        futures = {name: runner.submit(pixels, on_done=lambda name=name: order.append(name), priority=priority) for name, priority in (("first", INTERACTIVE), ("bulk-1", BULK), ("bulk-2", BULK), ("interactive", INTERACTIVE))}
+        model_free.set()
+        for future in futures.values():
+            future.result(timeout=60)
+    finally:
+        runner.stop()
+    # "first" was taken before the others arrived; the interactive image then passes both bulk ones.
+    assert order == ["first", "interactive", "bulk-1", "bulk-2"]
+
+
+def test_batch_waits_for_announced_images_and_not_for_withdrawn_ones(vit_runner_parts: tuple[LoadedModel, ThreadPoolExecutor, torch.Tensor]) -> None:
+    model, compute, pixels = vit_runner_parts
+    sizes: list[int] = []
+    # A wait far longer than the test: if a batch ran only after it, the futures would time out.
+    runner = BatchRunner(model, compute, max_batch_size=8, max_wait_s=600, observe=lambda size, _: sizes.append(size))
+    try:
+        runner.expect()
+        runner.expect()
+        first = runner.submit(pixels, announced=True)
+        time.sleep(0.3)  # the second image is still "decoding": the batch waits for it
+        assert not first.done()
+        second = runner.submit(pixels, announced=True)
+        first.result(timeout=30)
+        second.result(timeout=30)
+
+        runner.expect()
+        runner.expect()
+        third = runner.submit(pixels, announced=True)
+        runner.withdraw()  # the other image could not be decoded: nothing left to wait for
+        third.result(timeout=30)
+
+        assert runner.submit(pixels).result(timeout=30) is not None  # nothing announced: runs at once
+    finally:
+        runner.stop()
+    assert sizes == [2, 1, 1]
 
 
 def test_concurrent_requests_each_get_their_own_vectors(service: Service) -> None:

@@ -59,7 +59,7 @@ def main() -> None:
 
     from worker import metrics, tasks  # tasks: registers the Celery tasks
     from worker.heartbeat import Heartbeat
-    from worker.model_loader import ModelRefused, load_model, resolve_device, resolve_dtype
+    from worker.model_loader import ModelRefused, resolve_device, resolve_dtype
     from worker.result_store import ResultStore
     from worker.runtime import WorkerRuntime, configure_torch
 
@@ -72,7 +72,7 @@ def main() -> None:
         configure_torch(settings, device)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         for model_id in settings.worker_models:
-            runtime.add(load_model(model_id, device, dtype, token, settings.max_batch_size))
+            runtime.load(model_id, device, dtype, token)
     except ModelRefused as exc:
         sys.exit(f"worker cannot start: {exc}")
 

@@ -1,23 +1,26 @@
 """Coalesce images from concurrent requests into model batches, on one thread per model.
 
-Task threads submit one preprocessed image at a time and get a future back. The batch thread takes
-whatever is waiting as soon as the model is free (up to ``max_batch_size``). It waits for more, up
-to ``max_wait_s``, only while ``incoming()`` says images are being decoded for this model right now:
-a lone request never waits, and a busy model runs fuller batches. Images of interactive requests go
-before those of bulk jobs, so a running backfill does not hold up ``/v1/embeddings``.
+A task thread announces an image with ``expect()`` when it starts decoding it, then hands over the
+preprocessed image with ``submit()`` (or withdraws it with ``withdraw()`` if it cannot be decoded)
+and gets a future back. The batch thread takes whatever is waiting as soon as the model is free (up
+to ``max_batch_size``). It waits for more, up to ``max_wait_s``, only while announced images are
+still being decoded: a lone request never waits, and a busy model runs fuller batches. Images of
+interactive requests go before those of bulk jobs, so a running backfill does not hold up
+``/v1/embeddings``. The forward pass itself runs on the worker's one compute thread
+(``worker.compute``), shared by its models.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,64 +36,91 @@ class Embedding:
     mean: torch.Tensor
 
 
-@dataclass
+@dataclass(order=True)
 class _Pending:
-    pixel_values: torch.Tensor
-    future: Future[Embedding]
-    on_done: Callable[[], None] | None
+    priority: int
+    sequence: int  # FIFO within a priority
+    pixel_values: torch.Tensor = field(compare=False)
+    future: Future[Embedding] = field(compare=False)
+    on_done: Callable[[], None] | None = field(compare=False)
 
 
 BatchObserver = Callable[[int, float], None]
 
-INTERACTIVE, BULK, _STOP = 0, 1, 2
+INTERACTIVE, BULK = 0, 1
 
 
 class BatchRunner:
-    def __init__(self, model: LoadedModel, max_batch_size: int, max_wait_s: float, observe: BatchObserver | None = None, incoming: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, model: LoadedModel, compute: Executor, max_batch_size: int, max_wait_s: float, observe: BatchObserver | None = None) -> None:
         self._model = model
+        self._compute = compute
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._observe = observe
-        self._incoming = incoming
-        self._queue: queue.PriorityQueue[tuple[int, int, _Pending | None]] = queue.PriorityQueue()
-        self._sequence = itertools.count()  # FIFO within a priority
+        # One condition guards the waiting images and the count of announced ones, so the batch
+        # thread wakes for either change: a new image, or an announced one that will not come.
+        self._changed = threading.Condition()
+        self._waiting: list[_Pending] = []
+        self._expected = 0
+        self._stopping = False
+        self._sequence = itertools.count()
         self._thread = threading.Thread(target=self._run, name=f"batch:{model.info.model_type}", daemon=True)
         self._thread.start()
 
-    def submit(self, pixel_values: torch.Tensor, on_done: Callable[[], None] | None = None, priority: int = INTERACTIVE) -> Future[Embedding]:
-        """Queue one ``(3, H, W)`` image; ``on_done`` runs once the image has left the model."""
+    def expect(self) -> None:
+        """An image is being decoded for this model: worth waiting for, briefly."""
+        with self._changed:
+            self._expected += 1
+
+    def withdraw(self) -> None:
+        """An announced image will not come (it could not be decoded)."""
+        with self._changed:
+            self._expected -= 1
+            self._changed.notify()
+
+    def submit(self, pixel_values: torch.Tensor, on_done: Callable[[], None] | None = None, priority: int = INTERACTIVE, announced: bool = False) -> Future[Embedding]:
+        """Queue one ``(3, H, W)`` image (``announced``: by ``expect()``); ``on_done`` runs once the
+        image has left the model."""
         future: Future[Embedding] = Future()
-        self._queue.put((priority, next(self._sequence), _Pending(pixel_values, future, on_done)))
+        with self._changed:
+            heapq.heappush(self._waiting, _Pending(priority, next(self._sequence), pixel_values, future, on_done))
+            if announced:
+                self._expected -= 1
+            self._changed.notify()
         return future
 
     def stop(self) -> None:
         """Finish what is queued, then end the thread."""
-        self._queue.put((_STOP, next(self._sequence), None))
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
         self._thread.join(timeout=60)
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()[2]
-            if first is None:
+            batch = self._next_batch()
+            if not batch:
                 return
-            batch = [first]
+            self._compute.submit(self._forward, batch).result()
+
+    def _next_batch(self) -> list[_Pending]:
+        """Up to ``max_batch_size`` images, best first; empty once stopping and nothing is left."""
+        with self._changed:
+            while not self._waiting:
+                if self._stopping:
+                    return []
+                self._changed.wait()
+            batch = [heapq.heappop(self._waiting)]
             deadline = time.monotonic() + self._max_wait_s
-            stopping = False
             while len(batch) < self._max_batch_size:
+                if self._waiting:
+                    batch.append(heapq.heappop(self._waiting))
+                    continue
                 remaining = deadline - time.monotonic()
-                try:
-                    item = (self._queue.get(timeout=remaining) if remaining > 0 and self._incoming() > 0 else self._queue.get_nowait())[2]
-                except queue.Empty:
-                    if remaining > 0 and self._incoming() > 0:
-                        continue
+                if self._expected <= 0 or remaining <= 0 or self._stopping:
                     break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
-            self._forward(batch)
-            if stopping:
-                return
+                self._changed.wait(remaining)
+            return batch
 
     def _forward(self, batch: list[_Pending]) -> None:
         # Processors with a fixed output size give one group; others are batched per shape.

@@ -18,10 +18,11 @@ from shared.settings import Settings
 from shared.vectors import encode_f32
 from worker import metrics
 from worker.batching import BULK, INTERACTIVE, BatchRunner, Embedding
+from worker.compute import compute_executor, use_one_torch_thread
 from worker.decode import DecodeLimits, decode_image
 from worker.errors import ImageInputError
 from worker.fetch import FetchLimits, fetch_url
-from worker.model_loader import LoadedModel, probe_image
+from worker.model_loader import LoadedModel, load_model, probe_image
 from worker.preprocess import Preprocessor, choose_preprocessor
 from worker.sources import ImageInput
 
@@ -42,7 +43,7 @@ class InputLimits:
 class ModelRuntime:
     """One served model: images in, (CLS, MEAN) out, in the order they were given."""
 
-    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float, bulk_concurrency: int) -> None:
+    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, compute: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float, bulk_concurrency: int) -> None:
         self.model = model
         # Job chunks take turns: enough at once to keep batches full, few enough that requests and
         # other chunks are not starved.
@@ -53,11 +54,7 @@ class ModelRuntime:
         self._prep_pool = prep_pool
         # Preprocessed images waiting for the model are bounded, so a burst cannot grow memory.
         self._prepared_slots = threading.BoundedSemaphore(4 * max_batch_size)
-        # Images handed to the decode pool and not yet queued for the model: the batcher waits for
-        # these (briefly) rather than run a half-empty batch.
-        self._decoding = 0
-        self._decoding_lock = threading.Lock()
-        self._batcher = BatchRunner(model, max_batch_size, max_batch_wait_s, partial(metrics.observe_batch, model.model_id), incoming=lambda: self._decoding)
+        self._batcher = BatchRunner(model, compute, max_batch_size, max_batch_wait_s, partial(metrics.observe_batch, model.model_id))
 
     def embed(self, inputs: list[ImageInput], bulk: bool = False) -> list[ItemResult]:
         """Results in the order of ``inputs``; every image gets a vector or an error."""
@@ -72,13 +69,11 @@ class ModelRuntime:
                 queued.append(exc)
                 continue
             assert data is not None
-            self._count_decoding(+1)
+            # Announced before decoding starts, so the batcher waits for it rather than run a batch
+            # without it.
+            self._batcher.expect()
             queued.append(self._prep_pool.submit(self._prepare, data, priority))
         return [self._collect(item.index, entry) for item, entry in zip(inputs, queued)]
-
-    def _count_decoding(self, delta: int) -> None:
-        with self._decoding_lock:
-            self._decoding += delta
 
     def _prepare(self, data: bytes, priority: int) -> Future[Embedding]:
         self._prepared_slots.acquire()
@@ -87,7 +82,7 @@ class ModelRuntime:
             started = time.perf_counter()
             pixel_values = self._preprocess(decode_image(data, self._limits.decode))
             metrics.PREPROCESS_SECONDS.labels(self.model.model_id).observe(time.perf_counter() - started)
-            future = self._batcher.submit(pixel_values, on_done=self._prepared_slots.release, priority=priority)
+            future = self._batcher.submit(pixel_values, on_done=self._prepared_slots.release, priority=priority, announced=True)
             queued = True
             return future
         except ImageInputError:
@@ -97,9 +92,7 @@ class ModelRuntime:
         finally:
             if not queued:
                 self._prepared_slots.release()
-            # Counted as decoding until it is in the batcher's queue (or failed), so the batcher
-            # never sees an image in neither place.
-            self._count_decoding(-1)
+                self._batcher.withdraw()
 
     def _collect(self, index: int, queued: Future[Future[Embedding]] | ImageInputError) -> ItemResult:
         try:
@@ -131,10 +124,16 @@ class WorkerRuntime:
         self.stopping = threading.Event()
         self.limits = InputLimits.from_settings(settings)
         self.fetch_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fetch")
-        self.prep_pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="prep")
+        self.prep_pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="prep", initializer=use_one_torch_thread)
+        self.compute = compute_executor()
         self.models: dict[str, ModelRuntime] = {}
 
-    def add(self, model: LoadedModel) -> ModelRuntime:
+    def load(self, model_id: str, device: torch.device, dtype: torch.dtype, token: str | None) -> ModelRuntime:
+        """Load, check and warm up a model on the compute thread, where it will run."""
+        return self.compute.submit(self._load, model_id, device, dtype, token).result()
+
+    def _load(self, model_id: str, device: torch.device, dtype: torch.dtype, token: str | None) -> ModelRuntime:
+        model = load_model(model_id, device, dtype, token, self.settings.max_batch_size)
         metrics.MODEL_LOAD_SECONDS.labels(model.model_id).set(model.load_seconds)
         limits = self.limits
         if self.settings.jpeg_draft:
@@ -147,6 +146,7 @@ class WorkerRuntime:
             limits,
             self.fetch_pool,
             self.prep_pool,
+            self.compute,
             self.settings.max_batch_size,
             self.settings.max_batch_wait_ms / 1000,
             self.settings.bulk_concurrency,
@@ -176,6 +176,7 @@ class WorkerRuntime:
             runtime.stop()
         self.fetch_pool.shutdown(wait=False, cancel_futures=True)
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
+        self.compute.shutdown(wait=False)
 
 
 def configure_torch(settings: Settings, device: torch.device) -> None:
