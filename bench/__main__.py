@@ -33,8 +33,9 @@ def jpegs_1024() -> list[bytes]:
     encoded = []
     for path in sorted(PHOTOS.glob("*.jpg")):
         image = Image.open(path).convert("RGB")
-        image.thumbnail((1024, 1024), Image.Resampling.LANCZOS) if max(image.size) > 1024 else None
-        if max(image.size) < 1024:
+        if max(image.size) > 1024:
+            image.thumbnail((1024, 1024), Image.Resampling.LANCZOS)
+        elif max(image.size) < 1024:
             scale = 1024 / max(image.size)
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--latency-requests", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=8.0, help="time per bare measurement")
     parser.add_argument("--batch-sizes", default="1,4,8,16,32", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), help="extra IMBEDDINGS_*=value for the worker and API")
+    parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), help="extra VAR=value in the environment of the worker and API (repeatable)")
     parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--skip-fidelity", action="store_true", help="do not measure the cosine cost of bfloat16/float16/JPEG draft")
