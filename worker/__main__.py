@@ -41,23 +41,8 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     libc.mallopt(M_ARENA_MAX, arenas)
 
 
-def shorten_openmp_spinning(spins: str = "1000") -> None:
-    """Let torch's idle OpenMP helper threads spin only briefly before sleeping.
-
-    libgomp's default lets them spin for milliseconds between parallel ops. With the forward pass
-    sharing the cores with decoding threads, the API and Redis, that spinning is stolen time: on 2
-    cores, DINOv2-S bf16 served 16.3-16.8 img/s with the default and 18.2-18.3 with 1,000 spins (about
-    10 microseconds, enough to bridge the gaps inside a forward pass), and the worker used 15% less
-    CPU per image (bench/). libgomp reads this once when torch loads it, so it must run before any
-    torch import; an operator's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
-    """
-    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = spins
-
-
 def main() -> None:
     limit_malloc_arenas()
-    shorten_openmp_spinning()
     settings = get_settings()
     configure_logging("worker", settings.log_level, settings.log_json)
 
