@@ -121,7 +121,7 @@ def main() -> None:
     fidelities = {}
     if not args.skip_fidelity:
         for preset in args.models.split(","):
-            fidelities[preset] = fidelity(build(preset, args.model_cache / preset), jpegs, image_side=224)
+            fidelities[preset] = fidelity(build(preset, args.model_cache / preset), jpegs)
             print(json.dumps({"fidelity": preset, **fidelities[preset]}), flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="imbeddings-bench-") as tmp:

@@ -14,10 +14,10 @@ from worker.preprocess import ProcessorPreprocessor
 FULL = DecodeLimits(max_bytes=2**30, max_pixels=10**9, max_side=100_000)
 
 
-def _embed(model_dir: Path, dtype: torch.dtype, images: list, draft_side: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _embed(model_dir: Path, dtype: torch.dtype, images: list, jpeg_draft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     loaded = load_model(str(model_dir), torch.device("cpu"), dtype, None, warmup_batch=1)
     preprocess = ProcessorPreprocessor(loaded.processor)
-    limits = FULL if draft_side is None else DecodeLimits(FULL.max_bytes, FULL.max_pixels, FULL.max_side, jpeg_draft_size=(draft_side, draft_side))
+    limits = FULL.with_jpeg_draft(loaded.info.image_size) if jpeg_draft else FULL
     pixels = torch.stack([preprocess(decode_image(data, limits)) for data in images]).to(dtype)
     with torch.inference_mode():
         return pool_cls_mean(loaded.module(pixel_values=pixels).last_hidden_state, loaded.num_register_tokens)
@@ -27,11 +27,11 @@ def _min_cosine(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, tor
     return {name: round(float((x * y).sum(-1).min()), 6) for name, x, y in zip(("cls", "mean"), a, b)}
 
 
-def fidelity(model_dir: Path, jpegs: list[bytes], image_side: int) -> dict[str, dict[str, float]]:
+def fidelity(model_dir: Path, jpegs: list[bytes]) -> dict[str, dict[str, float]]:
     """Smallest cosine over the photos, CLS and MEAN, of each option against faithful float32."""
     reference = _embed(model_dir, torch.float32, jpegs)
     return {
         "bfloat16": _min_cosine(reference, _embed(model_dir, torch.bfloat16, jpegs)),
         "float16": _min_cosine(reference, _embed(model_dir, torch.float16, jpegs)),
-        "jpeg_draft": _min_cosine(reference, _embed(model_dir, torch.float32, jpegs, draft_side=2 * image_side)),
+        "jpeg_draft": _min_cosine(reference, _embed(model_dir, torch.float32, jpegs, jpeg_draft=True)),
     }

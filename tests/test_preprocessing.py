@@ -57,6 +57,8 @@ def test_jpeg_draft_is_bounded() -> None:
     """The opt-in draft decode keeps at least twice the model's input size."""
     data = bench_paths()[2].read_bytes()  # 1600x1200
     full = decode_image(data, LIMITS)
-    draft = decode_image(data, DecodeLimits(2**30, 10**9, 100_000, jpeg_draft_size=(448, 448)))
+    limits = LIMITS.with_jpeg_draft((224, 224))
+    assert limits.jpeg_draft_size == (448, 448)
+    draft = decode_image(data, limits)
     assert draft.size == (800, 600) and full.size == (1600, 1200)
     assert Image.open(io.BytesIO(data)).format == "JPEG"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -27,6 +27,11 @@ class DecodeLimits:
     max_pixels: int
     max_side: int
     jpeg_draft_size: tuple[int, int] | None = None
+
+    def with_jpeg_draft(self, model_input: tuple[int, int]) -> DecodeLimits:
+        """Let libjpeg decode at 1/2, 1/4 or 1/8 scale, but never below twice the model's input size."""
+        side = 2 * max(model_input)
+        return replace(self, jpeg_draft_size=(side, side))
 
 
 def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:

@@ -137,9 +137,7 @@ class WorkerRuntime:
         metrics.MODEL_LOAD_SECONDS.labels(model.model_id).set(model.load_seconds)
         limits = self.limits
         if self.settings.jpeg_draft:
-            # libjpeg may decode at 1/2, 1/4 or 1/8 scale, but never below twice the model's input size.
-            side = 2 * max(model.info.image_size)
-            limits = replace(limits, decode=replace(limits.decode, jpeg_draft_size=(side, side)))
+            limits = replace(limits, decode=limits.decode.with_jpeg_draft(model.info.image_size))
         runtime = ModelRuntime(
             model,
             choose_preprocessor(model.processor, self.settings.preprocessing, probe_image()),
