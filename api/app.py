@@ -15,8 +15,12 @@ from api.state import AppState
 from shared.celery_app import create_celery_app
 from shared.keys import Keys
 from shared.model_catalog import allowed_models
-from shared.redis_client import async_client
+from shared.redis_client import API_COMMAND_TIMEOUT_S, async_client
 from shared.settings import Settings
+
+# A waiting request blocks on Redis in slices this long; between slices it checks that the worker
+# holding it is alive. Shorter slices notice a lost worker sooner at one more round trip each.
+WAIT_SLICE_S = 2.0
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -25,12 +29,14 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = async_client(settings.redis_url)
+        waits = async_client(settings.redis_url, socket_timeout=WAIT_SLICE_S + API_COMMAND_TIMEOUT_S)
         celery = create_celery_app(settings)
-        app.state.imbeddings = AppState(settings, redis, celery, Keys(settings.redis_key_prefix), allowed)
+        app.state.imbeddings = AppState(settings, redis, waits, WAIT_SLICE_S, celery, Keys(settings.redis_key_prefix), allowed)
         try:
             yield
         finally:
             await redis.aclose()
+            await waits.aclose()
             celery.close()
 
     docs = settings.docs_enabled

@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import anyio.to_thread
 import orjson
 
+from api.admission import Admission
 from api.errors import ApiError
 from api.inputs import ParsedImage
 from api.state import AppState
+from shared.claims import HOLDER_LOST
 from shared.protocol import EmbedPayload, ImageRef, ItemResult
-from shared.queues import EMBED_TASK, QueueKind, queue_for
+from shared.queues import EMBED_TASK, queue_for
+
+log = logging.getLogger(__name__)
 
 # Publishing fails fast when Redis is away, so the client gets a 503 instead of a hung request.
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+# A worker that stopped heartbeating has its request sent again at most this often: a request that
+# kills every worker it reaches must not take the fleet down one worker at a time.
+MAX_REDISPATCHES = 2
 
-
-async def check_backpressure(state: AppState, model: str, kind: QueueKind) -> None:
-    """429 while the model's queue is full, so Redis does not grow without bound."""
-    limit = state.settings.max_queue_depth if kind == "interactive" else state.settings.max_job_queue_depth
-    depth = int(await state.redis.llen(queue_for(model, kind)))
+async def check_job_backpressure(state: AppState, model: str) -> None:
+    """429 while the model's job queue is full, so Redis does not grow without bound."""
+    limit = state.settings.max_job_queue_depth
+    depth = int(await state.redis.llen(queue_for(model, "bulk")))
     if depth >= limit:
-        what = "requests" if kind == "interactive" else "job chunks"
-        raise ApiError(429, f"model {model!r} has {depth} {what} queued (limit {limit}); retry later", code="queue_full", headers={"Retry-After": "2" if kind == "interactive" else "30"})
+        raise ApiError(429, f"model {model!r} has {depth} job chunks queued (limit {limit}); retry later", code="queue_full", headers={"Retry-After": "30"})
 
 
 async def stash_images(state: AppState, blobs_key: str, images: list[ParsedImage], ttl_s: int) -> list[ImageRef]:
@@ -58,25 +65,79 @@ async def publish(state: AppState, name: str, payloads: list[dict[str, object]])
     await anyio.to_thread.run_sync(_publish_all, state, name, payloads)
 
 
-async def embed_and_wait(state: AppState, model: str, images: list[ParsedImage], request_id: str) -> list[ItemResult]:
+class ClientGone(Exception):
+    """The client closed its connection while its request waited."""
+
+
+async def embed_and_wait(state: AppState, model: str, images: list[ParsedImage], request_id: str, client_gone: Callable[[], Awaitable[None]]) -> list[ItemResult]:
+    """Enqueue the images and wait for their results until the request's deadline.
+
+    However the wait ends without an answer (deadline, client gone, an error), the request is
+    withdrawn, so no worker computes it. ``client_gone()`` completes when the client disconnects.
+    """
     timeout = state.settings.request_timeout_s
+    deadline = time.time() + timeout
     # Keys are per dispatch, not per request id: clients choose X-Request-ID and may reuse it.
     work_id = uuid.uuid4().hex
-    refs = await stash_images(state, state.keys.blobs(work_id), images, ttl_s=int(timeout) + 60)
+    admitted = await state.ledger.admit(model, work_id, len(images), deadline)
+    blobs_key = state.keys.blobs(work_id)
     reply_key = state.keys.reply(work_id)
-    payload = EmbedPayload(request_id=request_id, model=model, items=refs, reply_key=reply_key, deadline=time.time() + timeout)
-    await publish(state, EMBED_TASK, [payload.model_dump()])
+    reply: bytes | None = None
     try:
-        reply = await state.redis.blpop([reply_key], timeout=timeout)
-    except asyncio.CancelledError:
-        await _abandon(state, reply_key, timeout)
-        raise
+        refs = await stash_images(state, blobs_key, images, ttl_s=int(timeout) + 60)
+        payload = EmbedPayload(request_id=request_id, model=model, items=refs, reply_key=reply_key, deadline=deadline)
+        await publish(state, EMBED_TASK, [payload.model_dump()])
+        reply = await _wait_for_reply(state, payload, client_gone)
+    finally:
+        # Shielded: a cancelled request (its client left) must still withdraw and leave the ledger.
+        await asyncio.shield(_finish(state, admitted, reply is None, reply_key, blobs_key, timeout))
     if reply is None:
-        await _abandon(state, reply_key, timeout)
         raise ApiError(504, f"no worker answered within {timeout:g} s; the request was withdrawn", code="timeout")
-    return [ItemResult.model_validate(item) for item in orjson.loads(reply[1])]
+    return [ItemResult.model_validate(item) for item in orjson.loads(reply)]
 
 
-async def _abandon(state: AppState, reply_key: str, timeout: float) -> None:
-    """Tell workers to skip this request; a result that still arrives expires unread."""
-    await state.redis.set(state.keys.abandoned(reply_key), b"1", ex=int(timeout) + 60)
+async def _finish(state: AppState, admitted: Admission, withdrawn: bool, reply_key: str, blobs_key: str, timeout: float) -> None:
+    try:
+        if withdrawn:
+            # Workers skip a withdrawn request at task start and drop its images from batches;
+            # a result that still arrives expires unread, and the image bytes go now.
+            pipe = state.redis.pipeline(transaction=False)
+            pipe.set(state.keys.abandoned(reply_key), b"1", ex=int(timeout) + 60)
+            pipe.delete(blobs_key)
+            await pipe.execute()
+        await state.ledger.release(admitted)
+    except Exception as exc:  # Redis went away: the ledger entry expires at its deadline by itself
+        log.warning("could not withdraw a request", extra={"error": type(exc).__name__})
+
+
+async def _wait_for_reply(state: AppState, payload: EmbedPayload, client_gone: Callable[[], Awaitable[None]]) -> bytes | None:
+    """The reply, or None at the deadline; raises ClientGone when the client disconnects.
+
+    The wait is cut into slices: between slices the API checks that the worker that started the
+    request still heartbeats, and sends the request again if it does not, so a dead or frozen
+    worker costs the heartbeat TTL rather than the broker's much longer visibility timeout.
+    """
+    gone = asyncio.ensure_future(client_gone())
+    redispatched = 0
+    try:
+        while (remaining := payload.deadline - time.time()) > 0:
+            pop = asyncio.ensure_future(state.waits.blpop([payload.reply_key], timeout=min(state.wait_slice_s, remaining)))
+            await asyncio.wait({pop, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not pop.done():
+                pop.cancel()
+                raise ClientGone
+            popped = pop.result()
+            if popped is not None:
+                return popped[1]
+            if redispatched < MAX_REDISPATCHES and await _holder_lost(state, payload):
+                redispatched += 1
+                log.warning("the worker holding a request stopped heartbeating; sending the request again", extra={"model": payload.model, "attempt": redispatched + 1})
+                await publish(state, EMBED_TASK, [payload.model_dump()])
+        return None
+    finally:
+        gone.cancel()
+
+
+async def _holder_lost(state: AppState, payload: EmbedPayload) -> bool:
+    keys = [state.keys.claim(payload.reply_key), state.keys.model_workers(payload.model)]
+    return int(await state.holder_state_script(keys=keys, args=[time.time()])) == HOLDER_LOST

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import orjson
 
 from api import metrics
-from api.dispatch import check_backpressure, publish, stash_images
+from api.dispatch import check_job_backpressure, publish, stash_images
 from api.errors import ApiError
 from api.formatting import embedding_item, item_error_body
 from api.inputs import parse_inputs
@@ -27,7 +27,7 @@ async def create_job(state: AppState, body: EmbeddingRequest, request_id: str) -
     model = resolve_model(state, body.model)
     await validate_dimensions(state, model, body.dimensions)
     images = parse_inputs(body.input, settings.max_job_inputs, settings.max_image_bytes, strict=False)
-    await check_backpressure(state, model, "bulk")
+    await check_job_backpressure(state, model)
     job = JobRecord(id=new_job_id(), status="queued", model=model, total=len(images), created_at=int(time.time()), encoding_format=body.encoding_format, pooling=body.pooling, dimensions=body.dimensions)
     ttl = settings.job_result_ttl_s
     keys = state.keys

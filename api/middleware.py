@@ -7,6 +7,7 @@ import re
 import time
 import uuid
 
+import anyio
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -16,6 +17,8 @@ from shared.logs import request_id_var
 access_log = logging.getLogger("api.access")
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# How long an oversize upload is read and discarded after its 413, so the client can read the answer.
+DRAIN_SECONDS = 10.0
 
 
 class ObservabilityMiddleware:
@@ -78,19 +81,30 @@ class BodyLimitMiddleware:
 
     The body is read here in full (FastAPI would buffer it anyway) and replayed to the app, so an
     oversize chunked upload is refused without the route ever seeing it.
+
+    A 413 sent while the client is still uploading would be lost to most clients if the server
+    then closed the socket: closing with unread input makes the kernel reset the connection, and
+    the client sees ECONNRESET instead of the answer. So the 413 is sent, the rest of the upload
+    is read and thrown away (bounded in bytes and seconds), and only then is the response ended
+    and the connection closed.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int | None = None, drain_s: float = DRAIN_SECONDS) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.drain_bytes = max_bytes if drain_bytes is None else drain_bytes
+        self.drain_s = drain_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large(send)
+            # A client that asked to continue has sent nothing yet and sends nothing after a 413.
+            expects_continue = headers.get(b"expect", b"").lower() == b"100-continue"
+            await self._too_large(receive, send, drain=not expects_continue)
             return
         chunks: list[bytes] = []
         size = 0
@@ -101,7 +115,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._too_large(send)
+                await self._too_large(receive, send, drain=message.get("more_body", False))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -118,7 +132,20 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, receive: Receive, send: Send, drain: bool) -> None:
         body = orjson.dumps({"error": {"message": f"request body is larger than the limit of {self.max_bytes} bytes", "type": "invalid_request_error", "param": None, "code": "request_too_large"}})
         await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        # The whole answer goes out now (its length is declared); the response ends after the drain.
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        if drain:
+            await self._drain(receive)
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _drain(self, receive: Receive) -> None:
+        drained = 0
+        with anyio.move_on_after(self.drain_s):
+            while drained <= self.drain_bytes:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+                drained += len(message.get("body", b""))

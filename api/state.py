@@ -9,6 +9,8 @@ from celery import Celery
 from fastapi import Request
 from redis.commands.core import AsyncScript
 
+from api.admission import AdmissionLedger
+from shared.claims import HOLDER_STATE
 from shared.jobs import CANCEL, CREATE, STORE_RESULTS
 from shared.keys import Keys
 from shared.settings import Settings
@@ -18,17 +20,25 @@ from shared.settings import Settings
 class AppState:
     settings: Settings
     redis: redis.asyncio.Redis
+    # Blocking waits for replies get their own connections, whose read timeout covers one slice
+    # of a wait (``wait_slice_s``) rather than one ordinary command.
+    waits: redis.asyncio.Redis
+    wait_slice_s: float
     celery: Celery
     keys: Keys
     allowed_models: list[str]
     create_job_script: AsyncScript = field(init=False)
     store_results_script: AsyncScript = field(init=False)
     cancel_script: AsyncScript = field(init=False)
+    holder_state_script: AsyncScript = field(init=False)
+    ledger: AdmissionLedger = field(init=False)
 
     def __post_init__(self) -> None:
         self.create_job_script = self.redis.register_script(CREATE)
         self.store_results_script = self.redis.register_script(STORE_RESULTS)
         self.cancel_script = self.redis.register_script(CANCEL)
+        self.holder_state_script = self.redis.register_script(HOLDER_STATE)
+        self.ledger = AdmissionLedger(self.redis, self.keys, self.settings.request_timeout_s, self.settings.max_queue_depth)
 
 
 def get_state(request: Request) -> AppState:

@@ -21,12 +21,22 @@ def sync_client(url: str, retries: int = 30) -> redis.Redis:
     )
 
 
-def async_client(url: str, max_connections: int = 2048) -> redis.asyncio.Redis:
-    """For the API: fails fast, so a client gets a 503 rather than a hung request."""
+# How long the API gives Redis to answer one ordinary command before calling it unreachable: far
+# above any healthy answer, far below a client's patience.
+API_COMMAND_TIMEOUT_S = 5.0
+
+
+def async_client(url: str, socket_timeout: float = API_COMMAND_TIMEOUT_S, max_connections: int = 2048) -> redis.asyncio.Redis:
+    """For the API: fails fast, so a client gets a 503 rather than a hung request.
+
+    ``socket_timeout`` bounds every read; a client used for blocking commands (BLPOP) must allow
+    their blocking time on top of it, or redis-py cuts the wait short and reports a timeout.
+    """
     return redis.asyncio.Redis.from_url(
         url,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
         retry_on_error=[ConnectionError],
+        socket_timeout=socket_timeout,
         socket_connect_timeout=2,
         health_check_interval=30,
         max_connections=max_connections,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Depends, Request
 
 from api import metrics
-from api.dispatch import check_backpressure, embed_and_wait
+from api.dispatch import ClientGone, embed_and_wait
+from api.errors import ApiError
 from api.formatting import embedding_dim, embedding_item, first_failure
 from api.inputs import parse_inputs
 from api.responses import JSONBytesResponse
@@ -16,6 +19,12 @@ from api.workers import require_served, resolve_model, validate_dimensions
 router = APIRouter()
 
 
+async def _disconnected(request: Request) -> None:
+    """Completes when the client hangs up (the body has been read, so only that message is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES, summary="Embed images (waits for the result)")
 async def create_embeddings(body: EmbeddingRequest, request: Request, state: AppState = Depends(get_state)) -> JSONBytesResponse:
     settings = state.settings
@@ -24,8 +33,11 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: App
     await validate_dimensions(state, model, body.dimensions)
     images = parse_inputs(body.input, settings.max_inputs_per_request, settings.max_image_bytes)
     await require_served(state, model)
-    await check_backpressure(state, model, "interactive")
-    results = await embed_and_wait(state, model, images, request.state.request_id)
+    try:
+        results = await embed_and_wait(state, model, images, request.state.request_id, partial(_disconnected, request))
+    except ClientGone:
+        # Nobody reads this answer; its status tells the logs and metrics what happened.
+        raise ApiError(499, "the client closed the connection; the request was withdrawn", code="client_closed_request") from None
     failure = first_failure(results)
     if failure is not None:
         raise failure
