@@ -92,7 +92,8 @@ class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int | None = None, drain_s: float = DRAIN_SECONDS) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.drain_bytes = max_bytes if drain_bytes is None else drain_bytes
+        # Enough for an upload up to twice the limit, the usual size of an honest mistake.
+        self.drain_bytes = 2 * max_bytes if drain_bytes is None else drain_bytes
         self.drain_s = drain_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

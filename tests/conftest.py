@@ -72,7 +72,7 @@ class Service:
         return model_id(self.models, name)
 
     def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=60, **kwargs)
+        return httpx.Client(base_url=self.base_url, **{"timeout": 60, **kwargs})
 
 
 def service_env(redis_url: str, allow_list: Path, models: dict[str, Path], **overrides: str) -> dict[str, str]:
