@@ -11,6 +11,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -18,6 +19,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 CommaList = Annotated[list[str], NoDecode]
+
+_TIMING_OPTIONS = {"socket_timeout", "socket_connect_timeout", "socket_keepalive", "retry_on_timeout", "health_check_interval"}
 
 
 def _split_commas(value: object) -> object:
@@ -100,6 +103,11 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        timing = sorted(set(parse_qs(urlsplit(value).query)) & _TIMING_OPTIONS)
+        if timing:
+            # The broker would pass them to kombu, which does not take them, and every timeout is
+            # chosen per use (README, "Timeouts").
+            raise ValueError(f"timing options in the URL ({', '.join(timing)}) are not supported: Imbeddings sets each Redis timeout from the wait it serves; remove them")
         return value
 
     @model_validator(mode="after")

@@ -44,6 +44,7 @@ def test_redis_password_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
         ("IMBEDDINGS_MAX_BATCH_SIZE", "0", "IMBEDDINGS_MAX_BATCH_SIZE"),
         ("IMBEDDINGS_URL_ALLOWED_NETWORKS", "10.0.0.0/33", "IMBEDDINGS_URL_ALLOWED_NETWORKS"),
         ("IMBEDDINGS_REDIS_URL", "http://redis", "IMBEDDINGS_REDIS_URL"),
+        ("IMBEDDINGS_REDIS_URL", "redis://redis:6379/0?socket_timeout=90", "socket_timeout"),
     ],
 )
 def test_invalid_values_are_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str, needle: str) -> None:
