@@ -35,6 +35,11 @@ JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 DEFAULT_METRICS_PORT = Settings.model_fields["worker_metrics_port"].default
 
 
+def _defaults() -> Settings:
+    """Settings with the thread counts unset, whatever the environment running the tests says."""
+    return Settings(torch_threads=None, preprocess_threads=None)
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
@@ -226,17 +231,17 @@ def test_cpu_split() -> None:
     [(1, "cpu", 1, 1), (2, "cpu", 2, 2), (8, "cpu", 8, 2), (16, "cpu", 16, 4), (64, "cpu", 64, 16), (1, "cuda", 1, 1), (8, "cuda", 8, 8)],
 )
 def test_thread_budget_follows_the_cpus(cpus: int, device: str, torch_threads: int, preprocess_threads: int) -> None:
-    budget = ThreadBudget.for_cpus(cpus, device, Settings())
+    budget = ThreadBudget.for_cpus(cpus, device, _defaults())
     assert budget == ThreadBudget(cpus=cpus, torch_threads=torch_threads, preprocess_threads=preprocess_threads, fetch_threads=FETCH_THREADS)
 
 
 def test_thread_budget_honours_explicit_settings() -> None:
     explicit = Settings(torch_threads=3, preprocess_threads=5)
     assert ThreadBudget.for_cpus(8, "cpu", explicit, omp_num_threads="2") == ThreadBudget(cpus=8, torch_threads=3, preprocess_threads=5, fetch_threads=FETCH_THREADS)
-    assert ThreadBudget.for_cpus(8, "cpu", Settings(), omp_num_threads="2").torch_threads == 2
-    assert ThreadBudget.for_cpus(8, "cpu", Settings(), omp_num_threads="4,2").torch_threads == 4
+    assert ThreadBudget.for_cpus(8, "cpu", _defaults(), omp_num_threads="2").torch_threads == 2
+    assert ThreadBudget.for_cpus(8, "cpu", _defaults(), omp_num_threads="4,2").torch_threads == 4
     for ignored in ("", "0", "many"):
-        assert ThreadBudget.for_cpus(8, "cpu", Settings(), omp_num_threads=ignored).torch_threads == 8
+        assert ThreadBudget.for_cpus(8, "cpu", _defaults(), omp_num_threads=ignored).torch_threads == 8
 
 
 def test_cpu_lists() -> None:
