@@ -1,5 +1,6 @@
 # Two commands on a fresh machine:
 #   make run    install, then start Redis (private, append-only), one worker and the API on :8000
+#               (make run WORKERS=N: N workers splitting the CPUs evenly)
 #   make test   install (with test dependencies), then run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,7 +24,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 run: install
-	$(BIN)/python -m devtools.run_local
+	$(BIN)/python -m devtools.run_local $(if $(WORKERS),--workers $(WORKERS))
 
 test: install-dev
 	$(BIN)/ruff check .

@@ -7,6 +7,7 @@ timeouts can never disagree between the two sides of the queue.
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +16,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.cpus import available_cpus, format_cpu_list, parse_cpu_list
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,14 +51,17 @@ class Settings(BaseSettings):
     cuda_memory_fraction: float | None = Field(None, gt=0, le=1)
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_batch_wait_ms: float = Field(2.0, ge=0, le=10_000)
-    preprocess_threads: int = Field(2, ge=1, le=256)
+    preprocess_threads: int | None = Field(None, ge=1, le=256, description="Decode and preprocessing threads (default: from the worker's CPUs and device).")
     preprocessing: Literal["exact", "fast"] = Field(
         "fast", description="exact: call the Transformers image processor; fast: its own operations without a layout copy (bit-identical, checked at load)."
     )
     jpeg_draft: bool = Field(False, description="Let libjpeg decode large JPEGs at reduced scale (approximate).")
     worker_concurrency: int = Field(16, ge=1, le=1024, description="Celery task threads per worker (tasks in flight).")
     bulk_concurrency: int = Field(2, ge=1, le=256, description="Job chunks a worker embeds at once per model.")
-    torch_threads: int | None = Field(None, ge=1, le=1024)
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="Intra-op threads of the forward pass (default: OMP_NUM_THREADS when set, else the worker's CPUs).")
+    worker_cpus: Annotated[frozenset[int] | None, NoDecode] = Field(
+        None, description="CPUs a worker may use, as a Linux CPU list such as 0-3,8 (default: all this process may use)."
+    )
     worker_metrics_port: int = Field(9101, ge=0, le=65535, description="Port of a worker's /metrics (0: not served).")
     worker_metrics_host: str = "127.0.0.1"
 
@@ -96,6 +102,25 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(network, strict=False)
             except ValueError as exc:
                 raise ValueError(f"{network!r} is not a CIDR network ({exc})") from None
+        return value
+
+    @field_validator("worker_cpus", mode="before")
+    @classmethod
+    def _cpu_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_cpu_list(value) if value.strip() else None
+        return value
+
+    @field_validator("worker_cpus")
+    @classmethod
+    def _cpus_available(cls, value: frozenset[int] | None) -> frozenset[int] | None:
+        if value is None:
+            return value
+        if not hasattr(os, "sched_setaffinity"):
+            raise ValueError("needs Linux (sched_setaffinity); leave it unset on this system")
+        available = available_cpus()
+        if not value <= available:
+            raise ValueError(f"not available to this process: {format_cpu_list(value - available)} (it may use {format_cpu_list(available)})")
         return value
 
     @field_validator("redis_url")

@@ -11,12 +11,15 @@ import sys
 from celery.signals import worker_ready, worker_shutting_down
 
 from shared.celery_app import create_celery_app
+from shared.cpus import available_cpus, format_cpu_list
 from shared.keys import Keys
 from shared.logs import configure_logging
 from shared.model_catalog import CatalogError, allowed_models
 from shared.queues import queue_for
 from shared.redis_client import sync_client
 from shared.settings import get_settings
+from worker import metrics
+from worker.cpu_budget import ThreadBudget
 
 log = logging.getLogger("worker")
 
@@ -44,6 +47,10 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 def main() -> None:
     limit_malloc_arenas()
     settings = get_settings()
+    if settings.worker_cpus is not None:
+        # Before any thread starts (threads inherit it) and before torch loads libgomp, which sizes
+        # its default thread team from the affinity it sees.
+        os.sched_setaffinity(0, settings.worker_cpus)
     configure_logging("worker", settings.log_level, settings.log_json)
 
     try:
@@ -54,10 +61,25 @@ def main() -> None:
     if refused:
         sys.exit(f"worker cannot start: {', '.join(map(repr, refused))} not in the allow-list {settings.supported_models_file}")
 
+    # Bound before the models load and before Celery starts, so a port problem stops the worker
+    # at once with a message, and nothing about metrics can keep a running worker unannounced.
+    metrics_port = None
+    if settings.worker_metrics_port:
+        try:
+            metrics_port = metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
+        except metrics.MetricsUnavailable as exc:
+            sys.exit(f"worker cannot start: {exc}")
+        if metrics_port != settings.worker_metrics_port:
+            log.warning(
+                "IMBEDDINGS_WORKER_METRICS_PORT is in use; worker metrics served on the next free port",
+                extra={"configured_port": settings.worker_metrics_port, "metrics_port": metrics_port},
+            )
+        log.info("worker metrics served", extra={"metrics_host": settings.worker_metrics_host, "metrics_port": metrics_port})
+
     # Heavy imports after the configuration is known to be valid, so mistakes are reported fast.
     import transformers
 
-    from worker import metrics, tasks  # tasks: registers the Celery tasks
+    from worker import tasks  # registers the Celery tasks
     from worker.heartbeat import Heartbeat
     from worker.model_loader import ModelRefused, resolve_device, resolve_dtype
     from worker.result_store import ResultStore
@@ -65,11 +87,14 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     app = create_celery_app(settings)
-    runtime = WorkerRuntime(settings)
     try:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        configure_torch(settings, device)
+        cpus = available_cpus()
+        budget = ThreadBudget.for_cpus(len(cpus), device.type, settings, os.environ.get("OMP_NUM_THREADS"))
+        log.info("worker thread budget", extra={"cpu_list": format_cpu_list(cpus), **budget.as_dict()})
+        configure_torch(settings, budget, device)
+        runtime = WorkerRuntime(settings, budget)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         for model_id in settings.worker_models:
             runtime.load(model_id, device, dtype, token)
@@ -87,10 +112,8 @@ def main() -> None:
 
     @worker_ready.connect(weak=False)
     def _announce(**_: object) -> None:
-        if settings.worker_metrics_port:
-            metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
         heartbeat.start()
-        log.info("worker ready", extra={"node": node, "models": settings.worker_models})
+        log.info("worker ready", extra={"node": node, "models": settings.worker_models, "metrics_port": metrics_port, "cpu_list": format_cpu_list(cpus), **budget.as_dict()})
 
     @worker_shutting_down.connect(weak=False)
     def _withdraw(**_: object) -> None:

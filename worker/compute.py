@@ -1,4 +1,4 @@
-"""Which threads of a worker may run torch on every core: exactly one.
+"""Which threads of a worker may run torch on all of its CPUs: exactly one.
 
 PyTorch's CPU kernels run on OpenMP (libgomp on Linux), which gives every thread that starts a
 parallel op a team of helper threads of its own. Once a process holds more OpenMP threads than

@@ -24,10 +24,12 @@ class Heartbeat:
         self._interval_s = interval_s
         self._ttl_s = ttl_s
         self._stopped = threading.Event()
+        # A beat already on its way when the worker withdraws must not announce it again.
+        self._beating = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> None:
-        self.beat()
+        """Beats from now on, the first one at once; never raises, so nothing can stop announcing."""
         self._thread.start()
 
     def beat(self) -> None:
@@ -43,6 +45,10 @@ class Heartbeat:
     def stop(self) -> None:
         """Withdraw at once: the API stops sending this worker's models work it would not finish."""
         self._stopped.set()
+        with self._beating:
+            self._withdraw()
+
+    def _withdraw(self) -> None:
         try:
             pipe = self._redis.pipeline(transaction=False)
             for info in self._models:
@@ -52,8 +58,17 @@ class Heartbeat:
             log.warning("could not withdraw heartbeat", extra={"error": str(exc)})
 
     def _run(self) -> None:
-        while not self._stopped.wait(self._interval_s):
-            try:
-                self.beat()
-            except RedisError as exc:
-                log.warning("heartbeat failed", extra={"error": str(exc)})
+        # The first beat too is retried until Redis answers: a Redis that is away for a moment at
+        # start-up must not leave a worker consuming tasks without being announced.
+        while True:
+            with self._beating:
+                if self._stopped.is_set():
+                    return
+                try:
+                    self.beat()
+                except RedisError as exc:
+                    log.warning("heartbeat failed", extra={"error": str(exc)})
+                except Exception:  # a dead heartbeat thread would leave the worker unannounced for good
+                    log.exception("heartbeat failed")
+            if self._stopped.wait(self._interval_s):
+                return

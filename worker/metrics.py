@@ -7,6 +7,7 @@ numbers disappear with it.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections import deque
@@ -61,5 +62,30 @@ def observe_batch(model: str, size: int, seconds: float) -> None:
     _throughput[model].add(size)
 
 
-def serve(port: int, host: str) -> None:
-    start_http_server(port, addr=host, registry=REGISTRY)
+# Workers started on one host with the same settings each need a port of their own: the first
+# takes the configured one, the next ones the free ports just above it.
+FALLBACK_PORTS = 31
+
+
+class MetricsUnavailable(RuntimeError):
+    """No port could be bound; the message says which setting to change."""
+
+
+def serve(port: int, host: str) -> int:
+    """Serve on ``port``, or on the first free port of the next FALLBACK_PORTS; returns the port used."""
+    last = min(port + FALLBACK_PORTS, 65535)
+    for candidate in range(port, last + 1):
+        try:
+            start_http_server(candidate, addr=host, registry=REGISTRY)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                continue
+            raise MetricsUnavailable(
+                f"cannot serve worker metrics on {host}:{candidate} ({exc}); check IMBEDDINGS_WORKER_METRICS_HOST and "
+                "IMBEDDINGS_WORKER_METRICS_PORT, or set IMBEDDINGS_WORKER_METRICS_PORT=0 to turn worker metrics off"
+            ) from None
+        return candidate
+    raise MetricsUnavailable(
+        f"IMBEDDINGS_WORKER_METRICS_PORT={port} and the ports up to {last} on {host} are all in use; give each worker on this "
+        "host its own IMBEDDINGS_WORKER_METRICS_PORT, or set IMBEDDINGS_WORKER_METRICS_PORT=0 to turn worker metrics off"
+    )

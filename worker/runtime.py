@@ -19,6 +19,7 @@ from shared.vectors import encode_f32
 from worker import metrics
 from worker.batching import BULK, INTERACTIVE, BatchRunner, Embedding
 from worker.compute import compute_executor, use_one_torch_thread
+from worker.cpu_budget import ThreadBudget
 from worker.decode import DecodeLimits, decode_image
 from worker.errors import ImageInputError
 from worker.fetch import FetchLimits, fetch_url
@@ -119,12 +120,12 @@ class WorkerStopping(Exception):
 class WorkerRuntime:
     """All models of this worker process and the pools they share."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, budget: ThreadBudget) -> None:
         self.settings = settings
         self.stopping = threading.Event()
         self.limits = InputLimits.from_settings(settings)
-        self.fetch_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fetch")
-        self.prep_pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="prep", initializer=use_one_torch_thread)
+        self.fetch_pool = ThreadPoolExecutor(max_workers=budget.fetch_threads, thread_name_prefix="fetch")
+        self.prep_pool = ThreadPoolExecutor(max_workers=budget.preprocess_threads, thread_name_prefix="prep", initializer=use_one_torch_thread)
         self.compute = compute_executor()
         self.models: dict[str, ModelRuntime] = {}
 
@@ -177,9 +178,8 @@ class WorkerRuntime:
         self.compute.shutdown(wait=False)
 
 
-def configure_torch(settings: Settings, device: torch.device) -> None:
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+def configure_torch(settings: Settings, budget: ThreadBudget, device: torch.device) -> None:
+    torch.set_num_threads(budget.torch_threads)
     if device.type == "cuda" and settings.cuda_memory_fraction is not None:
         # A cap for this process, so several workers (or other programs) can share one GPU.
         torch.cuda.set_per_process_memory_fraction(settings.cuda_memory_fraction, device)
