@@ -15,7 +15,7 @@ from api.admission import Admission
 from api.errors import ApiError
 from api.inputs import ParsedImage
 from api.state import AppState
-from shared.claims import HOLDER_LOST
+from shared.claims import HOLDER_LOST, NO_WORKER
 from shared.protocol import EmbedPayload, ImageRef, ItemResult
 from shared.queues import EMBED_TASK, queue_for
 
@@ -115,7 +115,8 @@ async def _wait_for_reply(state: AppState, payload: EmbedPayload, client_gone: C
 
     The wait is cut into slices: between slices the API checks that the worker that started the
     request still heartbeats, and sends the request again if it does not, so a dead or frozen
-    worker costs the heartbeat TTL rather than the broker's much longer visibility timeout.
+    worker costs the heartbeat TTL rather than the broker's much longer visibility timeout. When no
+    worker serves the model any more, the wait ends at once with 503.
     """
     gone = asyncio.ensure_future(client_gone())
     redispatched = 0
@@ -129,7 +130,11 @@ async def _wait_for_reply(state: AppState, payload: EmbedPayload, client_gone: C
             popped = pop.result()
             if popped is not None:
                 return popped[1]
-            if redispatched < MAX_REDISPATCHES and await _holder_lost(state, payload):
+            holder = await _holder_state(state, payload)
+            if holder == NO_WORKER:
+                # Waiting on could only end in 504; a worker that comes back later finds it withdrawn.
+                raise ApiError(503, f"no worker is serving model {payload.model!r} any more; retry later", code="model_not_served", param="model", headers={"Retry-After": "5"})
+            if holder == HOLDER_LOST and redispatched < MAX_REDISPATCHES:
                 redispatched += 1
                 log.warning("the worker holding a request stopped heartbeating; sending the request again", extra={"model": payload.model, "attempt": redispatched + 1})
                 await publish(state, EMBED_TASK, [payload.model_dump()])
@@ -138,6 +143,6 @@ async def _wait_for_reply(state: AppState, payload: EmbedPayload, client_gone: C
         gone.cancel()
 
 
-async def _holder_lost(state: AppState, payload: EmbedPayload) -> bool:
+async def _holder_state(state: AppState, payload: EmbedPayload) -> int:
     keys = [state.keys.claim(payload.reply_key), state.keys.model_workers(payload.model)]
-    return int(await state.holder_state_script(keys=keys, args=[time.time()])) == HOLDER_LOST
+    return int(await state.holder_state_script(keys=keys, args=[time.time()]))

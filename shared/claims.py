@@ -17,8 +17,11 @@ from shared.keys import Keys
 
 # KEYS: claim, the model's worker registry. ARGV: now. 0: nobody has started the request yet;
 # 1: the worker that started it is alive; 2: that worker stopped heartbeating (claim cleared, so
-# the request is sent again once per lost holder).
+# the request is sent again once per lost holder); 3: no live worker serves the model at all.
 HOLDER_STATE = """
+if redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf') == 0 then
+  return 3
+end
 local holder = redis.call('GET', KEYS[1])
 if not holder then
   return 0
@@ -31,6 +34,7 @@ redis.call('DEL', KEYS[1])
 return 2
 """
 HOLDER_LOST = 2
+NO_WORKER = 3
 
 
 def claim(redis: Redis, keys: Keys, reply_key: str, worker_name: str, deadline: float) -> None:
