@@ -23,6 +23,7 @@ from worker.batching import BULK, INTERACTIVE, BatchRunner
 from worker.compute import compute_executor
 from worker.model_loader import LoadedModel, load_model
 from worker.preprocess import ProcessorPreprocessor
+from worker.tickets import Ticket, Withdrawn
 
 
 def _distinct_images(count: int, seed: int) -> list[Image.Image]:
@@ -116,6 +117,41 @@ def test_batch_waits_for_announced_images_and_not_for_withdrawn_ones(vit_runner_
     finally:
         runner.stop()
     assert sizes == [2, 1, 1]
+
+
+def test_images_of_withdrawn_requests_are_dropped_when_a_batch_is_formed(vit_runner_parts: tuple[LoadedModel, ThreadPoolExecutor, torch.Tensor]) -> None:
+    model, compute, pixels = vit_runner_parts
+    sizes: list[int] = []
+    checked: list[list[str | None]] = []
+    left, stays = Ticket("reply:left"), Ticket("reply:stays")
+
+    def check(tickets: list[Ticket]) -> None:
+        """Stands where Redis answers which requests the API withdrew: the client of 'left' hung up."""
+        checked.append([t.reply_key for t in tickets])
+        for ticket in tickets:
+            ticket.withdrawn = ticket.reply_key == "reply:left"
+
+    released: list[str] = []
+    runner = BatchRunner(model, compute, max_batch_size=8, max_wait_s=0, observe=lambda size, _: sizes.append(size), check_withdrawn=check)
+    model_free = threading.Event()
+    compute.submit(model_free.wait)
+    try:
+        first = runner.submit(pixels, ticket=stays)  # taken at once, before the others arrive
+        time.sleep(0.2)
+        futures = [runner.submit(pixels, ticket=ticket, on_done=lambda k=ticket.reply_key: released.append(k)) for ticket in (left, stays, left, Ticket(deadline=time.time() - 1))]
+        model_free.set()
+        first.result(timeout=30)
+        assert futures[1].result(timeout=30) is not None
+        for dropped in (futures[0], futures[2], futures[3]):
+            with pytest.raises(Withdrawn):
+                dropped.result(timeout=30)
+    finally:
+        runner.stop()
+    # One check per batch, for the distinct requests in it; the expired job-less ticket needs none.
+    assert checked == [["reply:stays"], ["reply:left", "reply:stays"]]
+    assert sizes == [1, 1]
+    # Every image leaves the model's hands once, computed or dropped (the expired one has no reply key).
+    assert sorted(map(str, released)) == ["None", "reply:left", "reply:left", "reply:stays"]
 
 
 def test_concurrent_requests_each_get_their_own_vectors(service: Service) -> None:

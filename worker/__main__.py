@@ -94,19 +94,20 @@ def main() -> None:
         budget = ThreadBudget.for_cpus(len(cpus), device.type, settings, os.environ.get("OMP_NUM_THREADS"))
         log.info("worker thread budget", extra={"cpu_list": format_cpu_list(cpus), **budget.as_dict()})
         configure_torch(settings, budget, device)
-        runtime = WorkerRuntime(settings, budget)
+        redis = sync_client(settings.redis_url)
+        keys = Keys(settings.redis_key_prefix)
+        store = ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5, job_ttl_s=settings.job_result_ttl_s)
+        runtime = WorkerRuntime(settings, budget, store.mark_withdrawn)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         for model_id in settings.worker_models:
             runtime.load(model_id, device, dtype, token)
     except ModelRefused as exc:
         sys.exit(f"worker cannot start: {exc}")
 
-    redis = sync_client(settings.redis_url)
-    keys = Keys(settings.redis_key_prefix)
     # Heartbeats fail fast: a missed beat is retried by the next one, and a stopping worker must not
     # wait a minute on an unreachable Redis to withdraw.
     heartbeat_redis = sync_client(settings.redis_url, retries=1)
-    tasks.install_context(tasks.WorkerContext(runtime, ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5, job_ttl_s=settings.job_result_ttl_s), redis))
+    tasks.install_context(tasks.WorkerContext(runtime, store, redis))
     node = f"worker-{os.getpid()}@{socket.gethostname()}"
     heartbeat = Heartbeat(heartbeat_redis, keys, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
 

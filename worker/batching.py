@@ -2,7 +2,8 @@
 
 A task thread announces an image with ``expect()`` when it starts decoding it, then hands over the
 preprocessed image with ``submit()`` (or withdraws it with ``withdraw()`` if it cannot be decoded)
-and gets a future back. The batch thread takes whatever is waiting as soon as the model is free (up
+and gets a future back. Images whose request was withdrawn are dropped when a batch is formed
+(``worker.tickets``): their futures fail with ``Withdrawn`` and the model never sees them. The batch thread takes whatever is waiting as soon as the model is free (up
 to ``max_batch_size``). It waits for more, up to ``max_wait_s``, only while announced images are
 still being decoded: a lone request never waits, and a busy model runs fuller batches. Images of
 interactive requests go before those of bulk jobs, so a running backfill does not hold up
@@ -26,6 +27,7 @@ import torch
 
 from worker.model_loader import LoadedModel
 from worker.pooling import pool_cls_mean
+from worker.tickets import Ticket, WithdrawalCheck, Withdrawn
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class _Pending:
     pixel_values: torch.Tensor = field(compare=False)
     future: Future[Embedding] = field(compare=False)
     on_done: Callable[[], None] | None = field(compare=False)
+    ticket: Ticket | None = field(compare=False)
 
 
 BatchObserver = Callable[[int, float], None]
@@ -51,8 +54,11 @@ INTERACTIVE, BULK = 0, 1
 
 
 class BatchRunner:
-    def __init__(self, model: LoadedModel, compute: Executor, max_batch_size: int, max_wait_s: float, observe: BatchObserver | None = None) -> None:
+    def __init__(
+        self, model: LoadedModel, compute: Executor, max_batch_size: int, max_wait_s: float, observe: BatchObserver | None = None, check_withdrawn: WithdrawalCheck | None = None
+    ) -> None:
         self._model = model
+        self._check_withdrawn = check_withdrawn
         self._compute = compute
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
@@ -78,12 +84,14 @@ class BatchRunner:
             self._expected -= 1
             self._changed.notify()
 
-    def submit(self, pixel_values: torch.Tensor, on_done: Callable[[], None] | None = None, priority: int = INTERACTIVE, announced: bool = False) -> Future[Embedding]:
+    def submit(
+        self, pixel_values: torch.Tensor, on_done: Callable[[], None] | None = None, priority: int = INTERACTIVE, announced: bool = False, ticket: Ticket | None = None
+    ) -> Future[Embedding]:
         """Queue one ``(3, H, W)`` image (``announced``: by ``expect()``); ``on_done`` runs once the
-        image has left the model."""
+        image has left the model, computed or dropped."""
         future: Future[Embedding] = Future()
         with self._changed:
-            heapq.heappush(self._waiting, _Pending(priority, next(self._sequence), pixel_values, future, on_done))
+            heapq.heappush(self._waiting, _Pending(priority, next(self._sequence), pixel_values, future, on_done, ticket))
             if announced:
                 self._expected -= 1
             self._changed.notify()
@@ -101,7 +109,9 @@ class BatchRunner:
             batch = self._next_batch()
             if not batch:
                 return
-            self._compute.submit(self._forward, batch).result()
+            batch = self._drop_withdrawn(batch)
+            if batch:
+                self._compute.submit(self._forward, batch).result()
 
     def _next_batch(self) -> list[_Pending]:
         """Up to ``max_batch_size`` images, best first; empty once stopping and nothing is left."""
@@ -121,6 +131,22 @@ class BatchRunner:
                     break
                 self._changed.wait(remaining)
             return batch
+
+    def _drop_withdrawn(self, batch: list[_Pending]) -> list[_Pending]:
+        tickets = {id(p.ticket): p.ticket for p in batch if p.ticket is not None and p.ticket.reply_key is not None and not p.ticket.withdrawn}
+        if tickets and self._check_withdrawn is not None:
+            try:
+                self._check_withdrawn(list(tickets.values()))
+            except Exception as exc:  # Redis unreachable: compute rather than guess the client left
+                log.warning("could not check for withdrawn requests", extra={"model": self._model.model_id, "error": type(exc).__name__})
+        kept = []
+        for pending in batch:
+            if pending.ticket is None or pending.ticket.wanted():
+                kept.append(pending)
+            else:
+                _release(pending)
+                pending.future.set_exception(Withdrawn())
+        return kept
 
     def _forward(self, batch: list[_Pending]) -> None:
         # Processors with a fixed output size give one group; others are batched per shape.

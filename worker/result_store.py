@@ -9,6 +9,7 @@ from redis import Redis
 from shared.jobs import MARK_RUNNING, STORE_RESULTS, store_results_args
 from shared.keys import Keys
 from shared.protocol import EmbedPayload, ItemResult, JobChunkPayload
+from worker.tickets import Ticket
 
 
 def dump_results(results: list[ItemResult]) -> str:
@@ -26,6 +27,14 @@ class ResultStore:
 
     def is_abandoned(self, reply_key: str) -> bool:
         return bool(self._redis.exists(self._keys.abandoned(reply_key)))
+
+    def mark_withdrawn(self, tickets: list[Ticket]) -> None:
+        """Flag the tickets whose request the API has withdrawn (one round trip for them all)."""
+        asked = [ticket for ticket in tickets if ticket.reply_key is not None]
+        flags = self._redis.mget([self._keys.abandoned(ticket.reply_key) for ticket in asked])
+        for ticket, flag in zip(asked, flags):
+            if flag is not None:
+                ticket.withdrawn = True
 
     def reply(self, payload: EmbedPayload, results: list[ItemResult]) -> bool:
         """Push the results for the waiting request; False when it had stopped waiting (discarded)."""

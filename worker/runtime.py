@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -26,6 +26,7 @@ from worker.fetch import FetchLimits, fetch_url
 from worker.model_loader import LoadedModel, load_model, probe_image
 from worker.preprocess import Preprocessor, choose_preprocessor
 from worker.sources import ImageInput
+from worker.tickets import Ticket, WithdrawalCheck, Withdrawn
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class InputLimits:
 class ModelRuntime:
     """One served model: images in, (CLS, MEAN) out, in the order they were given."""
 
-    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, compute: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float, bulk_concurrency: int) -> None:
+    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, compute: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float, bulk_concurrency: int, check_withdrawn: WithdrawalCheck | None) -> None:
         self.model = model
         # Job chunks take turns: enough at once to keep batches full, few enough that requests and
         # other chunks are not starved.
@@ -53,13 +54,18 @@ class ModelRuntime:
         self._limits = limits
         self._fetch_pool = fetch_pool
         self._prep_pool = prep_pool
-        # Preprocessed images waiting for the model are bounded, so a burst cannot grow memory.
-        self._prepared_slots = threading.BoundedSemaphore(4 * max_batch_size)
-        self._batcher = BatchRunner(model, compute, max_batch_size, max_batch_wait_s, partial(metrics.observe_batch, model.model_id))
+        # Images taken into the pipeline (being decoded, or decoded and waiting for the model) are
+        # bounded, so a burst cannot grow memory. Job images get their own, smaller share (one batch
+        # on the model, one ready), taken before decoding is queued: a request's image then waits
+        # behind at most that much job work, never behind a whole backlog of job decodes.
+        self._slots = {INTERACTIVE: threading.BoundedSemaphore(4 * max_batch_size), BULK: threading.BoundedSemaphore(2 * max_batch_size)}
+        self._batcher = BatchRunner(model, compute, max_batch_size, max_batch_wait_s, partial(metrics.observe_batch, model.model_id), check_withdrawn)
 
-    def embed(self, inputs: list[ImageInput], bulk: bool = False) -> list[ItemResult]:
+    def embed(self, inputs: list[ImageInput], bulk: bool = False, ticket: Ticket | None = None) -> list[ItemResult]:
         """Results in the order of ``inputs``; every image gets a vector or an error."""
+        ticket = ticket or Ticket()
         priority = BULK if bulk else INTERACTIVE
+        slots = self._slots[priority]
         # URLs are fetched in parallel on I/O threads; decoding waits for its bytes in input order.
         fetched = [self._fetch_pool.submit(fetch_url, item.url, self._limits.fetch) if item.url is not None else None for item in inputs]
         queued: list[Future[Future[Embedding]] | ImageInputError] = []
@@ -70,20 +76,25 @@ class ModelRuntime:
                 queued.append(exc)
                 continue
             assert data is not None
+            if not ticket.wanted():
+                queued.append(Withdrawn())
+                continue
+            slots.acquire()
             # Announced before decoding starts, so the batcher waits for it rather than run a batch
             # without it.
             self._batcher.expect()
-            queued.append(self._prep_pool.submit(self._prepare, data, priority))
+            queued.append(self._prep_pool.submit(self._prepare, data, priority, ticket, slots.release))
         return [self._collect(item.index, entry) for item, entry in zip(inputs, queued)]
 
-    def _prepare(self, data: bytes, priority: int) -> Future[Embedding]:
-        self._prepared_slots.acquire()
+    def _prepare(self, data: bytes, priority: int, ticket: Ticket, release_slot: Callable[[], None]) -> Future[Embedding]:
         queued = False
         try:
+            if not ticket.wanted():
+                raise Withdrawn()
             started = time.perf_counter()
             pixel_values = self._preprocess(decode_image(data, self._limits.decode))
             metrics.PREPROCESS_SECONDS.labels(self.model.model_id).observe(time.perf_counter() - started)
-            future = self._batcher.submit(pixel_values, on_done=self._prepared_slots.release, priority=priority, announced=True)
+            future = self._batcher.submit(pixel_values, on_done=release_slot, priority=priority, announced=True, ticket=ticket)
             queued = True
             return future
         except ImageInputError:
@@ -92,7 +103,7 @@ class ModelRuntime:
             raise ImageInputError("invalid_image", f"image could not be processed: {type(exc).__name__}: {exc}") from None
         finally:
             if not queued:
-                self._prepared_slots.release()
+                release_slot()
                 self._batcher.withdraw()
 
     def _collect(self, index: int, queued: Future[Future[Embedding]] | ImageInputError) -> ItemResult:
@@ -100,6 +111,9 @@ class ModelRuntime:
             if isinstance(queued, ImageInputError):
                 raise queued
             embedding = queued.result().result()
+        except Withdrawn as exc:
+            metrics.IMAGES.labels(self.model.model_id, "withdrawn").inc()
+            return ItemResult(index=index, error=exc.to_item_error())
         except ImageInputError as exc:
             metrics.IMAGES.labels(self.model.model_id, "rejected").inc()
             return ItemResult(index=index, error=exc.to_item_error())
@@ -120,8 +134,9 @@ class WorkerStopping(Exception):
 class WorkerRuntime:
     """All models of this worker process and the pools they share."""
 
-    def __init__(self, settings: Settings, budget: ThreadBudget) -> None:
+    def __init__(self, settings: Settings, budget: ThreadBudget, check_withdrawn: WithdrawalCheck | None = None) -> None:
         self.settings = settings
+        self._check_withdrawn = check_withdrawn
         self.stopping = threading.Event()
         self.limits = InputLimits.from_settings(settings)
         self.fetch_pool = ThreadPoolExecutor(max_workers=budget.fetch_threads, thread_name_prefix="fetch")
@@ -149,6 +164,7 @@ class WorkerRuntime:
             self.settings.max_batch_size,
             self.settings.max_batch_wait_ms / 1000,
             self.settings.bulk_concurrency,
+            self._check_withdrawn,
         )
         self.models[model.model_id] = runtime
         return runtime
