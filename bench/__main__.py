@@ -20,10 +20,12 @@ import torch
 from PIL import Image
 
 from bench.bare import in_process_loop, model_only
+from bench.deep_queue import deep_queue_scenarios, deep_queue_table
 from bench.fidelity import fidelity
 from bench.service import measure_service, start_stack
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
+from worker.embedder import Backend, resolve_backend
 from worker.model_loader import load_model
 
 PHOTOS = REPO_ROOT / "tests" / "photos" / "bench"
@@ -57,22 +59,29 @@ def machine() -> dict[str, object]:
     }
 
 
-def run(preset: str, dtype: str, args: argparse.Namespace, jpegs: list[bytes], workdir: Path) -> dict[str, object]:
+def run(preset: str, dtype: str, backend: Backend, args: argparse.Namespace, jpegs: list[bytes], workdir: Path) -> dict[str, object]:
     model_dir = build(preset, args.model_cache / preset)
-    loaded = load_model(str(model_dir), torch.device("cpu"), getattr(torch, dtype), None, warmup_batch=8)
+    loaded = load_model(str(model_dir), torch.device("cpu"), getattr(torch, dtype), None, warmup_batch=8, backend=backend)
     rates = model_only(loaded, args.batch_sizes, args.seconds)
     best_batch = max(rates, key=rates.get)
-    loop = in_process_loop(loaded, model_dir, jpegs, best_batch, args.seconds)
     del loaded
     gc.collect()
-    stack = start_stack(workdir / f"{preset}-{dtype}", model_dir, dtype, dict(args.env))
+    # The loop is what a user would write without the service: PyTorch, at the same dtype.
+    bare = load_model(str(model_dir), torch.device("cpu"), getattr(torch, dtype), None, warmup_batch=8)
+    loop = in_process_loop(bare, model_dir, jpegs, best_batch, args.seconds)
+    del bare
+    gc.collect()
+    stack = start_stack(workdir / f"{preset}-{dtype}-{backend}", model_dir, dtype, {"IMBEDDINGS_BACKEND": backend, **dict(args.env)})
     try:
         service = measure_service(stack, jpegs, args.clients, args.requests, args.latency_requests)
+        if args.deep_queue == f"{preset}:{dtype}:{backend}":
+            service["deep_queue"] = deep_queue_scenarios(f"http://127.0.0.1:{stack.port}", jpegs, 1 / service["e2e_img_s"])
     finally:
         stack.stop()
     row: dict[str, object] = {
         "model": preset,
         "dtype": dtype,
+        "backend": backend,
         "model_only_img_s": {str(k): round(v, 2) for k, v in rates.items()},
         "model_only_batch1_img_s": round(rates[1], 2),
         "model_only_best_img_s": round(rates[best_batch], 2),
@@ -91,7 +100,7 @@ def run(preset: str, dtype: str, args: argparse.Namespace, jpegs: list[bytes], w
 
 def table(rows: list[dict[str, object]]) -> str:
     columns = [
-        ("model", "model"), ("dtype", "dtype"), ("model_only_batch1_img_s", "model b1"), ("model_only_best_img_s", "model best"),
+        ("model", "model"), ("dtype", "dtype"), ("backend", "backend"), ("model_only_batch1_img_s", "model b1"), ("model_only_best_img_s", "model best"),
         ("best_batch", "bs"), ("in_process_loop_img_s", "loop"), ("e2e_img_s", "e2e"), ("e2e_vs_loop", "e2e/loop"),
         ("e2e_vs_model_only", "e2e/model"), ("batch1_forward_ms", "fwd b1 ms"), ("low_load_p50_ms", "p50 ms"),
         ("low_load_p99_ms", "p99 ms"), ("p50_minus_worker_forward_ms", "p50-fwd ms"), ("api_rss_mb_end", "API MB"), ("worker_rss_mb_start", "wrk MB start"), ("worker_rss_mb_end", "wrk MB end"),
@@ -114,6 +123,8 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), help="extra VAR=value in the environment of the worker and API (repeatable)")
     parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--backends", default="torch,openvino", help="forward-pass backends to measure (openvino only where installed)")
+    parser.add_argument("--deep-queue", default="dinov2-small:float32:torch", help="MODEL:DTYPE:BACKEND whose stack also runs the deep-queue scenarios ('none': skip them)")
     parser.add_argument("--skip-fidelity", action="store_true", help="do not measure the cosine cost of bfloat16/float16/JPEG draft")
     args = parser.parse_args()
 
@@ -125,15 +136,21 @@ def main() -> None:
             print(json.dumps({"fidelity": preset, **fidelities[preset]}), flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="imbeddings-bench-") as tmp:
+        backends = [b for b in args.backends.split(",") if b == "torch" or resolve_backend("auto", torch.device("cpu")) == b]
         for preset in args.models.split(","):
             for dtype in args.dtypes.split(","):
-                started = time.perf_counter()
-                rows.append(run(preset, dtype, args, jpegs, Path(tmp)))
-                print(json.dumps(rows[-1]), f"({time.perf_counter() - started:.0f} s)", flush=True)
+                for backend in backends:
+                    started = time.perf_counter()
+                    rows.append(run(preset, dtype, backend, args, jpegs, Path(tmp)))
+                    print(json.dumps(rows[-1]), f"({time.perf_counter() - started:.0f} s)", flush=True)
     result = {"machine": machine(), "clients": args.clients, "env": dict(args.env), "results": rows, "min_cosine_vs_float32": fidelities}
     print()
     print(json.dumps(result["machine"]))
     print(table(rows))
+    for row in rows:
+        if "deep_queue" in row:
+            print(f"\ndeep queue ({row['model']} {row['dtype']} {row['backend']}, default limits: 60 s request timeout)")
+            print(deep_queue_table(row["deep_queue"]))
     for preset, costs in fidelities.items():
         print(f"min cosine vs float32 ({preset}, {len(jpegs)} photos): " + ", ".join(f"{option} cls {c['cls']} mean {c['mean']}" for option, c in costs.items()))
     if args.json:

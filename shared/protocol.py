@@ -69,3 +69,4 @@ class ModelInfo(BaseModel):
     tokens_per_image: int
     dtype: str
     device: str
+    backend: str = "torch"

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     # --- model execution --------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    backend: Literal["auto", "torch", "openvino"] = Field("auto", description="What runs the forward pass: auto is OpenVINO on the CPU when installed, else PyTorch.")
+    openvino_cache_dir: Path | None = Field(None, description="Where converted OpenVINO models are kept (default: ~/.cache/imbeddings/openvino).")
     cuda_memory_fraction: float | None = Field(None, gt=0, le=1)
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_batch_wait_ms: float = Field(2.0, ge=0, le=10_000)

@@ -30,6 +30,20 @@ DEFAULT = "dinov2-tiny"
 IMAGE_HOST = "127.0.0.2"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache of converted models for every worker of the session, as on a host whose workers
+    share a disk: each tiny model is converted once, not once per worker start."""
+    path = tmp_path_factory.mktemp("openvino-cache")
+    previous = os.environ.get("IMBEDDINGS_OPENVINO_CACHE_DIR")
+    os.environ["IMBEDDINGS_OPENVINO_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("IMBEDDINGS_OPENVINO_CACHE_DIR")
+    else:
+        os.environ["IMBEDDINGS_OPENVINO_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")

@@ -39,6 +39,11 @@ class Stack:
                     counts[sample.labels["outcome"]] += int(sample.value)
         return counts
 
+    def images_through_model(self) -> int:
+        """Images the model has computed so far (counted when each batch leaves the model)."""
+        text = httpx.get(self.worker_metrics, timeout=5).text
+        return sum(int(sample.value) for family in text_string_to_metric_families(text) for sample in family.samples if sample.name == "imbeddings_worker_batch_size_sum")
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[Stack]:
@@ -124,3 +129,35 @@ def test_more_work_than_the_timeout_covers_gets_429_with_retry_after(stack: Stac
     for answer in refused:
         assert answer.json()["error"]["code"] == "queue_full" and "60 s" in answer.json()["error"]["message"]
         assert int(answer.headers["retry-after"]) >= 1
+
+
+def test_a_request_during_a_running_job_waits_for_about_one_batch_of_it(stack: Stack) -> None:
+    """Job images hold at most two batches' worth of the worker's pipeline and interactive images go
+    first in every batch, so a one-image request passes the job's backlog: while it is answered, the
+    job advances by a couple of batches at most, whatever its size."""
+    job_images = 200
+    with httpx.Client(base_url=stack.base_url, timeout=120) as client:
+        body = {"input": [data_uri(PHOTOS[i % len(PHOTOS)]) for i in range(job_images)]}
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        try:
+            deadline = time.monotonic() + 120
+            while client.get(f"/v1/jobs/{job_id}").json()["completed"] == 0:
+                assert time.monotonic() < deadline, "the job never started"
+                time.sleep(0.1)
+            passed = []
+            for n in range(3):
+                before = stack.images_through_model()
+                started = time.monotonic()
+                answer = _post(stack.base_url, 1, n)
+                took = time.monotonic() - started
+                assert not isinstance(answer, str) and answer.status_code == 200
+                # Images embedded meanwhile, this request's included.
+                passed.append((stack.images_through_model() - before, round(took, 2)))
+            status = client.get(f"/v1/jobs/{job_id}").json()
+            print(f"during a {job_images}-image job: (images embedded while waiting, seconds) per request {passed}; job {status['completed']}/{job_images}")
+            assert status["status"] == "running", "the job ended before the requests: it was too small to test anything"
+            # One batch on the model when the request arrived, one more prepared, then the request's.
+            for embedded, _ in passed:
+                assert embedded <= 2 * 8 + 8 + 1
+        finally:
+            client.delete(f"/v1/jobs/{job_id}")

@@ -80,6 +80,7 @@ def main() -> None:
     import transformers
 
     from worker import tasks  # registers the Celery tasks
+    from worker.embedder import BackendUnavailable
     from worker.heartbeat import Heartbeat
     from worker.model_loader import ModelRefused, resolve_device, resolve_dtype
     from worker.result_store import ResultStore
@@ -101,7 +102,7 @@ def main() -> None:
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         for model_id in settings.worker_models:
             runtime.load(model_id, device, dtype, token)
-    except ModelRefused as exc:
+    except (ModelRefused, BackendUnavailable) as exc:
         sys.exit(f"worker cannot start: {exc}")
 
     # Heartbeats fail fast: a missed beat is retried by the next one, and a stopping worker must not

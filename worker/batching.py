@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import torch
 
 from worker.model_loader import LoadedModel
-from worker.pooling import pool_cls_mean
 from worker.tickets import Ticket, WithdrawalCheck, Withdrawn
 
 log = logging.getLogger(__name__)
@@ -156,11 +155,7 @@ class BatchRunner:
         for group in groups.values():
             started = time.perf_counter()
             try:
-                pixels = torch.stack([p.pixel_values for p in group]).to(self._model.device, self._model.dtype, non_blocking=True)
-                with torch.inference_mode():
-                    hidden = self._model.module(pixel_values=pixels).last_hidden_state
-                    cls, mean = pool_cls_mean(hidden, self._model.num_register_tokens)
-                cls, mean = cls.cpu(), mean.cpu()
+                cls, mean = self._model.embedder.embed(torch.stack([p.pixel_values for p in group]))
             except Exception as exc:  # a failed forward must fail its requests, not the thread
                 log.exception("forward pass failed", extra={"model": self._model.model_id, "batch_size": len(group)})
                 for pending in group:

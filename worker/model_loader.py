@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from shared.protocol import ModelInfo
+from worker.embedder import Backend, TorchEmbedder, VisionEmbedder, openvino_embedder
 from worker.pooling import pool_cls_mean
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,8 @@ class ModelRefused(RuntimeError):
 @dataclass
 class LoadedModel:
     model_id: str
-    module: PreTrainedModel
+    module: PreTrainedModel  # Transformers' own, in float32 unless the torch backend runs another dtype
+    embedder: VisionEmbedder
     processor: BaseImageProcessor
     device: torch.device
     dtype: torch.dtype
@@ -54,6 +58,10 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def default_openvino_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imbeddings" / "openvino"
+
+
 def probe_image() -> Image.Image:
     """A deterministic non-square photo stand-in, so resize and crop rules are exercised."""
     rng = np.random.default_rng(0)
@@ -74,8 +82,56 @@ def _patch_size(config: PretrainedConfig) -> int:
     return patch
 
 
-def load_model(model_id: str, device: torch.device, dtype: torch.dtype, token: str | None, warmup_batch: int) -> LoadedModel:
+def load_model(
+    model_id: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    token: str | None,
+    warmup_batch: int,
+    backend: Backend = "torch",
+    threads: int | None = None,
+    openvino_cache_dir: Path | None = None,
+) -> LoadedModel:
     started = time.perf_counter()
+    config, module, processor = _from_pretrained(model_id, token)
+    module.eval().to(device)
+    num_registers = int(getattr(config, "num_register_tokens", 0) or 0)
+    patch = _patch_size(config)
+    pixel_values = processor(images=probe_image(), return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        hidden = module(pixel_values=pixel_values.to(device)).last_hidden_state
+    tokens = _check_token_contract(model_id, hidden, pixel_values.shape[-2:], patch, num_registers)
+    image_size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+
+    if backend == "openvino":
+        embedder: VisionEmbedder = openvino_embedder(module, image_size, dtype, threads or torch.get_num_threads(), num_registers, openvino_cache_dir or default_openvino_cache())
+    else:
+        module.to(dtype)
+        embedder = TorchEmbedder(module, device, dtype, num_registers)
+    _check_against_float32(model_id, embedder, pixel_values, pool_cls_mean(hidden, num_registers), dtype)
+    embedder.embed(pixel_values.expand(warmup_batch, -1, -1, -1))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+    info = ModelInfo(
+        id=model_id,
+        model_type=config.model_type,
+        dim=int(hidden.shape[-1]),
+        patch_size=patch,
+        image_size=image_size,
+        num_register_tokens=num_registers,
+        tokens_per_image=tokens,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        backend=embedder.backend,
+    )
+    seconds = time.perf_counter() - started
+    log.info("model loaded", extra={"model": model_id, "seconds": round(seconds, 2), **info.model_dump(exclude={"id"})})
+    return LoadedModel(model_id, module, embedder, processor, device, dtype, num_registers, info, seconds)
+
+
+def _from_pretrained(model_id: str, token: str | None) -> tuple[PretrainedConfig, PreTrainedModel, BaseImageProcessor]:
+    """Config, float32 model and image processor, as ``AutoModel``/``AutoImageProcessor`` give them."""
     try:
         config = AutoConfig.from_pretrained(model_id, token=token)
         model_class = MODEL_MAPPING[type(config)]
@@ -90,16 +146,14 @@ def load_model(model_id: str, device: torch.device, dtype: torch.dtype, token: s
         processor = AutoImageProcessor.from_pretrained(model_id, token=token)
     except (OSError, ValueError) as exc:
         raise ModelRefused(f"model {model_id!r} cannot be loaded: {exc}") from None
-    module.eval().to(device)
+    return config, module, processor
 
-    num_registers = int(getattr(config, "num_register_tokens", 0) or 0)
-    patch = _patch_size(config)
-    pixel_values = processor(images=probe_image(), return_tensors="pt")["pixel_values"].to(device)
-    with torch.inference_mode():
-        hidden = module(pixel_values=pixel_values).last_hidden_state
+
+def _check_token_contract(model_id: str, hidden: torch.Tensor, pixel_size: torch.Size, patch: int, num_registers: int) -> int:
+    """The number of tokens per image, once ``hidden`` is shown to be ``[CLS | REG | PATCH]``."""
     if hidden.ndim != 3:
         raise ModelRefused(f"model {model_id!r} refused: its output has no token sequence (last_hidden_state shape {tuple(hidden.shape)})")
-    height, width = pixel_values.shape[-2:]
+    height, width = pixel_size
     patches = (height // patch) * (width // patch)
     expected = 1 + num_registers + patches
     if hidden.shape[1] != expected:
@@ -107,31 +161,18 @@ def load_model(model_id: str, device: torch.device, dtype: torch.dtype, token: s
             f"model {model_id!r} refused: it produced {hidden.shape[1]} tokens for a {height}x{width} image, but the "
             f"token contract [CLS | {num_registers} registers | {patches} patches of {patch}px] needs {expected}"
         )
+    return expected
 
-    if dtype != torch.float32:
-        reference = pool_cls_mean(hidden, num_registers)
-        module.to(dtype)
-        with torch.inference_mode():
-            reduced = pool_cls_mean(module(pixel_values=pixel_values.to(dtype)).last_hidden_state, num_registers)
-        cls_cos, mean_cos = (float((a * b).sum()) for a, b in zip(reference, reduced))
-        log.info("reduced precision checked", extra={"model": model_id, "dtype": str(dtype), "cosine_cls_vs_float32": round(cls_cos, 6), "cosine_mean_vs_float32": round(mean_cos, 6)})
 
-    with torch.inference_mode():
-        module(pixel_values=pixel_values.to(dtype).expand(warmup_batch, -1, -1, -1))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# Below this cosine to Transformers' float32 vectors a backend or precision is broken, not approximate.
+MIN_COSINE = 0.99
 
-    info = ModelInfo(
-        id=model_id,
-        model_type=config.model_type,
-        dim=int(hidden.shape[-1]),
-        patch_size=patch,
-        image_size=(int(height), int(width)),
-        num_register_tokens=num_registers,
-        tokens_per_image=expected,
-        dtype=str(dtype).removeprefix("torch."),
-        device=str(device),
-    )
-    seconds = time.perf_counter() - started
-    log.info("model loaded", extra={"model": model_id, "seconds": round(seconds, 2), **info.model_dump(exclude={"id"})})
-    return LoadedModel(model_id, module, processor, device, dtype, num_registers, info, seconds)
+
+def _check_against_float32(model_id: str, embedder: VisionEmbedder, pixel_values: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> None:
+    if embedder.backend == "torch" and dtype == torch.float32:
+        return  # the reference itself
+    cls_cos, mean_cos = (float((a.cpu() * b).sum()) for a, b in zip(reference, embedder.embed(pixel_values)))
+    extra = {"model": model_id, "backend": embedder.backend, "dtype": str(dtype), "cosine_cls_vs_float32": round(cls_cos, 6), "cosine_mean_vs_float32": round(mean_cos, 6)}
+    if min(cls_cos, mean_cos) < MIN_COSINE:
+        raise ModelRefused(f"model {model_id!r} refused: with backend {embedder.backend} and {dtype} its vectors have cosine {min(cls_cos, mean_cos):.4f} to float32 Transformers")
+    log.info("backend and precision checked against float32", extra=extra)

@@ -21,6 +21,7 @@ from worker.batching import BULK, INTERACTIVE, BatchRunner, Embedding
 from worker.compute import compute_executor, use_one_torch_thread
 from worker.cpu_budget import ThreadBudget
 from worker.decode import DecodeLimits, decode_image
+from worker.embedder import resolve_backend
 from worker.errors import ImageInputError
 from worker.fetch import FetchLimits, fetch_url
 from worker.model_loader import LoadedModel, load_model, probe_image
@@ -137,6 +138,7 @@ class WorkerRuntime:
     def __init__(self, settings: Settings, budget: ThreadBudget, check_withdrawn: WithdrawalCheck | None = None) -> None:
         self.settings = settings
         self._check_withdrawn = check_withdrawn
+        self._torch_threads = budget.torch_threads
         self.stopping = threading.Event()
         self.limits = InputLimits.from_settings(settings)
         self.fetch_pool = ThreadPoolExecutor(max_workers=budget.fetch_threads, thread_name_prefix="fetch")
@@ -149,7 +151,8 @@ class WorkerRuntime:
         return self.compute.submit(self._load, model_id, device, dtype, token).result()
 
     def _load(self, model_id: str, device: torch.device, dtype: torch.dtype, token: str | None) -> ModelRuntime:
-        model = load_model(model_id, device, dtype, token, self.settings.max_batch_size)
+        backend = resolve_backend(self.settings.backend, device)
+        model = load_model(model_id, device, dtype, token, self.settings.max_batch_size, backend, self._torch_threads, self.settings.openvino_cache_dir)
         metrics.MODEL_LOAD_SECONDS.labels(model.model_id).set(model.load_seconds)
         limits = self.limits
         if self.settings.jpeg_draft:
