@@ -7,6 +7,7 @@ chunk whose results could not be stored is finished once Redis has room again.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,20 +40,44 @@ def full_redis(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -
     server.stop(graceful=False)
 
 
-def _fill(store: redis.Redis) -> int:
-    """Write filler until Redis refuses (OOM); returns how many filler keys were written."""
-    written = 0
-    while True:
-        try:
-            store.set(f"{FILLER}{written}", b"f" * 256 * 1024)
-        except redis.OutOfMemoryError:
-            return written
-        written += 1
+class Filler:
+    """Keeps Redis at its maxmemory with filler keys until ``free()`` deletes them.
 
+    Redis frees buffers of its own (a refused command's query buffer, client buffers) within a second
+    of refusing a write, which would leave a few hundred kB of room: a thread tops the filler up
+    every 20 ms, with smaller and smaller values, until even 64 more bytes are refused.
+    """
 
-def _free(store: redis.Redis, written: int) -> None:
-    for start in range(0, written, 100):
-        store.delete(*[f"{FILLER}{i}" for i in range(start, min(written, start + 100))])
+    def __init__(self, store: redis.Redis) -> None:
+        self._store = store
+        self.written = 0
+        self._stop = threading.Event()
+        self._top_up()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _top_up(self) -> None:
+        for size in (256 * 1024, 16 * 1024, 1024, 64):
+            while True:
+                try:
+                    self._store.set(f"{FILLER}{self.written}", b"f" * size)
+                except redis.OutOfMemoryError:
+                    break
+                self.written += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._top_up()
+
+    def stop(self) -> None:
+        """Stop topping up; the filler keys stay."""
+        self._stop.set()
+        self._thread.join()
+
+    def free(self) -> None:
+        self.stop()
+        for start in range(0, self.written, 500):
+            self._store.delete(*[f"{FILLER}{i}" for i in range(start, min(self.written, start + 500))])
 
 
 def _job_keys(store: redis.Redis) -> list[bytes]:
@@ -145,12 +170,12 @@ def test_worker_starts_while_redis_is_full_and_frees_it(tmp_path: Path, full_red
     store = redis.Redis.from_url(env["IMBEDDINGS_REDIS_URL"])
     api, base_url = start_api(env, tmp_path / "api.log")
     worker: ServiceProcess | None = None
+    filler: Filler | None = None
     try:
         with httpx.Client(base_url=base_url, timeout=60) as client:
             jobs = [submit(client, {"input": [data_uri(COFFEE)] * 35})["id"] for _ in range(2)]
-            filler = _fill(store)
-            full = _used(store)
-            print(f"Redis full: used_memory {full} of {MAXMEMORY} (filler {filler} x 256 kB)")
+            filler = Filler(store)
+            print(f"Redis full: used_memory {_used(store)} of {MAXMEMORY} ({filler.written} filler keys)")
             refused = client.post("/v1/jobs", json={"input": [data_uri(COFFEE)]})
             assert refused.status_code == 507 and refused.json()["error"]["code"] == "redis_full"
 
@@ -158,15 +183,19 @@ def test_worker_starts_while_redis_is_full_and_frees_it(tmp_path: Path, full_red
             started = time.monotonic()
             wait_worker_ready(worker)
             wait_served(base_url, env["IMBEDDINGS_DEFAULT_MODEL"], worker)
+            print(f"worker ready and announced {elapsed(started)} s after it was started, Redis full")
+            filler.stop()  # from now on, what the worker frees stays free
+            full = _used(store)
             for job_id in jobs:
                 wait_done(client, job_id, timeout_s=180)
                 _check_every_item_once(client, store, job_id, 35)
             print(f"both jobs completed {elapsed(started)} s after the worker was started; used_memory {full} -> {_used(store)}")
-            assert _used(store) < full - 15 * 2**20
+            assert _used(store) < full - 10 * 2**20
             assert worker.alive()
             assert "Unrecoverable error" not in worker.log_text()
-            _free(store, filler)
     finally:
+        if filler is not None:
+            filler.free()
         api.stop()
         if worker is not None:
             worker.stop()
@@ -180,6 +209,7 @@ def test_chunk_whose_store_hit_oom_is_finished_once_memory_frees(tmp_path: Path,
     store = redis.Redis.from_url(env["IMBEDDINGS_REDIS_URL"])
     worker = start_worker(env, tmp_path / "worker.log")
     api, base_url = start_api(env, tmp_path / "api.log")
+    filler: Filler | None = None
     try:
         wait_served(base_url, env["IMBEDDINGS_DEFAULT_MODEL"], worker)
         with httpx.Client(base_url=base_url, timeout=60) as client:
@@ -187,14 +217,21 @@ def test_chunk_whose_store_hit_oom_is_finished_once_memory_frees(tmp_path: Path,
             names = ("cmp1.jpg", "cmp2.jpg", "cmp3.png", "cmp4.png", "img.webp")
             job_id = submit(client, {"input": [f"{slow_images}/{names[i % len(names)]}" for i in range(total)]})["id"]
             wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["completed"] >= 4, 60, what="the job to be under way")
-            filler = _fill(store)
+            filler = Filler(store)
             wait_until(lambda: "Redis refused or lost a job chunk's write" in worker.log_text(), 60, what="a chunk's store to be refused")
             at_full = client.get(f"/v1/jobs/{job_id}").json()
             assert at_full["status"] == "running" and at_full["completed"] < total, at_full
             sync = client.post("/v1/embeddings", json={"input": f"{slow_images}/cmp1.jpg"})
             assert sync.status_code == 507 and sync.json()["error"]["code"] == "redis_full", sync.text[:300]
+            time.sleep(5)  # Redis stays full: nothing is stored, nothing acknowledged, nothing lost
+            assert client.get(f"/v1/jobs/{job_id}").json()["completed"] == at_full["completed"]
+            queue = [key for key in store.scan_iter(match="imbeddings.*.bulk")]
+            held = store.hlen("unacked") + sum(store.llen(key) for key in queue)
+            refusals = worker.log_text().count("Redis refused or lost a job chunk's write")
+            print(f"Redis full for 5 s: {refusals} chunk stores refused, {held} chunk messages held (unacknowledged or queued), completed stayed {at_full['completed']}")
+            assert held == (total - at_full["completed"]) // 4
 
-            _free(store, filler)
+            filler.free()
             freed = time.monotonic()
             wait_done(client, job_id, timeout_s=180)
             print(f"job completed {elapsed(freed)} s after memory was freed (visibility timeout 10 s); {at_full['completed']} of {total} were done when Redis filled")
@@ -202,5 +239,7 @@ def test_chunk_whose_store_hit_oom_is_finished_once_memory_frees(tmp_path: Path,
             wait_until(lambda: store.hlen("unacked") == 0, 30, what="no unacknowledged message left")
             assert worker.alive()
     finally:
+        if filler is not None:
+            filler.free()
         api.stop()
         worker.stop()
