@@ -21,11 +21,14 @@ treats that refusal as fatal in three places, each of which this transport chang
   script; the sweep skips its turn while Redis is full.
 - Handing a message back (``Reject(requeue=True)``) pushes it onto its queue: refused, the message
   stays in the unacknowledged hash and the sweep hands it out once Redis has room again.
+
+Script flags (``#!lua flags=...``) need Redis 7 or Valkey 7.2 or later.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from functools import cached_property
 from typing import Any
 
@@ -57,7 +60,7 @@ class QoS(kombu_redis.QoS):
         delivery = message.delivery_info
         raw = kombu_redis.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
         with self.channel.conn_or_acquire() as client:
-            client.eval(_TRACK_UNACKED, 2, self.unacked_index_key, self.unacked_key, delivery_tag, kombu_redis.time(), raw)
+            self.channel._track_unacked(keys=[self.unacked_index_key, self.unacked_key], args=[delivery_tag, time.time(), raw], client=client)
         VirtualQoS.append(self, message, delivery_tag)
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
@@ -90,6 +93,10 @@ class Channel(kombu_redis.Channel):
     @cached_property
     def _refresh_binding(self) -> Any:
         return self._create_client().register_script(_REFRESH_BINDING)
+
+    @cached_property
+    def _track_unacked(self) -> Any:
+        return self._create_client().register_script(_TRACK_UNACKED)
 
     @cached_property
     def _bind(self) -> Any:
