@@ -15,10 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from pydantic import ValidationError
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
 from shared.keys import Keys
+from shared.settings import Settings, describe_errors
 from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served, wait_worker_ready
 from tests.jobs_helpers import all_results, elapsed, submit, wait_done
 from tests.photos import BENCH
@@ -243,3 +245,11 @@ def test_chunk_whose_store_hit_oom_is_finished_once_memory_frees(tmp_path: Path,
             filler.free()
         api.stop()
         worker.stop()
+
+
+@pytest.mark.parametrize("value", ["1000", "lots", "-1"])
+def test_a_bad_budget_is_refused_at_start_naming_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("IMBEDDINGS_REDIS_MAX_BYTES", value)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    assert "IMBEDDINGS_REDIS_MAX_BYTES" in describe_errors(error.value)
