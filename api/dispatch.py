@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio.to_thread
 import orjson
+from redis.asyncio.client import Pipeline
 
 from api.admission import Admission
 from api.errors import ApiError
@@ -46,12 +47,16 @@ async def stash_images(state: AppState, blobs_key: str, images: list[ParsedImage
         elif image.url is not None:
             refs.append(ImageRef(index=image.index, kind="url", data=image.url))
         if len(pipe) >= 256:  # bounded pipelines: a 100,000-image job is not one giant command buffer
-            await pipe.execute()
-    if any(ref.kind == "blob" for ref in refs):
-        pipe.expire(blobs_key, ttl_s)
+            await _flush_with_expiry(pipe, blobs_key, ttl_s)
     if len(pipe):
-        await pipe.execute()
+        await _flush_with_expiry(pipe, blobs_key, ttl_s)
     return refs
+
+
+async def _flush_with_expiry(pipe: Pipeline, blobs_key: str, ttl_s: int) -> None:
+    # Every flush sets the expiry, so a submission that fails part-way never leaves bytes without one.
+    pipe.expire(blobs_key, ttl_s)
+    await pipe.execute()
 
 
 def _publish_all(state: AppState, name: str, payloads: list[dict[str, object]]) -> None:
@@ -79,18 +84,22 @@ async def embed_and_wait(state: AppState, model: str, images: list[ParsedImage],
     deadline = time.time() + timeout
     # Keys are per dispatch, not per request id: clients choose X-Request-ID and may reuse it.
     work_id = uuid.uuid4().hex
-    admitted = await state.ledger.admit(model, work_id, len(images), deadline)
     blobs_key = state.keys.blobs(work_id)
     reply_key = state.keys.reply(work_id)
+    admitted: Admission | None = None
     reply: bytes | None = None
     try:
-        refs = await stash_images(state, blobs_key, images, ttl_s=int(timeout) + 60)
+        # The images' bytes are held against the memory budget until Redis counts them itself.
+        async with state.memory.reserve(await state.memory.need(model, images), "request"):
+            admitted = await state.ledger.admit(model, work_id, len(images), deadline)
+            refs = await stash_images(state, blobs_key, images, ttl_s=int(timeout) + 60)
         payload = EmbedPayload(request_id=request_id, model=model, items=refs, reply_key=reply_key, deadline=deadline)
         await publish(state, EMBED_TASK, [payload.model_dump()])
         reply = await _wait_for_reply(state, payload, client_gone)
     finally:
         # Shielded: a cancelled request (its client left) must still withdraw and leave the ledger.
-        await asyncio.shield(_finish(state, admitted, reply is None, reply_key, blobs_key, timeout))
+        if admitted is not None:
+            await asyncio.shield(_finish(state, admitted, reply is None, reply_key, blobs_key, timeout))
     if reply is None:
         raise ApiError(504, f"no worker answered within {timeout:g} s; the request was withdrawn", code="timeout")
     return [ItemResult.model_validate(item) for item in orjson.loads(reply)]
@@ -100,11 +109,12 @@ async def _finish(state: AppState, admitted: Admission, withdrawn: bool, reply_k
     try:
         if withdrawn:
             # Workers skip a withdrawn request at task start and drop its images from batches;
-            # a result that still arrives expires unread, and the image bytes go now.
+            # a result that still arrives expires unread, and the image bytes go now. A full
+            # Redis refuses the flag but not the deletion, and the ledger is still released.
             pipe = state.redis.pipeline(transaction=False)
-            pipe.set(state.keys.abandoned(reply_key), b"1", ex=int(timeout) + 60)
             pipe.delete(blobs_key)
-            await pipe.execute()
+            pipe.set(state.keys.abandoned(reply_key), b"1", ex=int(timeout) + 60)
+            await pipe.execute(raise_on_error=False)
         await state.ledger.release(admitted)
     except Exception as exc:  # Redis went away: the ledger entry expires at its deadline by itself
         log.warning("could not withdraw a request", extra={"error": type(exc).__name__})

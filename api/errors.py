@@ -7,14 +7,14 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from kombu.exceptions import OperationalError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.responses import JSONBytesResponse
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout", 507: "insufficient_storage"}
 
 
 class ApiError(Exception):
@@ -59,7 +59,19 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONBytesRespo
     return error_response(ApiError(exc.status_code, str(exc.detail), code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code), headers=getattr(exc, "headers", None)))
 
 
+def _redis_full(exc: BaseException | None) -> bool:
+    """An OOM refusal, raised by redis-py itself or wrapped by kombu while publishing."""
+    while exc is not None:
+        if isinstance(exc, OutOfMemoryError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 async def _queue_error(_: Request, exc: Exception) -> JSONBytesResponse:
+    if _redis_full(exc):
+        log.warning("redis full", extra={"error": type(exc).__name__})
+        return error_response(ApiError(507, "Redis is full (it reached its maxmemory) and refused to store this work; nothing of it was kept; retry later", code="redis_full", headers={"Retry-After": "10"}))
     log.warning("redis unavailable", extra={"error": type(exc).__name__})
     return error_response(ApiError(503, "the queue (Redis) is unreachable; retry shortly", code="queue_unavailable", headers={"Retry-After": "2"}))
 

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
 import orjson
+from redis.exceptions import RedisError
 
 from api import metrics
 from api.dispatch import check_job_backpressure, publish, stash_images
 from api.errors import ApiError
 from api.formatting import embedding_item, item_error_body
-from api.inputs import parse_inputs
+from api.inputs import ParsedImage, parse_inputs
 from api.schemas import EmbeddingRequest
 from api.state import AppState
 from api.workers import resolve_model, validate_dimensions
 from shared.jobs import JobRecord, job_created_at, new_job_id, store_results_args
 from shared.protocol import ItemResult, JobChunkPayload
 from shared.queues import JOB_CHUNK_TASK
+
+log = logging.getLogger(__name__)
 
 RESULT_PAGE = 500
 
@@ -29,25 +34,40 @@ async def create_job(state: AppState, body: EmbeddingRequest, request_id: str) -
     images = parse_inputs(body.input, settings.max_job_inputs, settings.max_image_bytes, strict=False)
     await check_job_backpressure(state, model)
     job = JobRecord(id=new_job_id(), status="queued", model=model, total=len(images), created_at=int(time.time()), encoding_format=body.encoding_format, pooling=body.pooling, dimensions=body.dimensions)
-    ttl = settings.job_result_ttl_s
+    accepted = [image for image in images if image.error is None]
+    async with state.memory.reserve(await state.memory.need(model, accepted), "job"):
+        try:
+            await _store_and_publish(state, job, images, accepted, request_id)
+        except BaseException:
+            # Refused (Redis full, unreachable) or interrupted part-way: the client gets an error and
+            # nothing the job wrote stays behind. Chunks already queued find no job and are skipped.
+            await asyncio.shield(_discard(state, job.id))
+            raise
+    metrics.JOB_IMAGES.labels(model).inc(job.total)
+    return await get_job(state, job.id)
+
+
+async def _store_and_publish(state: AppState, job: JobRecord, images: list[ParsedImage], accepted: list[ParsedImage], request_id: str) -> None:
+    ttl = state.settings.job_result_ttl_s
     keys = state.keys
     # Order matters: image bytes, then the job record, then the tasks that need both.
-    refs = await stash_images(state, keys.job_blobs(job.id), [image for image in images if image.error is None], ttl)
+    refs = await stash_images(state, keys.job_blobs(job.id), accepted, ttl)
     fields = [item for pair in job.to_redis().items() for item in pair]
     await state.create_job_script(keys=[keys.job(job.id), keys.job_counts()], args=[ttl, *fields])
     refused = [ItemResult(index=image.index, error=image.error) for image in images if image.error is not None]
     if refused:
         await store_results(state, job.id, refused)
-    size = settings.job_chunk_size
-    chunks = [JobChunkPayload(request_id=request_id, job_id=job.id, model=model, items=refs[start : start + size]).model_dump() for start in range(0, len(refs), size)]
+    size = state.settings.job_chunk_size
+    chunks = [JobChunkPayload(request_id=request_id, job_id=job.id, model=job.model, items=refs[start : start + size]).model_dump() for start in range(0, len(refs), size)]
+    await publish(state, JOB_CHUNK_TASK, chunks)
+
+
+async def _discard(state: AppState, job_id: str) -> None:
+    keys = state.keys
     try:
-        await publish(state, JOB_CHUNK_TASK, chunks)
-    except Exception:
-        # Not accepted: the client gets an error and retries; nothing half-queued lingers.
-        await _cancel(state, job.id)
-        raise
-    metrics.JOB_IMAGES.labels(model).inc(job.total)
-    return await get_job(state, job.id)
+        await state.discard_script(keys=[keys.job(job_id), keys.job_results(job_id), keys.job_blobs(job_id), keys.job_counts()])
+    except RedisError as exc:  # Redis is away: the keys still expire with the job's TTL
+        log.warning("could not delete a refused job's keys", extra={"job_id": job_id, "error": type(exc).__name__})
 
 
 async def store_results(state: AppState, job_id: str, results: list[ItemResult]) -> None:

@@ -130,5 +130,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         429: "Queue full; retry after the Retry-After header",
         503: "No worker serves the model, or Redis is unreachable",
         504: "The wait for a worker ran out",
+        507: "Redis has no room for this work (its memory budget or maxmemory); retry after the Retry-After header",
     }.items()
 }

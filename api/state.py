@@ -10,8 +10,9 @@ from fastapi import Request
 from redis.commands.core import AsyncScript
 
 from api.admission import AdmissionLedger
+from api.memory_budget import MemoryBudget
 from shared.claims import HOLDER_STATE
-from shared.jobs import CANCEL, CREATE, STORE_RESULTS
+from shared.jobs import CANCEL, CREATE, DISCARD, STORE_RESULTS
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -30,14 +31,18 @@ class AppState:
     create_job_script: AsyncScript = field(init=False)
     store_results_script: AsyncScript = field(init=False)
     cancel_script: AsyncScript = field(init=False)
+    discard_script: AsyncScript = field(init=False)
     holder_state_script: AsyncScript = field(init=False)
     ledger: AdmissionLedger = field(init=False)
+    memory: MemoryBudget = field(init=False)
 
     def __post_init__(self) -> None:
         self.create_job_script = self.redis.register_script(CREATE)
         self.store_results_script = self.redis.register_script(STORE_RESULTS)
         self.cancel_script = self.redis.register_script(CANCEL)
+        self.discard_script = self.redis.register_script(DISCARD)
         self.holder_state_script = self.redis.register_script(HOLDER_STATE)
+        self.memory = MemoryBudget(self.redis, self.keys, self.settings.redis_max_bytes)
         self.ledger = AdmissionLedger(self.redis, self.keys, self.settings.request_timeout_s, self.settings.max_queue_depth)
 
 

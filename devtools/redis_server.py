@@ -44,9 +44,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        """``extra_args`` go to the server's command line after the defaults (``--maxmemory 8mb`` ...)."""
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,6 +66,7 @@ class RedisServer:
             "--appendfsync", "everysec",
             "--save", "",
             "--logfile", str(self.data_dir / "server.log"),
+            *self.extra_args,
         ]
         # Own session: a Ctrl-C meant for the caller must not stop Redis before its clients.
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

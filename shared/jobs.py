@@ -84,10 +84,21 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'queued', 1)
 """
 
-# KEYS: job hash, results hash, job counts. ARGV: ttl seconds, now, then triples (index, result
-# json, "1" if error). Returns {completed, failed, total, status}; status "gone" when the job is
-# unknown or cancelled.
+# KEYS: job hash, results hash, job counts, and optionally the job's image-bytes hash. ARGV: ttl
+# seconds, now, then triples (index, result json, "1" if error). Returns {completed, failed, total,
+# status}; status "gone" when the job is unknown or cancelled.
+#
+# The items' image bytes go first. Redis (noeviction) refuses a script's command that may grow memory
+# while it is over maxmemory only until the script has written something: dropping the images first
+# lets a chunk's results in when Redis is full, in exchange for the image bytes, which outweigh them.
+# A chunk of URLs has no image bytes to drop: a full Redis refuses its results, and the worker
+# hands the chunk back.
 STORE_RESULTS = _SET_STATUS + """
+if KEYS[4] then
+  for i = 3, #ARGV, 3 do
+    redis.call('HDEL', KEYS[4], ARGV[i])
+  end
+end
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == 'cancelled' then
   return {0, 0, 0, 'gone'}
@@ -143,4 +154,15 @@ end
 redis.call('HSET', KEYS[1], 'results_deleted', '1')
 redis.call('UNLINK', KEYS[2], KEYS[3])
 return status
+"""
+
+# KEYS: job hash, results hash, blobs hash, job counts. Deletes everything a job wrote, for a job
+# whose submission failed. Deleting comes first, which a full Redis allows (and which then lets the
+# count change through as well).
+DISCARD = """
+local status = redis.call('HGET', KEYS[1], 'status')
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3])
+if status then
+  redis.call('HINCRBY', KEYS[4], status, -1)
+end
 """

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     max_job_queue_depth: int = Field(50_000, ge=1, description="Queued job chunks per model beyond which new jobs get 429.")
     job_chunk_size: int = Field(16, ge=1, le=10_000, description="Images per job chunk task.")
     job_result_ttl_s: int = Field(24 * 3600, ge=1, description="Jobs and results are kept this long after their last update.")
+    redis_max_bytes: int | None = Field(
+        None, ge=2**20, description="Redis memory budget: work whose images would take Redis's used memory past it gets 507 (default: 80% of Redis's maxmemory)."
+    )
     broker_visibility_timeout_s: int = Field(120, ge=5, description="An unacknowledged task is handed out again this long after delivery.")
     heartbeat_interval_s: float = Field(5.0, gt=0)
     heartbeat_ttl_s: float = Field(20.0, gt=0)

@@ -14,6 +14,18 @@ from shared.protocol import ModelInfo
 
 log = logging.getLogger(__name__)
 
+# KEYS: model-info hash, then each model's worker set. ARGV: worker name, now, expiry, then each
+# model's id and info JSON. Flagged allow-oom: a beat rewrites entries of fixed size, and a worker
+# that could not announce itself while Redis is full would be invisible to the API, although
+# workers are what frees Redis's memory (they drop image bytes as they store results).
+BEAT = """#!lua flags=allow-oom
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], ARGV[3], ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[2])
+  redis.call('HSET', KEYS[1], ARGV[2 * i], ARGV[2 * i + 1])
+end
+"""
+
 
 class Heartbeat:
     def __init__(self, redis: Redis, keys: Keys, worker_name: str, models: list[ModelInfo], interval_s: float, ttl_s: float) -> None:
@@ -27,6 +39,7 @@ class Heartbeat:
         # A beat already on its way when the worker withdraws must not announce it again.
         self._beating = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._beat = redis.register_script(BEAT)
 
     def start(self) -> None:
         """Beats from now on, the first one at once; never raises, so nothing can stop announcing."""
@@ -34,13 +47,11 @@ class Heartbeat:
 
     def beat(self) -> None:
         now = time.time()
-        pipe = self._redis.pipeline(transaction=False)
+        keys = [self._keys.model_info(), *(self._keys.model_workers(info.id) for info in self._models)]
+        args: list[str | float] = [self._name, now, now + self._ttl_s]
         for info in self._models:
-            key = self._keys.model_workers(info.id)
-            pipe.zadd(key, {self._name: now + self._ttl_s})
-            pipe.zremrangebyscore(key, "-inf", now)
-            pipe.hset(self._keys.model_info(), info.id, info.model_dump_json())
-        pipe.execute()
+            args += [info.id, info.model_dump_json()]
+        self._beat(keys=keys, args=args)
 
     def stop(self) -> None:
         """Withdraw at once: the API stops sending this worker's models work it would not finish."""

@@ -5,11 +5,27 @@ from __future__ import annotations
 import json
 
 from redis import Redis
+from redis.exceptions import OutOfMemoryError
 
 from shared.jobs import MARK_RUNNING, STORE_RESULTS, store_results_args
 from shared.keys import Keys
 from shared.protocol import EmbedPayload, ItemResult, JobChunkPayload
 from worker.tickets import Ticket
+
+# KEYS: reply list, the request's "abandoned" flag, then its image-bytes hashes. ARGV: results JSON,
+# ttl seconds. Returns 1 when pushed, 0 when the API had stopped waiting. The image bytes go first:
+# a full Redis then lets the (smaller) answer in (see STORE_RESULTS in shared.jobs).
+REPLY = """
+if #KEYS > 2 then
+  redis.call('DEL', unpack(KEYS, 3))
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
 
 
 def dump_results(results: list[ItemResult]) -> str:
@@ -24,6 +40,7 @@ class ResultStore:
         self._job_ttl_s = job_ttl_s
         self._store_results = redis.register_script(STORE_RESULTS)
         self._mark_running = redis.register_script(MARK_RUNNING)
+        self._reply = redis.register_script(REPLY)
 
     def is_abandoned(self, reply_key: str) -> bool:
         return bool(self._redis.exists(self._keys.abandoned(reply_key)))
@@ -38,37 +55,34 @@ class ResultStore:
 
     def reply(self, payload: EmbedPayload, results: list[ItemResult]) -> bool:
         """Push the results for the waiting request; False when it had stopped waiting (discarded)."""
-        blobs = {ref.data for ref in payload.items if ref.kind == "blob"}
-        if self.is_abandoned(payload.reply_key):
-            if blobs:
-                self._redis.delete(*blobs)
-            return False
-        # Should the API give up between the check and the push, the expiry discards the answer.
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.rpush(payload.reply_key, dump_results(results))
-        pipe.expire(payload.reply_key, self._reply_ttl_s)
-        if blobs:
-            pipe.delete(*blobs)
-        pipe.execute()
-        return True
+        blobs = sorted({ref.data for ref in payload.items if ref.kind == "blob"})
+        keys = [payload.reply_key, self._keys.abandoned(payload.reply_key), *blobs]
+        return bool(self._reply(keys=keys, args=[dump_results(results), self._reply_ttl_s]))
 
     def start_chunk(self, chunk: JobChunkPayload) -> tuple[str, set[int]]:
         """The job's status, and which of the chunk's items already have a stored result.
 
         A redelivered chunk (its worker died after storing, before acknowledging) skips those.
         """
-        status = self._mark_running(keys=[self._keys.job(chunk.job_id), self._keys.job_counts()]).decode()
+        try:
+            status = self._mark_running(keys=[self._keys.job(chunk.job_id), self._keys.job_counts()]).decode()
+        except OutOfMemoryError:
+            # Redis is full: the job turns running when its first results are stored (which frees
+            # image bytes), and refusing the chunk here would leave nothing able to free memory.
+            status = (self._redis.hget(self._keys.job(chunk.job_id), "status") or b"gone").decode()
         indices = [ref.index for ref in chunk.items]
         stored = self._redis.hmget(self._keys.job_results(chunk.job_id), [str(i) for i in indices])
         return status, {index for index, value in zip(indices, stored) if value is not None}
 
     def store_chunk(self, chunk: JobChunkPayload, results: list[ItemResult], now: int) -> str:
-        """Record each item once (counted once) and drop the chunk's image bytes; returns the job status."""
+        """Drop the items' image bytes and record each item once (counted once), in one script;
+        returns the job status. Raises OutOfMemoryError when Redis is full and the chunk had no
+        image bytes to drop."""
         args = store_results_args(self._job_ttl_s, now, results)
         keys = [self._keys.job(chunk.job_id), self._keys.job_results(chunk.job_id), self._keys.job_counts()]
-        status = self._store_results(keys=keys, args=args)[3].decode()
-        self.drop_blobs(chunk)
-        return status
+        if any(ref.kind == "blob" for ref in chunk.items):
+            keys.append(self._keys.job_blobs(chunk.job_id))
+        return self._store_results(keys=keys, args=args)[3].decode()
 
     def drop_blobs(self, chunk: JobChunkPayload) -> None:
         fields = [str(ref.index) for ref in chunk.items if ref.kind == "blob"]

@@ -76,6 +76,9 @@ class ModelRuntime:
             except ImageInputError as exc:
                 queued.append(exc)
                 continue
+            except Exception as exc:  # whatever the fetcher trips over is still this URL's failure, never its batch's
+                queued.append(ImageInputError("url_fetch_failed", f"URL fetch failed: {type(exc).__name__}: {exc}"))
+                continue
             assert data is not None
             if not ticket.wanted():
                 queued.append(Withdrawn())

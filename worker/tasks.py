@@ -9,10 +9,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from celery import shared_task
+from celery import Task, shared_task
 from celery.exceptions import Reject
 from pydantic import ValidationError
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.logs import request_id_var
 from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult, JobChunkPayload
@@ -26,6 +29,14 @@ from worker.tickets import Ticket
 log = logging.getLogger(__name__)
 
 Message = TypeVar("Message", EmbedPayload, JobChunkPayload)
+
+# Redis full (noeviction) or away: the chunk waits for Redis, as often as it takes.
+REDIS_UNAVAILABLE = (OutOfMemoryError, RedisConnectionError, RedisTimeoutError)
+# Any other failure of a whole chunk is tried this many more times, a growing delay apart (enough to
+# ride out a passing fault, few enough that a chunk that always fails ends soon), before its items
+# fail in place.
+MAX_CHUNK_RETRIES = 3
+CHUNK_RETRY_DELAY_S = 2
 
 
 @dataclass
@@ -78,6 +89,10 @@ def _message(kind: str, schema: type[Message], payload: dict) -> Iterator[Messag
         request_id_var.reset(token)
 
 
+def _failed(refs: list[ImageRef], message: str, code: str) -> list[ItemResult]:
+    return [ItemResult(index=ref.index, error=ItemError(message=message, type="server_error", code=code)) for ref in refs]
+
+
 @shared_task(name=EMBED_TASK, ignore_result=True)
 def embed(payload: dict) -> None:
     with _message("embed", EmbedPayload, payload) as request:
@@ -89,34 +104,73 @@ def embed(payload: dict) -> None:
             metrics.TASKS.labels("embed", "skipped").inc()
             return
         started = time.perf_counter()
-        results = embed_refs(context, request.model, request.items, ticket=Ticket(request.reply_key, request.deadline))
+        try:
+            results = embed_refs(context, request.model, request.items, ticket=Ticket(request.reply_key, request.deadline))
+        except Exception as exc:  # the client waits for an answer: a failure it can read, not a timeout
+            log.exception("request failed in the worker; its images are answered with errors", extra={"model": request.model})
+            results = _failed(request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", "worker_error")
         delivered = context.store.reply(request, results)
         metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
         log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
 
 
-@shared_task(name=JOB_CHUNK_TASK, ignore_result=True)
-def embed_job_chunk(payload: dict) -> None:
-    """One slice of a job. Safe to run twice: results are stored per index, once."""
+@shared_task(name=JOB_CHUNK_TASK, bind=True, ignore_result=True, max_retries=MAX_CHUNK_RETRIES)
+def embed_job_chunk(self: Task, payload: dict) -> None:
+    """One slice of a job. Safe to run twice: results are stored per index, once.
+
+    The message is acknowledged only once the chunk's results are stored. When Redis refuses or
+    loses a write (full, unreachable), the chunk goes back to the queue however often that happens:
+    waiting for Redis is right. Any other failure is a defect that may strike again: the chunk is
+    tried ``MAX_CHUNK_RETRIES`` more times, then its unfinished items fail in place, so the job still
+    completes and a poison chunk cannot loop forever.
+    """
     with _message("job_chunk", JobChunkPayload, payload) as chunk:
         if chunk is None:
             return
         context = _ctx()
-        status, done = context.store.start_chunk(chunk)
-        if status in ("gone", "cancelled"):
-            context.store.drop_blobs(chunk)
-            log.info("skipping chunk of a cancelled or expired job", extra={"job_id": chunk.job_id, "images": len(chunk.items)})
-            metrics.TASKS.labels("job_chunk", "skipped").inc()
-            return
-        todo = [ref for ref in chunk.items if ref.index not in done]
-        started = time.perf_counter()
         try:
-            with context.runtime.bulk_slot(chunk.model):
-                results = embed_refs(context, chunk.model, todo, bulk=True)
+            _run_chunk(context, chunk)
         except WorkerStopping:
             log.info("worker stopping: job chunk handed back to the queue", extra={"job_id": chunk.job_id})
             metrics.TASKS.labels("job_chunk", "requeued").inc()
             raise Reject("worker stopping", requeue=True) from None
-        status = context.store.store_chunk(chunk, results, now=int(time.time()))
-        metrics.TASKS.labels("job_chunk", "done").inc()
-        log.info("job chunk embedded", extra={"job_id": chunk.job_id, "model": chunk.model, "images": len(results), "already_done": len(done), "job_status": status, "seconds": round(time.perf_counter() - started, 4)})
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("Redis refused or lost a job chunk's write; the chunk goes back to the queue", extra={"job_id": chunk.job_id, "error": f"{type(exc).__name__}: {exc}"})
+            metrics.TASKS.labels("job_chunk", "requeued").inc()
+            raise Reject("redis unavailable", requeue=True) from None
+        except Exception as exc:
+            attempt = self.request.retries + 1
+            if attempt <= MAX_CHUNK_RETRIES:
+                log.exception("job chunk failed; it will be tried again", extra={"job_id": chunk.job_id, "attempt": attempt, "max_retries": MAX_CHUNK_RETRIES})
+                metrics.TASKS.labels("job_chunk", "retried").inc()
+                try:
+                    raise self.retry(countdown=CHUNK_RETRY_DELAY_S * attempt)
+                except Reject:  # the retry could not be sent: keep this delivery instead
+                    raise Reject("retry not sent", requeue=True) from None
+            log.exception("job chunk failed on every try; its unfinished items fail in place", extra={"job_id": chunk.job_id, "attempts": attempt})
+            message = f"the worker failed on this item's chunk {attempt} times: {type(exc).__name__}: {exc}"
+            try:
+                context.store.store_chunk(chunk, _failed(chunk.items, message, "chunk_failed"), now=int(time.time()))
+            except REDIS_UNAVAILABLE:
+                raise Reject("redis unavailable", requeue=True) from None
+            except Exception:  # the job's own keys are broken: nothing more this chunk can do
+                log.exception("could not record the chunk's failure in its job; the chunk is dropped", extra={"job_id": chunk.job_id})
+                metrics.TASKS.labels("job_chunk", "dropped").inc()
+                return
+            metrics.TASKS.labels("job_chunk", "failed").inc()
+
+
+def _run_chunk(context: WorkerContext, chunk: JobChunkPayload) -> None:
+    status, done = context.store.start_chunk(chunk)
+    if status in ("gone", "cancelled"):
+        context.store.drop_blobs(chunk)
+        log.info("skipping chunk of a cancelled or expired job", extra={"job_id": chunk.job_id, "images": len(chunk.items)})
+        metrics.TASKS.labels("job_chunk", "skipped").inc()
+        return
+    todo = [ref for ref in chunk.items if ref.index not in done]
+    started = time.perf_counter()
+    with context.runtime.bulk_slot(chunk.model):
+        results = embed_refs(context, chunk.model, todo, bulk=True)
+    status = context.store.store_chunk(chunk, results, now=int(time.time()))
+    metrics.TASKS.labels("job_chunk", "done").inc()
+    log.info("job chunk embedded", extra={"job_id": chunk.job_id, "model": chunk.model, "images": len(results), "already_done": len(done), "job_status": status, "seconds": round(time.perf_counter() - started, 4)})
