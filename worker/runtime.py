@@ -20,11 +20,13 @@ from worker import metrics
 from worker.batching import BULK, INTERACTIVE, BatchRunner, Embedding
 from worker.compute import compute_executor, use_one_torch_thread
 from worker.cpu_budget import ThreadBudget
-from worker.decode import DecodeLimits, decode_image
+from worker.decode import DecodeLimits
+from worker.decode_pool import DecodePool
 from worker.errors import ImageInputError
 from worker.fetch import FetchLimits, fetch_url
+from worker.image_structure import StructureLimits
 from worker.model_loader import LoadedModel, load_model, probe_image
-from worker.preprocess import Preprocessor, choose_preprocessor
+from worker.preprocess import Preprocessor, choose_preprocessor, resize_rule
 from worker.sources import ImageInput
 
 
@@ -37,14 +39,20 @@ class InputLimits:
     def from_settings(cls, settings: Settings) -> InputLimits:
         return cls(
             fetch=FetchLimits.from_strings(settings.url_fetch_timeout_s, settings.url_max_redirects, settings.max_image_bytes, settings.url_allowed_networks),
-            decode=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_side),
+            decode=DecodeLimits(
+                settings.max_image_bytes,
+                settings.max_image_pixels,
+                settings.max_image_side,
+                structure=StructureLimits(settings.max_image_segments, settings.max_metadata_bytes, settings.jpeg_max_scans),
+                max_decoded_bytes=settings.decode_max_bytes,
+            ),
         )
 
 
 class ModelRuntime:
     """One served model: images in, (CLS, MEAN) out, in the order they were given."""
 
-    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, compute: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float, bulk_concurrency: int) -> None:
+    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, decode_pool: DecodePool, compute: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float, bulk_concurrency: int) -> None:
         self.model = model
         # Job chunks take turns: enough at once to keep batches full, few enough that requests and
         # other chunks are not starved.
@@ -53,12 +61,14 @@ class ModelRuntime:
         self._limits = limits
         self._fetch_pool = fetch_pool
         self._prep_pool = prep_pool
+        self._decode_pool = decode_pool
         # Preprocessed images waiting for the model are bounded, so a burst cannot grow memory.
         self._prepared_slots = threading.BoundedSemaphore(4 * max_batch_size)
         self._batcher = BatchRunner(model, compute, max_batch_size, max_batch_wait_s, partial(metrics.observe_batch, model.model_id))
 
-    def embed(self, inputs: list[ImageInput], bulk: bool = False) -> list[ItemResult]:
-        """Results in the order of ``inputs``; every image gets a vector or an error."""
+    def embed(self, inputs: list[ImageInput], bulk: bool = False, deadline: float | None = None) -> list[ItemResult]:
+        """Results in the order of ``inputs``; every image gets a vector or an error. Decodes not
+        finished by ``deadline`` (epoch seconds) are abandoned."""
         priority = BULK if bulk else INTERACTIVE
         # URLs are fetched in parallel on I/O threads; decoding waits for its bytes in input order.
         fetched = [self._fetch_pool.submit(fetch_url, item.url, self._limits.fetch) if item.url is not None else None for item in inputs]
@@ -73,15 +83,17 @@ class ModelRuntime:
             # Announced before decoding starts, so the batcher waits for it rather than run a batch
             # without it.
             self._batcher.expect()
-            queued.append(self._prep_pool.submit(self._prepare, data, priority))
+            queued.append(self._prep_pool.submit(self._prepare, data, priority, deadline))
         return [self._collect(item.index, entry) for item, entry in zip(inputs, queued)]
 
-    def _prepare(self, data: bytes, priority: int) -> Future[Embedding]:
+    def _prepare(self, data: bytes, priority: int, deadline: float | None) -> Future[Embedding]:
         self._prepared_slots.acquire()
         queued = False
         try:
+            if deadline is not None and time.time() > deadline:
+                raise ImageInputError("deadline_exceeded", "the request's deadline passed before the image was decoded")
             started = time.perf_counter()
-            pixel_values = self._preprocess(decode_image(data, self._limits.decode))
+            pixel_values = self._preprocess(self._decode_pool.decode(data, self._limits.decode, deadline))
             metrics.PREPROCESS_SECONDS.labels(self.model.model_id).observe(time.perf_counter() - started)
             future = self._batcher.submit(pixel_values, on_done=self._prepared_slots.release, priority=priority, announced=True)
             queued = True
@@ -126,6 +138,8 @@ class WorkerRuntime:
         self.limits = InputLimits.from_settings(settings)
         self.fetch_pool = ThreadPoolExecutor(max_workers=budget.fetch_threads, thread_name_prefix="fetch")
         self.prep_pool = ThreadPoolExecutor(max_workers=budget.preprocess_threads, thread_name_prefix="prep", initializer=use_one_torch_thread)
+        # One decode subprocess per preprocessing thread: a thread never waits for a free one.
+        self.decode_pool = DecodePool(budget.preprocess_threads, settings.decode_cpu_seconds, settings.decode_max_bytes)
         self.compute = compute_executor()
         self.models: dict[str, ModelRuntime] = {}
 
@@ -137,6 +151,7 @@ class WorkerRuntime:
         model = load_model(model_id, device, dtype, token, self.settings.max_batch_size)
         metrics.MODEL_LOAD_SECONDS.labels(model.model_id).set(model.load_seconds)
         limits = self.limits
+        limits = replace(limits, decode=replace(limits.decode, resize=resize_rule(model.processor)))
         if self.settings.jpeg_draft:
             limits = replace(limits, decode=limits.decode.with_jpeg_draft(model.info.image_size))
         runtime = ModelRuntime(
@@ -145,6 +160,7 @@ class WorkerRuntime:
             limits,
             self.fetch_pool,
             self.prep_pool,
+            self.decode_pool,
             self.compute,
             self.settings.max_batch_size,
             self.settings.max_batch_wait_ms / 1000,
@@ -175,6 +191,7 @@ class WorkerRuntime:
             runtime.stop()
         self.fetch_pool.shutdown(wait=False, cancel_futures=True)
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
+        self.decode_pool.close()
         self.compute.shutdown(wait=False)
 
 

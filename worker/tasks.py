@@ -49,14 +49,14 @@ def _ctx() -> WorkerContext:
     return _context
 
 
-def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef], bulk: bool = False) -> list[ItemResult]:
+def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef], bulk: bool = False, deadline: float | None = None) -> list[ItemResult]:
     """Every ref's result, in order: a vector or an in-place error."""
     runtime = context.runtime.models.get(model)
     if runtime is None:
         error = ItemError(message=f"this worker does not serve model {model!r}", type="server_error", code="model_not_served")
         return [ItemResult(index=ref.index, error=error) for ref in refs]
     loaded = load_inputs(context.redis, refs)
-    embedded = iter(runtime.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk))
+    embedded = iter(runtime.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk, deadline=deadline))
     return [next(embedded) if isinstance(item, ImageInput) else item for item in loaded]
 
 
@@ -88,7 +88,7 @@ def embed(payload: dict) -> None:
             metrics.TASKS.labels("embed", "skipped").inc()
             return
         started = time.perf_counter()
-        results = embed_refs(context, request.model, request.items)
+        results = embed_refs(context, request.model, request.items, deadline=request.deadline)
         delivered = context.store.reply(request, results)
         metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
         log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
