@@ -186,15 +186,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def deep_range(image: Image.Image) -> tuple[float, float]:
-    """The range an image deeper than 8 bits is scaled from: 16-bit integers from 0..65535; other
-    integers and floats by the range their values actually reach: floats within 0..1 from 0..1,
-    values within 0..255 as they are, within 0..65535 as 16 bits, anything else from its min..max."""
-    if image.mode.startswith("I;16"):
-        return 0.0, 65535.0
+    """The range an image deeper than 8 bits is scaled from. Integers are 16-bit data in practice
+    (PNG, TIFF): 0..65535. Floats have no convention, so the range their values reach decides:
+    within 0..1 (the usual float convention), 0..255 (Pillow's own ``convert("F")``) or 0..65535.
+    Values outside those (negative, wider than 16 bits) are stretched from their own min..max."""
     low, high = image.getextrema()
-    if image.mode == "F" and low >= 0 and high <= 1:
-        return 0.0, 1.0
-    for top in (255.0, 65535.0):
+    tops = (1.0, 255.0, 65535.0) if image.mode == "F" else (65535.0,)
+    for top in tops:
         if low >= 0 and high <= top:
             return 0.0, top
     return float(low), float(high) if high > low else float(low) + 1.0
