@@ -186,3 +186,32 @@ def tiff_one_huge_tile(side: int = 16_384, image_side: int = 16) -> bytes:
 def tiff_float(values: np.ndarray) -> bytes:
     """A 32-bit float grayscale TIFF (Pillow mode F)."""
     return encode(Image.fromarray(values.astype(np.float32), mode="F"), "TIFF")
+
+
+# Just under IMBEDDINGS_MAX_IMAGE_BYTES' default, so that the structure is what gets refused.
+_UNDER_SIZE_LIMIT = 20 * 2**20 - 64 * 1024
+
+
+@cache
+def refused_by_structure() -> dict[str, tuple[bytes, str, str]]:
+    """name -> (bytes, error code, a phrase the message must contain)."""
+    return {
+        "jpeg-1000-scans": (jpeg_many_scans(1_000), "too_many_scans", "IMBEDDINGS_JPEG_MAX_SCANS"),
+        "jpeg-10000-scans": (jpeg_many_scans(10_000), "too_many_scans", "IMBEDDINGS_JPEG_MAX_SCANS"),
+        "jpeg-20MiB-empty-APPn": (jpeg_metadata_flood(_UNDER_SIZE_LIMIT), "too_many_segments", "IMBEDDINGS_MAX_IMAGE_SEGMENTS"),
+        "jpeg-20MiB-big-APPn": (jpeg_metadata_flood(_UNDER_SIZE_LIMIT, 65_000), "metadata_too_large", "IMBEDDINGS_MAX_METADATA_BYTES"),
+        "png-20MiB-text-chunks": (png_chunk_flood(_UNDER_SIZE_LIMIT, b"tEXt", b"k\x00v"), "too_many_segments", "IMBEDDINGS_MAX_IMAGE_SEGMENTS"),
+        "png-20MiB-unknown-chunks": (png_chunk_flood(_UNDER_SIZE_LIMIT, b"zzZz"), "too_many_segments", "IMBEDDINGS_MAX_IMAGE_SEGMENTS"),
+        "png-big-unknown-chunks": (png_chunk_flood(_UNDER_SIZE_LIMIT, b"zzZz", b"\x00" * 60_000), "metadata_too_large", "IMBEDDINGS_MAX_METADATA_BYTES"),
+        "bmp-rle8": (bmp_rle8(4000, 2500), "unsupported_image", "RLE8"),
+        "png-1x16384": (png_gray(1, 16_384), "image_too_large", "the model's resize makes it"),
+        "png-16bit-7071px": (png_gray(7071, 7071, 16), "image_too_large", "IMBEDDINGS_DECODE_MAX_BYTES"),
+        "tiff-16bit-7071px": (tiff_gray16(7071), "image_too_large", "IMBEDDINGS_DECODE_MAX_BYTES"),
+        "tiff-one-16384px-tile": (tiff_one_huge_tile(), "invalid_image", "tile is 16384x16384"),
+    }
+
+
+@cache
+def heavy_jpeg() -> bytes:
+    """Within every limit: 7000x7000, 100 scans, ~1 MB. Decoding it costs seconds of CPU."""
+    return jpeg_many_scans(100, (7000, 7000))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from functools import cache
 
 import numpy as np
 import pytest
@@ -23,31 +22,11 @@ from worker.runtime import InputLimits
 DEFAULTS = Settings()
 # What a worker applies to a DINOv2 model (shortest edge 256) with the default settings.
 LIMITS = replace(InputLimits.from_settings(DEFAULTS).decode, resize=ResizeRule(shortest_edge=256))
-MAX_IMAGE = DEFAULTS.max_image_bytes - 64 * 1024  # under the encoded-size limit, so the structure is what is refused
 
 
-@cache
-def refused_by_structure() -> dict[str, tuple[bytes, str, str]]:
-    """name -> (bytes, error code, a phrase the message must contain)."""
-    return {
-        "jpeg-1000-scans": (hostile.jpeg_many_scans(1_000), "too_many_scans", "IMBEDDINGS_JPEG_MAX_SCANS"),
-        "jpeg-10000-scans": (hostile.jpeg_many_scans(10_000), "too_many_scans", "IMBEDDINGS_JPEG_MAX_SCANS"),
-        "jpeg-20MiB-empty-APPn": (hostile.jpeg_metadata_flood(MAX_IMAGE), "too_many_segments", "IMBEDDINGS_MAX_IMAGE_SEGMENTS"),
-        "jpeg-20MiB-big-APPn": (hostile.jpeg_metadata_flood(MAX_IMAGE, 65_000), "metadata_too_large", "IMBEDDINGS_MAX_METADATA_BYTES"),
-        "png-20MiB-text-chunks": (hostile.png_chunk_flood(MAX_IMAGE, b"tEXt", b"k\x00v"), "too_many_segments", "IMBEDDINGS_MAX_IMAGE_SEGMENTS"),
-        "png-20MiB-unknown-chunks": (hostile.png_chunk_flood(MAX_IMAGE, b"zzZz"), "too_many_segments", "IMBEDDINGS_MAX_IMAGE_SEGMENTS"),
-        "png-big-unknown-chunks": (hostile.png_chunk_flood(MAX_IMAGE, b"zzZz", b"\x00" * 60_000), "metadata_too_large", "IMBEDDINGS_MAX_METADATA_BYTES"),
-        "bmp-rle8": (hostile.bmp_rle8(4000, 2500), "unsupported_image", "RLE8"),
-        "png-1x16384": (hostile.png_gray(1, 16_384), "image_too_large", "256x4194304"),
-        "png-16bit-7071px": (hostile.png_gray(7071, 7071, 16), "image_too_large", "IMBEDDINGS_DECODE_MAX_BYTES"),
-        "tiff-16bit-7071px": (hostile.tiff_gray16(7071), "image_too_large", "IMBEDDINGS_DECODE_MAX_BYTES"),
-        "tiff-one-16384px-tile": (hostile.tiff_one_huge_tile(), "invalid_image", "tile is 16384x16384"),
-    }
-
-
-@pytest.mark.parametrize("name", sorted(refused_by_structure()))
+@pytest.mark.parametrize("name", sorted(hostile.refused_by_structure()))
 def test_refused_before_decoding_with_the_limit_named(name: str) -> None:
-    data, code, phrase = refused_by_structure()[name]
+    data, code, phrase = hostile.refused_by_structure()[name]
     started = time.process_time()
     with pytest.raises(ImageInputError) as error:
         decode_image(data, LIMITS)
@@ -106,14 +85,9 @@ def test_pool_returns_the_same_pixels_as_decoding_in_process(pool: DecodePool) -
     for path in sorted(BENCH.iterdir())[:3]:
         data = path.read_bytes()
         assert np.array_equal(pool.decode(data, LIMITS), np.asarray(decode_image(data, LIMITS)))
-    refused = refused_by_structure()["jpeg-10000-scans"][0]
+    refused = hostile.refused_by_structure()["jpeg-10000-scans"][0]
     with pytest.raises(ImageInputError, match="IMBEDDINGS_JPEG_MAX_SCANS"):
         pool.decode(refused, LIMITS)
-
-
-def _heavy_jpeg() -> bytes:
-    """Within every structural limit: 7000x7000, 100 scans, ~1 MB. Decoding it costs a few CPU seconds."""
-    return hostile.jpeg_many_scans(100, (7000, 7000))
 
 
 def test_cpu_budget_abandons_the_decode_and_replaces_the_child() -> None:
@@ -121,7 +95,7 @@ def test_cpu_budget_abandons_the_decode_and_replaces_the_child() -> None:
     try:
         pool.decode((BENCH / "horse_800x600.jpg").read_bytes(), LIMITS)  # the child is up
         (child,) = pool._all
-        heavy = _heavy_jpeg()
+        heavy = hostile.heavy_jpeg()
         started = time.monotonic()
         with pytest.raises(ImageInputError) as error:
             pool.decode(heavy, LIMITS)

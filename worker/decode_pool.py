@@ -47,6 +47,10 @@ class DecodeBudgetExceeded(ImageInputError):
     pass
 
 
+class DecodeAbandoned(Exception):
+    """The pool was closed (the worker is stopping): the image was not judged, only left undone."""
+
+
 class _DecodeProcess:
     """One child and the two channels to it."""
 
@@ -118,7 +122,7 @@ class DecodePool:
     def decode(self, data: bytes, limits: DecodeLimits, deadline: float | None = None) -> np.ndarray:
         """The image as an ``(H, W, 3)`` uint8 array; ``ImageInputError`` when it cannot be used,
         including when its decode ran past the CPU budget or ``deadline`` (epoch seconds)."""
-        child = self._idle.get()
+        child = self._take()
         try:
             outcome = self._run(child, data, limits, deadline)
         except BaseException:
@@ -134,6 +138,15 @@ class DecodePool:
             raise outcome
         return outcome
 
+    def _take(self) -> _DecodeProcess:
+        while True:
+            if self._closed:
+                raise DecodeAbandoned
+            try:
+                return self._idle.get(timeout=WATCH_INTERVAL_S)
+            except queue.Empty:
+                continue
+
     def _run(self, child: _DecodeProcess, data: bytes, limits: DecodeLimits, deadline: float | None) -> np.ndarray | ImageInputError:
         """The decoded array or the child's verdict on the image; raises when the child must go."""
         if not child.ready:
@@ -145,6 +158,8 @@ class DecodePool:
         except OSError:  # the child died while idle
             raise ImageInputError("decoder_unavailable", "the image decoder process was not running; submit the image again") from None
         while not select.select([child.replies], [], [], WATCH_INTERVAL_S)[0]:
+            if self._closed:
+                raise DecodeAbandoned
             used = child.cpu_seconds() - started
             if used > self.cpu_seconds:
                 log.warning("decode abandoned past its CPU budget", extra={"cpu_seconds": round(used, 2), "image_bytes": len(data)})
@@ -154,6 +169,8 @@ class DecodePool:
             if deadline is not None and time.time() > deadline:
                 raise ImageInputError("deadline_exceeded", "the request's deadline passed while the image was being decoded")
         payload, fds, _, _ = socket.recv_fds(child.replies, 65536, 1)
+        if not payload and self._closed:
+            raise DecodeAbandoned
         if not payload:
             raise ImageInputError("invalid_image", f"the image decoder died on this image ({_describe_exit(child)})")
         reply = json.loads(payload)
@@ -162,7 +179,7 @@ class DecodePool:
         return _map_rgb(fds[0], reply["width"], reply["height"])
 
     def close(self) -> None:
-        """Kill every child; decodes in progress fail, new ones are refused."""
+        """Kill every child: decodes in progress and new ones raise ``DecodeAbandoned``."""
         self._closed = True
         for child in list(self._all):
             self._retire(child)

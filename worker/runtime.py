@@ -21,7 +21,7 @@ from worker.batching import BULK, INTERACTIVE, BatchRunner, Embedding
 from worker.compute import compute_executor, use_one_torch_thread
 from worker.cpu_budget import ThreadBudget
 from worker.decode import DecodeLimits
-from worker.decode_pool import DecodePool
+from worker.decode_pool import DecodeAbandoned, DecodePool
 from worker.errors import ImageInputError
 from worker.fetch import FetchLimits, fetch_url
 from worker.image_structure import StructureLimits
@@ -100,6 +100,8 @@ class ModelRuntime:
             return future
         except ImageInputError:
             raise
+        except DecodeAbandoned:
+            raise WorkerStopping from None
         except Exception as exc:  # anything else a decoder or processor trips over is still the image's fault
             raise ImageInputError("invalid_image", f"image could not be processed: {type(exc).__name__}: {exc}") from None
         finally:
@@ -115,6 +117,8 @@ class ModelRuntime:
         except ImageInputError as exc:
             metrics.IMAGES.labels(self.model.model_id, "rejected").inc()
             return ItemResult(index=index, error=exc.to_item_error())
+        except WorkerStopping:
+            raise
         except Exception as exc:  # the model failed, not the input: reported, never swallowed silently
             metrics.IMAGES.labels(self.model.model_id, "failed").inc()
             return ItemResult(index=index, error=ItemError(message=f"inference failed: {type(exc).__name__}: {exc}", type="server_error", code="inference_failed"))

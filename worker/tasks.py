@@ -88,7 +88,13 @@ def embed(payload: dict) -> None:
             metrics.TASKS.labels("embed", "skipped").inc()
             return
         started = time.perf_counter()
-        results = embed_refs(context, request.model, request.items, deadline=request.deadline)
+        try:
+            results = embed_refs(context, request.model, request.items, deadline=request.deadline)
+        except WorkerStopping:
+            # Not answered: the API sees this worker withdrawn and sends the request to another one.
+            log.info("worker stopping: request left unanswered for the API to re-send", extra={"model": request.model})
+            metrics.TASKS.labels("embed", "abandoned").inc()
+            return
         delivered = context.store.reply(request, results)
         metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
         log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
