@@ -7,14 +7,14 @@ Pillow and numpy only, never torch). The calling thread watches the child's CPU 
 ``/proc/<pid>/stat`` while it waits and kills it past the budget or the request's deadline; the
 child's address space is capped, so a decode past the byte budget fails inside it with
 MemoryError. A killed or crashed child is replaced by a fresh one. Pixels come back as 8-bit RGB
-in a memfd, mapped by the worker without a copy.
+in the child's memfd, which the worker reads into an array of its own before the child may take
+the next image.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import queue
 import select
@@ -71,13 +71,16 @@ class _DecodeProcess:
             reply_child.close()
         self.requests = Connection(request_write, readable=False)
         self.replies = reply_parent
-        self.ready = False
+        self.pixels: int | None = None  # the child's memfd, once it is ready
 
     def wait_ready(self) -> None:
         """Wait for the child's start-up (imports, limits), so its CPU time is not billed to an image."""
-        if not select.select([self.replies], [], [], CHILD_START_TIMEOUT_S)[0] or self.replies.recv(64) != READY:
-            raise ImageInputError("decoder_unavailable", f"the image decoder process did not start ({_describe_exit(self)})")
-        self.ready = True
+        if select.select([self.replies], [], [], CHILD_START_TIMEOUT_S)[0]:
+            message, fds, _, _ = socket.recv_fds(self.replies, 64, 1)
+            if message == READY and fds:
+                self.pixels = fds[0]
+                return
+        raise ImageInputError("decoder_unavailable", f"the image decoder process did not start ({_describe_exit(self)})")
 
     def cpu_seconds(self) -> float:
         try:
@@ -96,6 +99,9 @@ class _DecodeProcess:
         self.process.wait()
         self.requests.close()
         self.replies.close()
+        if self.pixels is not None:
+            os.close(self.pixels)
+            self.pixels = None
 
 
 class DecodePool:
@@ -149,8 +155,9 @@ class DecodePool:
 
     def _run(self, child: _DecodeProcess, data: bytes, limits: DecodeLimits, deadline: float | None) -> np.ndarray | ImageInputError:
         """The decoded array or the child's verdict on the image; raises when the child must go."""
-        if not child.ready:
+        if child.pixels is None:
             child.wait_ready()
+        assert child.pixels is not None
         started = child.cpu_seconds()
         try:
             child.requests.send((limits, self.cpu_seconds))
@@ -168,7 +175,7 @@ class DecodePool:
                 )
             if deadline is not None and time.time() > deadline:
                 raise ImageInputError("deadline_exceeded", "the request's deadline passed while the image was being decoded")
-        payload, fds, _, _ = socket.recv_fds(child.replies, 65536, 1)
+        payload = child.replies.recv(65536)
         if not payload and self._closed:
             raise DecodeAbandoned
         if not payload:
@@ -176,7 +183,7 @@ class DecodePool:
         reply = json.loads(payload)
         if not reply["ok"]:
             return ImageInputError(reply["code"], reply["message"])
-        return _map_rgb(fds[0], reply["width"], reply["height"])
+        return _read_rgb(child.pixels, reply["width"], reply["height"])
 
     def close(self) -> None:
         """Kill every child: decodes in progress and new ones raise ``DecodeAbandoned``."""
@@ -185,13 +192,11 @@ class DecodePool:
             self._retire(child)
 
 
-def _map_rgb(fd: int, width: int, height: int) -> np.ndarray:
-    try:
-        # Copy-on-write: the preprocessor may treat it as its own, and the child never sees it again.
-        mapped = mmap.mmap(fd, width * height * 3, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)
-    return np.frombuffer(mapped, dtype=np.uint8).reshape(height, width, 3)
+def _read_rgb(pixels: int, width: int, height: int) -> np.ndarray:
+    array = np.empty((height, width, 3), dtype=np.uint8)
+    if os.preadv(pixels, [array], 0) != array.nbytes:
+        raise ImageInputError("invalid_image", "the image decoder returned fewer pixels than the image has")
+    return array
 
 
 def _describe_exit(child: _DecodeProcess) -> str:
