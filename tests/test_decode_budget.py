@@ -3,6 +3,8 @@ subprocesses' CPU and byte budgets, checked with the default settings' limits.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.settings import Settings
+from shared.settings import REPO_ROOT, Settings
 from tests import hostile_images as hostile
 from tests.photos import BENCH, encode
 from worker.decode import DecodeLimits, ResizeRule, decode_image
@@ -118,3 +120,9 @@ def test_byte_budget_is_enforced_inside_the_child_even_past_the_estimate() -> No
         assert pool.decode((BENCH / "horse_800x600.jpg").read_bytes(), unchecked).shape == (600, 800, 3)
     finally:
         pool.close()
+
+
+def test_decode_children_never_import_torch() -> None:
+    code = "import sys, worker.decode_child; print(sorted(m for m in ('torch', 'transformers', 'celery') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=120).stdout
+    assert out.strip() == "[]"
