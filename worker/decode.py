@@ -133,7 +133,7 @@ def decoded_bytes(image: Image.Image, frame_size: tuple[int, int]) -> int:
         total += 4 * pixels
         if image.mode in _DEEP_MODES:
             total += stored + pixels  # the array it is scaled from, the 8-bit grayscale result
-        if "A" in image.mode or "transparency" in image.info or image.mode == "P":
+        if "A" in image.mode or "transparency" in image.info:
             total += 3 * 4 * pixels  # RGBA, the white background, the composite
     if "exif" in image.info:
         total += stored  # the copy an EXIF rotation makes (reading the tag itself may need the pixels)
