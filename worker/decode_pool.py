@@ -43,10 +43,6 @@ _ROOT = Path(__file__).resolve().parent.parent
 READY = b"ready"
 
 
-class DecodeBudgetExceeded(ImageInputError):
-    pass
-
-
 class DecodeAbandoned(Exception):
     """The pool was closed (the worker is stopping): the image was not judged, only left undone."""
 
@@ -170,7 +166,7 @@ class DecodePool:
             used = child.cpu_seconds() - started
             if used > self.cpu_seconds:
                 log.warning("decode abandoned past its CPU budget", extra={"cpu_seconds": round(used, 2), "image_bytes": len(data)})
-                raise DecodeBudgetExceeded(
+                raise ImageInputError(
                     "decode_budget_exceeded", f"decoding the image took more than {self.cpu_seconds:g} CPU seconds (IMBEDDINGS_DECODE_CPU_SECONDS) and was abandoned"
                 )
             if deadline is not None and time.time() > deadline:
