@@ -4,6 +4,7 @@ hold up other requests; a worker decoding a heavy image stops promptly on SIGTER
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -26,7 +27,7 @@ MODEL = "dinov2-tiny"  # shortest-edge resize, the rule that makes a thin image 
 NOT_DEFAULT = ("IMBEDDINGS_HEARTBEAT_INTERVAL_S", "IMBEDDINGS_HEARTBEAT_TTL_S", "OMP_NUM_THREADS")
 CPU_BOUND_S = 2.0
 RSS_BOUND_MB = 300.0
-_TICKS = 100  # USER_HZ, what /proc/<pid>/stat counts in on Linux
+_TICKS = os.sysconf("SC_CLK_TCK")  # what /proc/<pid>/stat counts CPU time in
 
 
 @dataclass
