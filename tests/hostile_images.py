@@ -115,3 +115,103 @@ def accepted() -> dict[str, bytes]:
         "bmp": encode(photo, "BMP"),
         "tiff": encode(photo, "TIFF"),
     }
+
+
+# --- Files whose cost lies in their structure or in the memory decoding needs (issue 11) -------------
+
+
+def jpeg_many_scans(scans: int, size: tuple[int, int] = (256, 192)) -> bytes:
+    """A progressive JPEG whose last scan repeats until there are ``scans`` of them. libjpeg only
+    warns about each repeated, empty scan and runs a pass over the image for it."""
+    data = encode(_photo().resize(size), "JPEG", quality=90, progressive=True)
+    # Outside entropy-coded data 0xFF is never followed by 0xDA, so this finds the scans themselves.
+    last = data.rindex(b"\xff\xda")
+    header = data[last : last + 2 + struct.unpack(">H", data[last + 2 : last + 4])[0]]
+    # A scan header with no entropy-coded data: libjpeg warns of premature end and still walks every block.
+    return data[:-2] + header * (scans - data.count(b"\xff\xda")) + data[-2:]
+
+
+def jpeg_metadata_flood(total_bytes: int, segment_bytes: int = 0) -> bytes:
+    """A real JPEG preceded by APP15 segments of ``segment_bytes`` payload, ``total_bytes`` of them."""
+    segment = b"\xff\xef" + struct.pack(">H", segment_bytes + 2) + b"\x00" * segment_bytes
+    jpeg = encode(_photo().resize((64, 48)), "JPEG")
+    return jpeg[:2] + segment * ((total_bytes - len(jpeg)) // len(segment)) + jpeg[2:]
+
+
+def png_chunk_flood(total_bytes: int, kind: bytes, payload: bytes = b"") -> bytes:
+    """A real PNG with ancillary chunks (text or unknown) inserted before its image data."""
+    png = encode(_photo().resize((64, 48)), "PNG")
+    chunk = _png_chunk(kind, payload)
+    idat = png.index(b"IDAT") - 4
+    return png[:idat] + chunk * ((total_bytes - len(png)) // len(chunk)) + png[idat:]
+
+
+def bmp_rle8(width: int, height: int) -> bytes:
+    """An 8-bit RLE BMP: every row a run of one colour, then end-of-line (Pillow decodes it in Python)."""
+    row = b"\x01\x07" * width + b"\x00\x00"
+    pixels = row * height + b"\x00\x01"
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
+
+
+def png_gray(width: int, height: int, bit_depth: int = 8) -> bytes:
+    """A real grayscale PNG of zeros: a few hundred bytes whatever its size."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + width * bit_depth // 8)
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+
+
+def tiff_gray16(side: int) -> bytes:
+    """An uncompressed-header, Deflate-compressed 16-bit grayscale TIFF of zeros."""
+    return encode(Image.new("I;16", (side, side)), "TIFF", compression="tiff_adobe_deflate")
+
+
+def tiff_one_huge_tile(side: int = 16_384, image_side: int = 16) -> bytes:
+    """A TIFF of a small image declaring a single side x side tile (little-endian, uncompressed)."""
+    entries = [(256, 3, 1, image_side), (257, 3, 1, image_side), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1), (277, 3, 1, 1),
+               (322, 4, 1, side), (323, 4, 1, side), (324, 4, 1, 0), (325, 4, 1, 1)]
+    directory = 8
+    data_offset = directory + 2 + 12 * len(entries) + 4
+    body = struct.pack("<2sHI", b"II", 42, directory) + struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        value = data_offset if tag == 324 else value
+        body += struct.pack("<HHI", tag, kind, count) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+    return body + struct.pack("<I", 0) + b"\x00"
+
+
+def tiff_float(values: np.ndarray) -> bytes:
+    """A 32-bit float grayscale TIFF (Pillow mode F)."""
+    return encode(Image.fromarray(values.astype(np.float32), mode="F"), "TIFF")
+
+
+# Just under IMBEDDINGS_MAX_IMAGE_BYTES' default, so that the structure is what gets refused.
+_UNDER_SIZE_LIMIT = 20 * 2**20 - 64 * 1024
+
+
+@cache
+def refused_by_structure() -> dict[str, tuple[bytes, str, str]]:
+    """name -> (bytes, error code, a phrase the message must contain)."""
+    return {
+        "jpeg-1000-scans": (jpeg_many_scans(1_000), "too_many_scans", "IMBEDDINGS_JPEG_MAX_SCANS"),
+        "jpeg-10000-scans": (jpeg_many_scans(10_000), "too_many_scans", "IMBEDDINGS_JPEG_MAX_SCANS"),
+        "jpeg-20MiB-empty-APPn": (jpeg_metadata_flood(_UNDER_SIZE_LIMIT), "too_many_segments", "IMBEDDINGS_MAX_IMAGE_SEGMENTS"),
+        "jpeg-20MiB-big-APPn": (jpeg_metadata_flood(_UNDER_SIZE_LIMIT, 65_000), "metadata_too_large", "IMBEDDINGS_MAX_METADATA_BYTES"),
+        "png-20MiB-text-chunks": (png_chunk_flood(_UNDER_SIZE_LIMIT, b"tEXt", b"k\x00v"), "too_many_segments", "IMBEDDINGS_MAX_IMAGE_SEGMENTS"),
+        "png-20MiB-unknown-chunks": (png_chunk_flood(_UNDER_SIZE_LIMIT, b"zzZz"), "too_many_segments", "IMBEDDINGS_MAX_IMAGE_SEGMENTS"),
+        "png-big-unknown-chunks": (png_chunk_flood(_UNDER_SIZE_LIMIT, b"zzZz", b"\x00" * 60_000), "metadata_too_large", "IMBEDDINGS_MAX_METADATA_BYTES"),
+        "bmp-rle8": (bmp_rle8(4000, 2500), "unsupported_image", "RLE8"),
+        "png-1x16384": (png_gray(1, 16_384), "image_too_large", "the model's resize makes it"),
+        "png-16bit-7071px": (png_gray(7071, 7071, 16), "image_too_large", "IMBEDDINGS_DECODE_MAX_BYTES"),
+        "tiff-16bit-7071px": (tiff_gray16(7071), "image_too_large", "IMBEDDINGS_DECODE_MAX_BYTES"),
+        "tiff-one-16384px-tile": (tiff_one_huge_tile(), "invalid_image", "tile is 16384x16384"),
+    }
+
+
+@cache
+def heavy_jpeg() -> bytes:
+    """Within every limit: 7000x7000, 100 scans, ~1 MB. Decoding it costs seconds of CPU."""
+    return jpeg_many_scans(100, (7000, 7000))

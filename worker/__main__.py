@@ -123,6 +123,10 @@ def main() -> None:
         # queue at once (not after the visibility timeout), and this worker stops being announced.
         runtime.stopping.set()
         heartbeat.stop()
+        # Decodes in progress are abandoned rather than waited for (up to IMBEDDINGS_DECODE_CPU_SECONDS
+        # each): the API re-sends a request whose worker stopped heartbeating, and a job chunk goes
+        # back to the queue (WorkerStopping), so nothing is lost by not finishing them here.
+        runtime.decode_pool.close()
 
     queues = [queue_for(model, kind) for model in settings.worker_models for kind in ("interactive", "bulk")]
     app.worker_main([

@@ -22,11 +22,17 @@ from PIL import Image
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_utils import BaseImageProcessor
 
+from worker.decode import ResizeRule
+
 log = logging.getLogger(__name__)
 
 
+# An RGB image: from Pillow, or as the ``(H, W, 3)`` uint8 array the decode subprocesses return.
+RGBImage = Image.Image | np.ndarray
+
+
 class Preprocessor(Protocol):
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: RGBImage) -> torch.Tensor:
         """A float32 ``(3, H, W)`` tensor for an RGB image."""
         ...
 
@@ -37,7 +43,9 @@ class ProcessorPreprocessor:
     def __init__(self, processor: BaseImageProcessor) -> None:
         self._processor = processor
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: RGBImage) -> torch.Tensor:
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
         return self._processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
@@ -51,9 +59,18 @@ class DirectPreprocessor:
         # One group per image: grouping would stack (copy) the views into a channels-first batch.
         self._kwargs.update(disable_grouping=True, return_tensors=None)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        view = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    def __call__(self, image: RGBImage) -> torch.Tensor:
+        pixels = image if isinstance(image, np.ndarray) else np.array(image)
+        view = torch.from_numpy(pixels).permute(2, 0, 1)
         return self._processor._preprocess([view], **self._kwargs)["pixel_values"][0]
+
+
+def resize_rule(processor: BaseImageProcessor) -> ResizeRule | None:
+    """The processor's first resize, for the decode checks; None when it does not resize."""
+    size = getattr(processor, "size", None)
+    if not getattr(processor, "do_resize", False) or size is None:
+        return None
+    return ResizeRule(**{name: getattr(size, name, None) for name in ("shortest_edge", "longest_edge", "height", "width")})
 
 
 def choose_preprocessor(processor: BaseImageProcessor, mode: str, probe: Image.Image) -> Preprocessor:

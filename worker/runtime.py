@@ -3,6 +3,7 @@ fetch, decode and preprocess images while the model computes."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,12 +21,14 @@ from worker import metrics
 from worker.batching import BULK, INTERACTIVE, BatchRunner, Embedding
 from worker.compute import compute_executor, use_one_torch_thread
 from worker.cpu_budget import ThreadBudget
-from worker.decode import DecodeLimits, decode_image
+from worker.decode import DecodeLimits
+from worker.decode_pool import DecodeAbandoned, DecodePool
 from worker.embedder import resolve_backend
 from worker.errors import ImageInputError
 from worker.fetch import FetchLimits, fetch_url
+from worker.image_structure import StructureLimits
 from worker.model_loader import LoadedModel, load_model, probe_image
-from worker.preprocess import Preprocessor, choose_preprocessor
+from worker.preprocess import Preprocessor, choose_preprocessor, resize_rule
 from worker.sources import ImageInput
 from worker.tickets import Ticket, WithdrawalCheck, Withdrawn
 
@@ -39,14 +42,33 @@ class InputLimits:
     def from_settings(cls, settings: Settings) -> InputLimits:
         return cls(
             fetch=FetchLimits.from_strings(settings.url_fetch_timeout_s, settings.url_max_redirects, settings.max_image_bytes, settings.url_allowed_networks),
-            decode=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_side),
+            decode=DecodeLimits(
+                settings.max_image_bytes,
+                settings.max_image_pixels,
+                settings.max_image_side,
+                structure=StructureLimits(settings.max_image_segments, settings.max_metadata_bytes, settings.jpeg_max_scans),
+                max_decoded_bytes=settings.decode_max_bytes,
+            ),
         )
 
 
 class ModelRuntime:
     """One served model: images in, (CLS, MEAN) out, in the order they were given."""
 
-    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, compute: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float, bulk_concurrency: int, check_withdrawn: WithdrawalCheck | None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        preprocess: Preprocessor,
+        limits: InputLimits,
+        fetch_pool: ThreadPoolExecutor,
+        prep_pool: ThreadPoolExecutor,
+        decode_pool: DecodePool,
+        compute: ThreadPoolExecutor,
+        max_batch_size: int,
+        max_batch_wait_s: float,
+        bulk_concurrency: int,
+        check_withdrawn: WithdrawalCheck | None,
+    ) -> None:
         self.model = model
         # Job chunks take turns: enough at once to keep batches full, few enough that requests and
         # other chunks are not starved.
@@ -55,6 +77,7 @@ class ModelRuntime:
         self._limits = limits
         self._fetch_pool = fetch_pool
         self._prep_pool = prep_pool
+        self._decode_pool = decode_pool
         # Images taken into the pipeline (being decoded, or decoded and waiting for the model) are
         # bounded, so a burst cannot grow memory. Job images get their own, smaller share (one batch
         # on the model, one ready), taken before decoding is queued: a request's image then waits
@@ -96,13 +119,16 @@ class ModelRuntime:
             if not ticket.wanted():
                 raise Withdrawn()
             started = time.perf_counter()
-            pixel_values = self._preprocess(decode_image(data, self._limits.decode))
+            deadline = ticket.deadline if math.isfinite(ticket.deadline) else None
+            pixel_values = self._preprocess(self._decode_pool.decode(data, self._limits.decode, deadline))
             metrics.PREPROCESS_SECONDS.labels(self.model.model_id).observe(time.perf_counter() - started)
             future = self._batcher.submit(pixel_values, on_done=release_slot, priority=priority, announced=True, ticket=ticket)
             queued = True
             return future
         except ImageInputError:
             raise
+        except DecodeAbandoned:
+            raise WorkerStopping from None
         except Exception as exc:  # anything else a decoder or processor trips over is still the image's fault
             raise ImageInputError("invalid_image", f"image could not be processed: {type(exc).__name__}: {exc}") from None
         finally:
@@ -121,6 +147,8 @@ class ModelRuntime:
         except ImageInputError as exc:
             metrics.IMAGES.labels(self.model.model_id, "rejected").inc()
             return ItemResult(index=index, error=exc.to_item_error())
+        except WorkerStopping:
+            raise
         except Exception as exc:  # the model failed, not the input: reported, never swallowed silently
             metrics.IMAGES.labels(self.model.model_id, "failed").inc()
             return ItemResult(index=index, error=ItemError(message=f"inference failed: {type(exc).__name__}: {exc}", type="server_error", code="inference_failed"))
@@ -146,6 +174,8 @@ class WorkerRuntime:
         self.limits = InputLimits.from_settings(settings)
         self.fetch_pool = ThreadPoolExecutor(max_workers=budget.fetch_threads, thread_name_prefix="fetch")
         self.prep_pool = ThreadPoolExecutor(max_workers=budget.preprocess_threads, thread_name_prefix="prep", initializer=use_one_torch_thread)
+        # One decode subprocess per preprocessing thread: a thread never waits for a free one.
+        self.decode_pool = DecodePool(budget.preprocess_threads, settings.decode_cpu_seconds, settings.decode_max_bytes)
         self.compute = compute_executor()
         self.models: dict[str, ModelRuntime] = {}
 
@@ -158,6 +188,7 @@ class WorkerRuntime:
         model = load_model(model_id, device, dtype, token, self.settings.max_batch_size, backend, self._torch_threads, self.settings.openvino_cache_dir)
         metrics.MODEL_LOAD_SECONDS.labels(model.model_id).set(model.load_seconds)
         limits = self.limits
+        limits = replace(limits, decode=replace(limits.decode, resize=resize_rule(model.processor)))
         if self.settings.jpeg_draft:
             limits = replace(limits, decode=limits.decode.with_jpeg_draft(model.info.image_size))
         runtime = ModelRuntime(
@@ -166,6 +197,7 @@ class WorkerRuntime:
             limits,
             self.fetch_pool,
             self.prep_pool,
+            self.decode_pool,
             self.compute,
             self.settings.max_batch_size,
             self.settings.max_batch_wait_ms / 1000,
@@ -197,6 +229,7 @@ class WorkerRuntime:
             runtime.stop()
         self.fetch_pool.shutdown(wait=False, cancel_futures=True)
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
+        self.decode_pool.close()
         self.compute.shutdown(wait=False)
 
 

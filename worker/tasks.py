@@ -106,6 +106,11 @@ def embed(payload: dict) -> None:
         started = time.perf_counter()
         try:
             results = embed_refs(context, request.model, request.items, ticket=Ticket(request.reply_key, request.deadline))
+        except WorkerStopping:
+            # Not answered: the API sees this worker withdrawn and sends the request to another one.
+            log.info("worker stopping: request left unanswered for the API to re-send", extra={"model": request.model})
+            metrics.TASKS.labels("embed", "abandoned").inc()
+            return
         except Exception as exc:  # the client waits for an answer: a failure it can read, not a timeout
             log.exception("request failed in the worker; its images are answered with errors", extra={"model": request.model})
             results = _failed(request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", "worker_error")
