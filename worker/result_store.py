@@ -27,6 +27,10 @@ class ResultStore:
     def is_abandoned(self, reply_key: str) -> bool:
         return bool(self._redis.exists(self._keys.abandoned(reply_key)))
 
+    def job_withdrawn(self, job_id: str) -> bool:
+        """The job was cancelled, or expired: its chunks' remaining work is for nobody."""
+        return self._redis.hget(self._keys.job(job_id), "status") in (None, b"cancelled")
+
     def reply(self, payload: EmbedPayload, results: list[ItemResult]) -> bool:
         """Push the results for the waiting request; False when it had stopped waiting (discarded)."""
         blobs = {ref.data for ref in payload.items if ref.kind == "blob"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -19,10 +19,12 @@ from shared.vectors import encode_f32
 from worker import metrics
 from worker.batching import BULK, INTERACTIVE, BatchRunner, Embedding
 from worker.compute import compute_executor, use_one_torch_thread
+from worker.connections import ConnectionPool
 from worker.cpu_budget import ThreadBudget
 from worker.decode import DecodeLimits, decode_image
 from worker.errors import ImageInputError
-from worker.fetch import FetchLimits, fetch_url
+from worker.fetch import Fetcher, FetchLimits, never_withdrawn
+from worker.fetch_queue import FetchQueue
 from worker.model_loader import LoadedModel, load_model, probe_image
 from worker.preprocess import Preprocessor, choose_preprocessor
 from worker.sources import ImageInput
@@ -44,24 +46,27 @@ class InputLimits:
 class ModelRuntime:
     """One served model: images in, (CLS, MEAN) out, in the order they were given."""
 
-    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetch_pool: ThreadPoolExecutor, prep_pool: ThreadPoolExecutor, compute: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float, bulk_concurrency: int) -> None:
+    def __init__(self, model: LoadedModel, preprocess: Preprocessor, limits: InputLimits, fetches: FetchQueue, prep_pool: ThreadPoolExecutor, compute: ThreadPoolExecutor, max_batch_size: int, max_batch_wait_s: float, bulk_concurrency: int) -> None:
         self.model = model
         # Job chunks take turns: enough at once to keep batches full, few enough that requests and
         # other chunks are not starved.
         self.bulk_slots = threading.BoundedSemaphore(bulk_concurrency)
         self._preprocess = preprocess
         self._limits = limits
-        self._fetch_pool = fetch_pool
+        self._fetches = fetches
         self._prep_pool = prep_pool
         # Preprocessed images waiting for the model are bounded, so a burst cannot grow memory.
         self._prepared_slots = threading.BoundedSemaphore(4 * max_batch_size)
         self._batcher = BatchRunner(model, compute, max_batch_size, max_batch_wait_s, partial(metrics.observe_batch, model.model_id))
 
-    def embed(self, inputs: list[ImageInput], bulk: bool = False) -> list[ItemResult]:
-        """Results in the order of ``inputs``; every image gets a vector or an error."""
+    def embed(self, inputs: list[ImageInput], bulk: bool = False, withdrawn: Callable[[], bool] = never_withdrawn) -> list[ItemResult]:
+        """Results in the order of ``inputs``; every image gets a vector or an error. URLs not yet
+        fetched when ``withdrawn()`` turns true are not fetched."""
         priority = BULK if bulk else INTERACTIVE
-        # URLs are fetched in parallel on I/O threads; decoding waits for its bytes in input order.
-        fetched = [self._fetch_pool.submit(fetch_url, item.url, self._limits.fetch) if item.url is not None else None for item in inputs]
+        # URLs are fetched in parallel on I/O threads (a fair share of them per request); decoding
+        # waits for its bytes in input order.
+        urls = iter(self._fetches.fetch_all([item.url for item in inputs if item.url is not None], withdrawn))
+        fetched = [next(urls) if item.url is not None else None for item in inputs]
         queued: list[Future[Future[Embedding]] | ImageInputError] = []
         for item, fetch in zip(inputs, fetched):
             try:
@@ -125,6 +130,8 @@ class WorkerRuntime:
         self.stopping = threading.Event()
         self.limits = InputLimits.from_settings(settings)
         self.fetch_pool = ThreadPoolExecutor(max_workers=budget.fetch_threads, thread_name_prefix="fetch")
+        self.connections = ConnectionPool(settings.url_idle_connections)
+        self.fetches = FetchQueue(self.fetch_pool, Fetcher(self.limits.fetch, self.connections), settings.url_fetch_concurrency_per_request)
         self.prep_pool = ThreadPoolExecutor(max_workers=budget.preprocess_threads, thread_name_prefix="prep", initializer=use_one_torch_thread)
         self.compute = compute_executor()
         self.models: dict[str, ModelRuntime] = {}
@@ -143,7 +150,7 @@ class WorkerRuntime:
             model,
             choose_preprocessor(model.processor, self.settings.preprocessing, probe_image()),
             limits,
-            self.fetch_pool,
+            self.fetches,
             self.prep_pool,
             self.compute,
             self.settings.max_batch_size,
@@ -174,6 +181,7 @@ class WorkerRuntime:
         for runtime in self.models.values():
             runtime.stop()
         self.fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.connections.close()
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
         self.compute.shutdown(wait=False)
 

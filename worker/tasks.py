@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -18,6 +18,7 @@ from shared.logs import request_id_var
 from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult, JobChunkPayload
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
 from worker import metrics
+from worker.fetch import never_withdrawn
 from worker.result_store import ResultStore
 from worker.runtime import WorkerRuntime, WorkerStopping
 from worker.sources import ImageInput, load_inputs
@@ -49,14 +50,14 @@ def _ctx() -> WorkerContext:
     return _context
 
 
-def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef], bulk: bool = False) -> list[ItemResult]:
-    """Every ref's result, in order: a vector or an in-place error."""
+def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef], bulk: bool = False, withdrawn: Callable[[], bool] = never_withdrawn) -> list[ItemResult]:
+    """Every ref's result, in order: a vector or an in-place error; URLs are not fetched once ``withdrawn()``."""
     runtime = context.runtime.models.get(model)
     if runtime is None:
         error = ItemError(message=f"this worker does not serve model {model!r}", type="server_error", code="model_not_served")
         return [ItemResult(index=ref.index, error=error) for ref in refs]
     loaded = load_inputs(context.redis, refs)
-    embedded = iter(runtime.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk))
+    embedded = iter(runtime.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk, withdrawn=withdrawn))
     return [next(embedded) if isinstance(item, ImageInput) else item for item in loaded]
 
 
@@ -88,7 +89,7 @@ def embed(payload: dict) -> None:
             metrics.TASKS.labels("embed", "skipped").inc()
             return
         started = time.perf_counter()
-        results = embed_refs(context, request.model, request.items)
+        results = embed_refs(context, request.model, request.items, withdrawn=lambda: time.time() > request.deadline or context.store.is_abandoned(request.reply_key))
         delivered = context.store.reply(request, results)
         metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
         log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
@@ -111,7 +112,7 @@ def embed_job_chunk(payload: dict) -> None:
         started = time.perf_counter()
         try:
             with context.runtime.bulk_slot(chunk.model):
-                results = embed_refs(context, chunk.model, todo, bulk=True)
+                results = embed_refs(context, chunk.model, todo, bulk=True, withdrawn=lambda: context.store.job_withdrawn(chunk.job_id))
         except WorkerStopping:
             log.info("worker stopping: job chunk handed back to the queue", extra={"job_id": chunk.job_id})
             metrics.TASKS.labels("job_chunk", "requeued").inc()
