@@ -26,6 +26,9 @@ class ServedImages:
 
 
 class _Handler(SimpleHTTPRequestHandler):
+    # Headers and body go out in two writes: with Nagle on, a kept-alive client waits ~40 ms for
+    # the delayed ACK between them, which no real image server does to it.
+    disable_nagle_algorithm = True
     delay_s = 0.0
     served: ServedImages
 
