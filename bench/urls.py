@@ -98,7 +98,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="imbeddings-bench-urls-") as tmp:
         workdir = Path(tmp)
         names = small_jpegs(workdir / "images", args.side)
-        env = {"IMBEDDINGS_URL_ALLOWED_NETWORKS": f"{IMAGE_HOST}/32", **dict(args.env)}
+        # One torch thread: the tiny model gains nothing from more, and idle OpenMP helpers spinning
+        # between its sub-millisecond forwards would be counted as the worker's cost per URL.
+        env = {"IMBEDDINGS_URL_ALLOWED_NETWORKS": f"{IMAGE_HOST}/32", "IMBEDDINGS_TORCH_THREADS": "1", **dict(args.env)}
         stack = start_stack(workdir / "stack", model_dir, "float32", env)
         try:
             for keep_alive in (True, False):
