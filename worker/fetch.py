@@ -23,6 +23,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import h11
 import idna
 
+from worker import metrics
 from worker.connections import Connection, ConnectionPool, PoolKey
 from worker.errors import ImageInputError
 
@@ -203,11 +204,13 @@ class Fetcher:
         addresses = self._checked_addresses(target)
         connection = self.connections.take(target.scheme, target.host, target.port, [address for address, _ in addresses])
         if connection is not None:
+            metrics.URL_CONNECTIONS.labels("reused").inc()
             try:
                 return self._exchange(connection, target, deadline, withdrawn)
             except _StaleConnection:
                 pass
         connection = self._connect(target, addresses, deadline)
+        metrics.URL_CONNECTIONS.labels("opened").inc()
         try:
             return self._exchange(connection, target, deadline, withdrawn)
         except _StaleConnection:
