@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -208,19 +208,30 @@ def test_requests_share_the_fetch_threads_and_a_withdrawn_one_stops(silent: Sile
         hostile = queue.fetch_all([f"{silent.base_url}/{i}.jpg" for i in range(64)], withdrawn.is_set)
         time.sleep(0.5)
         started = time.monotonic()
-        other = queue.fetch_all([keep_alive.url("cmp1.jpg")], lambda: False)
-        assert other[0].result(timeout=10) == PHOTO
+        assert queue.fetch_all([keep_alive.url("cmp1.jpg")], lambda: False).next_body() == PHOTO
         print(f"one-URL request beside 64 silent URLs: {time.monotonic() - started:.3f} s")
         assert silent.opened == 2  # the per-request cap
         withdrawn.set()
         stopped = time.monotonic()
-        done, _ = wait(hostile, timeout=10)
+        codes = set()
+        for _ in range(64):
+            with pytest.raises(ImageInputError) as error:
+                hostile.next_body()
+            codes.add(error.value.code)
         print(f"64 silent URLs all ended {time.monotonic() - stopped:.2f} s after the request was withdrawn")
-        assert len(done) == 64
-        codes = {future.exception().code for future in hostile}  # type: ignore[union-attr]
         assert codes == {"fetch_cancelled"}
         time.sleep(0.5)
         assert (silent.opened, silent.open_now) == (2, 0)
+
+
+def test_a_request_holds_at_most_its_share_of_fetched_bodies(keep_alive: ServedImages) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        queue = FetchQueue(pool, Fetcher(limits(), ConnectionPool(max_idle=8)), per_request=3)
+        fetches = queue.fetch_all([keep_alive.url("cmp1.jpg")] * 10, lambda: False)
+        time.sleep(1.0)
+        assert keep_alive.requests == 3  # fetched, not taken: the next ones wait
+        assert [fetches.next_body() for _ in range(10)] == [PHOTO] * 10
+        assert keep_alive.requests == 10
 
 
 # --- through the service -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The worker's fetch threads, shared fairly between requests.
 
-Each request (or job chunk) has at most ``per_request`` of its URLs queued or in flight at once; the
-next one is queued when one of them finishes, behind the other requests' URLs. So a request with 256
+Each request (or job chunk) has at most ``per_request`` of its URLs queued, in flight or fetched and
+not yet taken; the next one is queued when a body is taken, behind the other requests' URLs. So a request with 256
 URLs to a server that never answers holds ``per_request`` threads, not all of them, and a one-URL
 request that arrives meanwhile is fetched at once. Before each URL starts, the request is asked
 whether it was withdrawn (client gone, deadline passed, job cancelled); if so its remaining URLs fail
@@ -55,21 +55,36 @@ class FetchQueue:
         self.pool = pool
         self.per_request = per_request
 
-    def fetch_all(self, urls: list[str], withdrawn: Callable[[], bool]) -> list[Future[bytes]]:
-        """One future per URL, in order; each ends with the body or an ``ImageInputError``."""
-        return _RequestFetches(self, urls, Withdrawal(withdrawn)).futures
+    def fetch_all(self, urls: list[str], withdrawn: Callable[[], bool]) -> RequestFetches:
+        """Start fetching ``urls``; take their bodies in order with ``next_body()``."""
+        return RequestFetches(self, urls, Withdrawal(withdrawn))
 
 
-class _RequestFetches:
-    """One request's URLs, fed to the shared pool ``per_request`` at a time."""
+class RequestFetches:
+    """One request's URLs, fed to the shared pool so that at most ``per_request`` of them are in
+    flight or fetched and not yet taken: a slot frees when its body is taken, which also bounds the
+    bytes a request holds here (``per_request`` bodies of at most the image size limit)."""
 
     def __init__(self, queue: FetchQueue, urls: list[str], withdrawn: Withdrawal) -> None:
         self._queue = queue
         self._withdrawn = withdrawn
         self._lock = threading.Lock()
         self._pending = deque(enumerate(urls))
-        self.futures: list[Future[bytes]] = [Future() for _ in urls]
+        self._futures: list[Future[bytes] | None] = [Future() for _ in urls]
+        self._taken = 0
         for _ in range(min(queue.per_request, len(urls))):
+            self._submit_next()
+
+    def next_body(self) -> bytes:
+        """The body of the next URL in order; raises its ``ImageInputError``."""
+        index = self._taken
+        future = self._futures[index]
+        assert future is not None
+        self._taken += 1
+        try:
+            return future.result()
+        finally:
+            self._futures[index] = None
             self._submit_next()
 
     def _submit_next(self) -> None:
@@ -85,7 +100,8 @@ class _RequestFetches:
         queued.add_done_callback(lambda done: self._fail_pending(_STOPPING, index) if done.cancelled() else None)
 
     def _run(self, index: int, url: str) -> None:
-        future = self.futures[index]
+        future = self._futures[index]
+        assert future is not None
         try:
             if self._withdrawn():
                 self._fail_pending(ImageInputError("fetch_cancelled", "the request was withdrawn (client gone, deadline passed or job cancelled) before this URL was fetched"), index)
@@ -95,12 +111,12 @@ class _RequestFetches:
             future.set_exception(exc)
         except Exception as exc:  # whatever a URL trips over is that URL's error, never the request's
             future.set_exception(ImageInputError("url_fetch_failed", f"URL fetch failed: {type(exc).__name__}: {exc}"))
-        finally:
-            self._submit_next()
 
     def _fail_pending(self, error: ImageInputError, current: int) -> None:
         with self._lock:
             failed = [current, *(index for index, _ in self._pending)]
             self._pending.clear()
         for index in failed:
-            self.futures[index].set_exception(error)
+            future = self._futures[index]
+            if future is not None:
+                future.set_exception(error)

@@ -65,12 +65,11 @@ class ModelRuntime:
         priority = BULK if bulk else INTERACTIVE
         # URLs are fetched in parallel on I/O threads (a fair share of them per request); decoding
         # waits for its bytes in input order.
-        urls = iter(self._fetches.fetch_all([item.url for item in inputs if item.url is not None], withdrawn))
-        fetched = [next(urls) if item.url is not None else None for item in inputs]
+        fetches = self._fetches.fetch_all([item.url for item in inputs if item.url is not None], withdrawn)
         queued: list[Future[Future[Embedding]] | ImageInputError] = []
-        for item, fetch in zip(inputs, fetched):
+        for item in inputs:
             try:
-                data = fetch.result() if fetch is not None else item.data
+                data = fetches.next_body() if item.url is not None else item.data
             except ImageInputError as exc:
                 queued.append(exc)
                 continue
