@@ -303,7 +303,8 @@ class Fetcher:
                     break
                 else:  # h11.ConnectionClosed before the message ended
                     raise ImageInputError("url_fetch_failed", "the server closed the connection before the body was complete")
-            if connection.http.our_state is h11.DONE and connection.http.their_state is h11.DONE:
+            # Bytes after the response would be read as the next answer: such a connection is not kept.
+            if connection.http.our_state is h11.DONE and connection.http.their_state is h11.DONE and not connection.http.trailing_data[0]:
                 connection.http.start_next_cycle()
                 self.connections.give_back(connection)
                 kept = True
