@@ -3,6 +3,7 @@ per image, counting the connections and requests it sees. ``/redirect?to=URL`` a
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -56,14 +57,19 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def serve_images(directory: Path, host: str, keep_alive: bool = False, delay_s: float = 0.0) -> Iterator[ServedImages]:
+def serve_images(directory: Path, host: str, keep_alive: bool = False, delay_s: float = 0.0, tls: tuple[Path, Path] | None = None) -> Iterator[ServedImages]:
     """``keep_alive``: HTTP/1.1 with persistent connections; otherwise HTTP/1.0, a connection per
-    image. Each answer can be made to take ``delay_s``."""
+    image. Each answer can be made to take ``delay_s``. ``tls``: (certificate, key) files to serve
+    HTTPS with."""
     served = ServedImages("")
     handler = type("Handler", (_Handler,), {"delay_s": delay_s, "served": served, "protocol_version": "HTTP/1.1" if keep_alive else "HTTP/1.0"})
     server = ThreadingHTTPServer((host, 0), partial(handler, directory=str(directory)))
     server.daemon_threads = True
-    served.base_url = f"http://{host}:{server.server_address[1]}"
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    served.base_url = f"{'https' if tls else 'http'}://{host}:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield served

@@ -5,12 +5,16 @@ request stops fetching. Servers are real listeners on 127.0.0.2/127.0.0.3."""
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,7 +25,7 @@ from tests.jobs_helpers import all_results, submit, wait_done
 from tests.photos import EXAMPLES
 from worker.connections import ConnectionPool
 from worker.errors import ImageInputError
-from worker.fetch import Fetcher, FetchLimits, parse_target
+from worker.fetch import Fetcher, FetchLimits, fetch_url, parse_target
 from worker.fetch_queue import FetchQueue
 
 OTHER_HOST = "127.0.0.3"
@@ -98,29 +102,66 @@ def test_a_kept_connection_serves_only_an_address_that_passes_the_check_again(mo
     """images.test first resolves to 127.0.0.2 (a connection is kept), then to a forbidden address,
     then to 127.0.0.3: the kept connection is never used for the new answers."""
     port = int(keep_alive.base_url.rsplit(":", 1)[1])
-    answer = [IMAGE_HOST]
-    real = socket.getaddrinfo
-
-    def resolver(host: str, *args: object, **kwargs: object) -> list:
-        if host != "images.test":
-            return real(host, *args, **kwargs)
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer[0], port))]
-
-    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    answer = {"images.test": IMAGE_HOST}
+    _resolve_to(monkeypatch, answer)
     fetcher = Fetcher(limits(), ConnectionPool(max_idle=8))
     assert fetcher.fetch(f"http://images.test:{port}/cmp1.jpg") == PHOTO
-    answer[0] = "127.0.0.1"
+    answer["images.test"] = "127.0.0.1"
     with pytest.raises(ImageInputError) as error:
         fetcher.fetch(f"http://images.test:{port}/cmp1.jpg")
     assert error.value.code == "url_forbidden_address"
-    answer[0] = OTHER_HOST
+    answer["images.test"] = OTHER_HOST
     with pytest.raises(ImageInputError) as error:  # nothing listens there on this port: a new connection was tried
         fetcher.fetch(f"http://images.test:{port}/cmp1.jpg")
     assert error.value.code == "url_fetch_failed" and "cannot connect" in error.value.message, error.value.message
     assert (keep_alive.requests, keep_alive.connections) == (1, 1)
-    answer[0] = IMAGE_HOST
+    answer["images.test"] = IMAGE_HOST
     assert fetcher.fetch(f"http://images.test:{port}/cmp1.jpg") == PHOTO
     assert (keep_alive.requests, keep_alive.connections) == (2, 1)
+
+
+def _resolve_to(monkeypatch: pytest.MonkeyPatch, names: dict[str, str]) -> None:
+    real = socket.getaddrinfo
+
+    def resolver(host: str, port: int, *args: object, **kwargs: object) -> list:
+        if host not in names:
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (names[host], port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for images.test (and nothing else)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=images.test", "-addext", "subjectAltName=DNS:images.test", "-addext", "basicConstraints=critical,CA:TRUE"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_https_connections_are_verified_for_their_host_and_reused(monkeypatch: pytest.MonkeyPatch, certificate: tuple[Path, Path]) -> None:
+    cert, _ = certificate
+    _resolve_to(monkeypatch, {"images.test": IMAGE_HOST, "other.test": IMAGE_HOST})
+    with serve_images(EXAMPLES, IMAGE_HOST, keep_alive=True, tls=certificate) as served:
+        port = int(served.base_url.rsplit(":", 1)[1])
+        fetcher = Fetcher(limits(), ConnectionPool(max_idle=8), ssl.create_default_context(cafile=str(cert)))
+        assert all(fetcher.fetch(f"https://images.test:{port}/cmp1.jpg") == PHOTO for _ in range(5))
+        assert (served.requests, served.connections) == (5, 1)
+        # Same address, other name: the kept connection (verified for images.test) is not used for it.
+        with pytest.raises(ImageInputError) as error:
+            fetcher.fetch(f"https://other.test:{port}/cmp1.jpg")
+        assert error.value.code == "url_fetch_failed" and "TLS" in error.value.message and "other.test" in error.value.message, error.value.message
+        # The worker's own context trusts the system's CAs only.
+        with pytest.raises(ImageInputError) as error:
+            fetch_url(f"https://images.test:{port}/cmp1.jpg", limits())
+        assert error.value.code == "url_fetch_failed" and "CERTIFICATE_VERIFY_FAILED" in error.value.message, error.value.message
+        assert served.requests == 5
 
 
 @pytest.fixture
