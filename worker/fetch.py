@@ -323,7 +323,7 @@ class Fetcher:
             if remaining <= 0:
                 raise self._timed_out()
             if withdrawn():
-                raise ImageInputError("fetch_cancelled", "the request was withdrawn while this URL was being fetched")
+                raise ImageInputError("request_withdrawn", "the request was withdrawn while this URL was being fetched")
             connection.sock.settimeout(min(remaining, _WITHDRAWAL_POLL_S))
             try:
                 return connection.sock.recv(_RECV_BYTES)

@@ -104,7 +104,7 @@ class RequestFetches:
         assert future is not None
         try:
             if self._withdrawn():
-                self._fail_pending(ImageInputError("fetch_cancelled", "the request was withdrawn (client gone, deadline passed or job cancelled) before this URL was fetched"), index)
+                self._fail_pending(ImageInputError("request_withdrawn", "the request was withdrawn (client gone, deadline passed or job cancelled) before this URL was fetched"), index)
                 return
             future.set_result(self._queue.fetcher.fetch(url, self._withdrawn))
         except ImageInputError as exc:
