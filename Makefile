@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-dev bench clean
+.PHONY: run test install install-dev bench bench-urls clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: install-dev
 
 bench: install-dev
 	$(BIN)/python -m bench
+
+bench-urls: install-dev
+	$(BIN)/python -m bench.urls
 
 clean:
 	rm -rf $(VENV) .local

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     url_fetch_timeout_s: float = Field(10.0, gt=0, le=300)
     url_max_redirects: int = Field(3, ge=0, le=20)
     url_allowed_networks: CommaList = Field(default_factory=list)
+    url_fetch_concurrency_per_request: int = Field(4, ge=1, le=256, description="URLs of one request or job chunk a worker fetches at once.")
+    url_idle_connections: int = Field(32, ge=0, le=4096, description="Kept-alive connections to image servers a worker holds for reuse (0: none).")
 
     # --- queueing and time ------------------------------------------------------------------
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="How long /v1/embeddings waits for a worker.")

@@ -5,18 +5,15 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
+from devtools.image_server import serve_images
 from devtools.processes import ServiceProcess, wait_until
 from devtools.random_models import build
 from devtools.redis_server import RedisServer, free_port
@@ -179,30 +176,12 @@ def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-class _PhotoHandler(SimpleHTTPRequestHandler):
-    delay_s = 0.0
-
-    def do_GET(self) -> None:
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        super().do_GET()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @contextmanager
 def serve_photos(delay_s: float = 0.0) -> Iterator[str]:
     """The example photos over plain HTTP on the one address workers may fetch from; each answer
     can be made to take ``delay_s``, so work is still in progress when a test breaks something."""
-    handler = type("PhotoHandler", (_PhotoHandler,), {"delay_s": delay_s})
-    server = ThreadingHTTPServer((IMAGE_HOST, 0), partial(handler, directory=str(EXAMPLES)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://{IMAGE_HOST}:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_images(EXAMPLES, IMAGE_HOST, delay_s=delay_s) as served:
+        yield served.base_url
 
 
 @dataclass

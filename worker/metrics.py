@@ -22,6 +22,7 @@ PREPROCESS_SECONDS = Histogram("imbeddings_worker_preprocess_seconds", "Decode a
 IMAGES = Counter("imbeddings_worker_images_total", "Images processed, by outcome.", ["model", "outcome"], registry=REGISTRY)
 TASKS = Counter("imbeddings_worker_tasks_total", "Celery tasks handled, by kind and outcome.", ["kind", "outcome"], registry=REGISTRY)
 MODEL_LOAD_SECONDS = Gauge("imbeddings_worker_model_load_seconds", "Time taken to load and check each model.", ["model"], registry=REGISTRY)
+URL_CONNECTIONS = Counter("imbeddings_worker_url_connections_total", "Connections URL fetches used: opened, or reused from the keep-alive pool.", ["kind"], registry=REGISTRY)
 IMAGES_PER_SECOND = Gauge("imbeddings_worker_images_per_second", "Images through the model per second over the last minute.", ["model"], registry=REGISTRY)
 
 

@@ -53,6 +53,10 @@ class ResultStore:
             if flag is not None:
                 ticket.withdrawn = True
 
+    def job_withdrawn(self, job_id: str) -> bool:
+        """The job was cancelled, or expired: its chunks' remaining work is for nobody."""
+        return self._redis.hget(self._keys.job(job_id), "status") in (None, b"cancelled")
+
     def reply(self, payload: EmbedPayload, results: list[ItemResult]) -> bool:
         """Push the results for the waiting request; False when it had stopped waiting (discarded)."""
         blobs = sorted({ref.data for ref in payload.items if ref.kind == "blob"})

@@ -20,12 +20,14 @@ from shared.vectors import encode_f32
 from worker import metrics
 from worker.batching import BULK, INTERACTIVE, BatchRunner, Embedding
 from worker.compute import compute_executor, use_one_torch_thread
+from worker.connections import ConnectionPool
 from worker.cpu_budget import ThreadBudget
 from worker.decode import DecodeLimits
 from worker.decode_pool import DecodeAbandoned, DecodePool
 from worker.embedder import resolve_backend
 from worker.errors import ImageInputError
-from worker.fetch import FetchLimits, fetch_url
+from worker.fetch import Fetcher, FetchLimits
+from worker.fetch_queue import FetchQueue
 from worker.image_structure import StructureLimits
 from worker.model_loader import LoadedModel, load_model, probe_image
 from worker.preprocess import Preprocessor, choose_preprocessor, resize_rule
@@ -60,7 +62,7 @@ class ModelRuntime:
         model: LoadedModel,
         preprocess: Preprocessor,
         limits: InputLimits,
-        fetch_pool: ThreadPoolExecutor,
+        fetches: FetchQueue,
         prep_pool: ThreadPoolExecutor,
         decode_pool: DecodePool,
         compute: ThreadPoolExecutor,
@@ -75,7 +77,7 @@ class ModelRuntime:
         self.bulk_slots = threading.BoundedSemaphore(bulk_concurrency)
         self._preprocess = preprocess
         self._limits = limits
-        self._fetch_pool = fetch_pool
+        self._fetches = fetches
         self._prep_pool = prep_pool
         self._decode_pool = decode_pool
         # Images taken into the pipeline (being decoded, or decoded and waiting for the model) are
@@ -86,16 +88,18 @@ class ModelRuntime:
         self._batcher = BatchRunner(model, compute, max_batch_size, max_batch_wait_s, partial(metrics.observe_batch, model.model_id), check_withdrawn)
 
     def embed(self, inputs: list[ImageInput], bulk: bool = False, ticket: Ticket | None = None) -> list[ItemResult]:
-        """Results in the order of ``inputs``; every image gets a vector or an error."""
+        """Results in the order of ``inputs``; every image gets a vector or an error. Nothing more is
+        fetched, decoded or computed for them once ``ticket`` is withdrawn."""
         ticket = ticket or Ticket()
         priority = BULK if bulk else INTERACTIVE
         slots = self._slots[priority]
-        # URLs are fetched in parallel on I/O threads; decoding waits for its bytes in input order.
-        fetched = [self._fetch_pool.submit(fetch_url, item.url, self._limits.fetch) if item.url is not None else None for item in inputs]
+        # URLs are fetched in parallel on I/O threads (a fair share of them per request); decoding
+        # waits for its bytes in input order.
+        fetches = self._fetches.fetch_all([item.url for item in inputs if item.url is not None], ticket.withdrawn_now)
         queued: list[Future[Future[Embedding]] | ImageInputError] = []
-        for item, fetch in zip(inputs, fetched):
+        for item in inputs:
             try:
-                data = fetch.result() if fetch is not None else item.data
+                data = fetches.next_body() if item.url is not None else item.data
             except ImageInputError as exc:
                 queued.append(exc)
                 continue
@@ -173,6 +177,8 @@ class WorkerRuntime:
         self.stopping = threading.Event()
         self.limits = InputLimits.from_settings(settings)
         self.fetch_pool = ThreadPoolExecutor(max_workers=budget.fetch_threads, thread_name_prefix="fetch")
+        self.connections = ConnectionPool(settings.url_idle_connections)
+        self.fetches = FetchQueue(self.fetch_pool, Fetcher(self.limits.fetch, self.connections), settings.url_fetch_concurrency_per_request)
         self.prep_pool = ThreadPoolExecutor(max_workers=budget.preprocess_threads, thread_name_prefix="prep", initializer=use_one_torch_thread)
         # One decode subprocess per preprocessing thread: a thread never waits for a free one.
         self.decode_pool = DecodePool(budget.preprocess_threads, settings.decode_cpu_seconds, settings.decode_max_bytes)
@@ -195,7 +201,7 @@ class WorkerRuntime:
             model,
             choose_preprocessor(model.processor, self.settings.preprocessing, probe_image()),
             limits,
-            self.fetch_pool,
+            self.fetches,
             self.prep_pool,
             self.decode_pool,
             self.compute,
@@ -228,6 +234,7 @@ class WorkerRuntime:
         for runtime in self.models.values():
             runtime.stop()
         self.fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.connections.close()
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
         self.decode_pool.close()
         self.compute.shutdown(wait=False)

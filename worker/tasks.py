@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 from celery import Task, shared_task
@@ -105,7 +106,7 @@ def embed(payload: dict) -> None:
             return
         started = time.perf_counter()
         try:
-            results = embed_refs(context, request.model, request.items, ticket=Ticket(request.reply_key, request.deadline))
+            results = embed_refs(context, request.model, request.items, ticket=Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key)))
         except WorkerStopping:
             # Not answered: the API sees this worker withdrawn and sends the request to another one.
             log.info("worker stopping: request left unanswered for the API to re-send", extra={"model": request.model})
@@ -175,7 +176,7 @@ def _run_chunk(context: WorkerContext, chunk: JobChunkPayload) -> None:
     todo = [ref for ref in chunk.items if ref.index not in done]
     started = time.perf_counter()
     with context.runtime.bulk_slot(chunk.model):
-        results = embed_refs(context, chunk.model, todo, bulk=True)
+        results = embed_refs(context, chunk.model, todo, bulk=True, ticket=Ticket(lookup=partial(context.store.job_withdrawn, chunk.job_id)))
     status = context.store.store_chunk(chunk, results, now=int(time.time()))
     metrics.TASKS.labels("job_chunk", "done").inc()
     log.info("job chunk embedded", extra={"job_id": chunk.job_id, "model": chunk.model, "images": len(results), "already_done": len(done), "job_status": status, "seconds": round(time.perf_counter() - started, 4)})

@@ -1,10 +1,11 @@
 """Whether the client of a piece of work still wants it.
 
 A task hands the pipeline one ticket for its images. The pipeline looks at it before it spends
-anything on an image (before decoding it) and when a batch is formed, so the images of a request
-whose client left, or whose deadline passed, are dropped rather than computed. The batch thread
-refreshes the tickets of the batch it is about to run from Redis in one round trip
-(``ResultStore.mark_withdrawn``); between batches the flag it set is what the decoders see.
+anything on an image (before fetching or decoding it) and when a batch is formed, so the images of
+a request whose client left, or whose deadline passed, or of a cancelled job, are dropped rather than
+computed. The batch thread refreshes the tickets of the batch it is about to run from Redis in one
+round trip (``ResultStore.mark_withdrawn``); the fetch stage asks ``withdrawn_now()`` (its own
+Redis lookup, rate-limited by the fetch queue) before each URL.
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ from worker.errors import ImageInputError
 class Ticket:
     reply_key: str | None = None  # a synchronous request's reply list; job chunks have none
     deadline: float = math.inf  # epoch seconds
+    lookup: Callable[[], bool] | None = None  # asks Redis whether the work was withdrawn
     withdrawn: bool = False
 
     def wanted(self) -> bool:
         return not self.withdrawn and time.time() < self.deadline
+
+    def withdrawn_now(self) -> bool:
+        """Not wanted any more, looked up in Redis unless already known."""
+        if self.wanted() and self.lookup is not None and self.lookup():
+            self.withdrawn = True
+        return not self.wanted()
 
 
 # Marks the tickets whose request the API has withdrawn; called with tickets that have a reply key.
