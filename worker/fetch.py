@@ -26,6 +26,7 @@ import idna
 from worker import metrics
 from worker.connections import Connection, ConnectionPool, PoolKey
 from worker.errors import ImageInputError
+from worker.tickets import Withdrawn
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -323,7 +324,7 @@ class Fetcher:
             if remaining <= 0:
                 raise self._timed_out()
             if withdrawn():
-                raise ImageInputError("request_withdrawn", "the request was withdrawn while this URL was being fetched")
+                raise ImageInputError(Withdrawn.CODE, "the request was withdrawn while this URL was being fetched")
             connection.sock.settimeout(min(remaining, _WITHDRAWAL_POLL_S))
             try:
                 return connection.sock.recv(_RECV_BYTES)

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from worker.errors import ImageInputError
 from worker.fetch import Fetcher
+from worker.tickets import Withdrawn
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class RequestFetches:
         assert future is not None
         try:
             if self._withdrawn():
-                self._fail_pending(ImageInputError("request_withdrawn", "the request was withdrawn (client gone, deadline passed or job cancelled) before this URL was fetched"), index)
+                self._fail_pending(ImageInputError(Withdrawn.CODE, "the request was withdrawn (client gone, deadline passed or job cancelled) before this URL was fetched"), index)
                 return
             future.set_result(self._queue.fetcher.fetch(url, self._withdrawn))
         except ImageInputError as exc:

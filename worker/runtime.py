@@ -145,11 +145,8 @@ class ModelRuntime:
             if isinstance(queued, ImageInputError):
                 raise queued
             embedding = queued.result().result()
-        except Withdrawn as exc:
-            metrics.IMAGES.labels(self.model.model_id, "withdrawn").inc()
-            return ItemResult(index=index, error=exc.to_item_error())
-        except ImageInputError as exc:
-            metrics.IMAGES.labels(self.model.model_id, "rejected").inc()
+        except ImageInputError as exc:  # withdrawn work ends here too, from any stage
+            metrics.IMAGES.labels(self.model.model_id, "withdrawn" if exc.code == Withdrawn.CODE else "rejected").inc()
             return ItemResult(index=index, error=exc.to_item_error())
         except WorkerStopping:
             raise

@@ -42,5 +42,7 @@ WithdrawalCheck = Callable[[list[Ticket]], None]
 class Withdrawn(ImageInputError):
     """The image's request was withdrawn (client gone, deadline passed) before the model took it."""
 
+    CODE = "request_withdrawn"  # the fetch stage reports its withdrawn URLs with it too
+
     def __init__(self) -> None:
-        super().__init__("request_withdrawn", "the request was withdrawn before this image was embedded")
+        super().__init__(self.CODE, "the request was withdrawn before this image was embedded")
