@@ -10,6 +10,7 @@ from fastapi import Request
 from redis.commands.core import AsyncScript
 
 from api.admission import AdmissionLedger
+from api.quotas import TenantQuota
 from shared.claims import HOLDER_STATE
 from shared.jobs import CANCEL, CREATE, STORE_RESULTS
 from shared.keys import Keys
@@ -32,6 +33,7 @@ class AppState:
     cancel_script: AsyncScript = field(init=False)
     holder_state_script: AsyncScript = field(init=False)
     ledger: AdmissionLedger = field(init=False)
+    quotas: TenantQuota = field(init=False)
 
     def __post_init__(self) -> None:
         self.create_job_script = self.redis.register_script(CREATE)
@@ -39,6 +41,7 @@ class AppState:
         self.cancel_script = self.redis.register_script(CANCEL)
         self.holder_state_script = self.redis.register_script(HOLDER_STATE)
         self.ledger = AdmissionLedger(self.redis, self.keys, self.settings.request_timeout_s, self.settings.max_queue_depth)
+        self.quotas = TenantQuota(self.redis, self.keys, self.settings.key_max_queued_images, self.ledger)
 
 
 def get_state(request: Request) -> AppState:

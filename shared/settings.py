@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="How long /v1/embeddings waits for a worker.")
     max_queue_depth: int = Field(1000, ge=1, description="Queued requests per model beyond which new ones get 429.")
     max_job_queue_depth: int = Field(50_000, ge=1, description="Queued job chunks per model beyond which new jobs get 429.")
+    key_max_queued_images: int = Field(200_000, ge=1, description="Images one API key may have queued or in progress, requests and jobs together.")
     job_chunk_size: int = Field(16, ge=1, le=10_000, description="Images per job chunk task.")
     job_result_ttl_s: int = Field(24 * 3600, ge=1, description="Jobs and results are kept this long after their last update.")
     broker_visibility_timeout_s: int = Field(120, ge=5, description="An unacknowledged task is handed out again this long after delivery.")

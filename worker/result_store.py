@@ -56,7 +56,7 @@ class ResultStore:
     def store_chunk(self, chunk: JobChunkPayload, results: list[ItemResult], now: int) -> str:
         """Record each item once (counted once) and drop the chunk's image bytes; returns the job status."""
         args = store_results_args(self._job_ttl_s, now, results)
-        keys = [self._keys.job(chunk.job_id), self._keys.job_results(chunk.job_id), self._keys.job_counts()]
+        keys = [self._keys.job(chunk.job_id), self._keys.job_results(chunk.job_id), self._keys.job_counts(), self._keys.tenant_work(chunk.owner), self._keys.tenant_images(chunk.owner)]
         status = self._store_results(keys=keys, args=args)[3].decode()
         self.drop_blobs(chunk)
         return status
