@@ -21,7 +21,7 @@ from shared.api_keys import derived_key_id
 from shared.jobs import new_job_id
 from shared.keys import Keys
 from shared.queues import queue_for
-from tests.conftest import Service, data_uri, service_env, start_api, start_worker, wait_served
+from tests.conftest import IMAGE_HOST, Service, data_uri, service_env, start_api, start_worker, wait_served
 from tests.jobs_helpers import all_results, submit, wait_done
 from tests.photos import EXAMPLES
 
@@ -239,3 +239,32 @@ def test_dimensions_beyond_the_model_fail_the_items_never_the_read(passworded_st
         assert PASSWORD not in worker.log_text() and "P4ss" not in worker.log_text()
         assert "P4ss" not in (logs / "api.log").read_text()
         assert "TypeError" not in worker.log_text()
+
+
+def test_default_key_quota_holds_two_maximal_jobs(service: Service, tmp_path: Path) -> None:
+    """With the default quota and job size a key may queue two jobs of the most images a job may
+    have (2 x 100,000); the next image waits for room. (Large chunks only make the 200,000 images
+    quick to publish: the quota does not depend on them.)"""
+    secret = "sk-bulk-tenant-d-4c3b2a19"
+    env = {**service.env, "IMBEDDINGS_API_KEYS": f"bulk:{secret}", "IMBEDDINGS_JOB_CHUNK_SIZE": "10000"}
+    api, base_url = start_api(env, tmp_path / "api.log")
+    waiting = service.model("unserved")
+    store = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
+    try:
+        with _client(base_url, secret) as client:
+            limit = client.get("/info").json()["settings"]["key_max_queued_images"]
+            maximal = client.get("/info").json()["settings"]["max_job_inputs"]
+            assert (limit, maximal) == (200_000, 100_000)
+            urls = [f"http://{IMAGE_HOST}/{i}.jpg" for i in range(maximal)]
+            started = time.monotonic()
+            jobs = [submit(client, {"model": waiting, "input": urls}) for _ in range(2)]
+            print(f"two jobs of {maximal} images submitted in {time.monotonic() - started:.1f} s")
+            refused = client.post("/v1/jobs", json={"model": waiting, "input": urls[:1]})
+            assert refused.status_code == 429 and f"{limit} images queued" in refused.json()["error"]["message"]
+            for job in jobs:
+                assert client.delete(f"/v1/jobs/{job['id']}").status_code == 200
+            assert _quota_total(store, "bulk") == 0
+            assert client.delete(f"/v1/jobs/{submit(client, {'model': waiting, 'input': urls[:1]})['id']}").status_code == 200
+    finally:
+        api.stop()
+        store.delete(queue_for(waiting, "bulk"))
