@@ -268,3 +268,19 @@ def test_default_key_quota_holds_two_maximal_jobs(service: Service, tmp_path: Pa
     finally:
         api.stop()
         store.delete(queue_for(waiting, "bulk"))
+
+
+def test_stored_vectors_shorter_than_the_jobs_dimensions_fail_items_not_reads(service: Service) -> None:
+    """Results stored without the worker's check (by a worker from before it) still read: the
+    items say what is wrong, the pages and the JSONL answer 200."""
+    store = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
+    with service.client() as client:
+        job = submit(client, {"input": [data_uri(JPEG)] * 3 + ["ftp://nowhere/x.jpg"]})
+        assert wait_done(client, job["id"])["completed"] == 3
+        store.hset(KEYS.job(job["id"]), "dimensions", 999)
+        page = client.get(f"/v1/jobs/{job['id']}/results")
+        assert page.status_code == 200, page.text
+        codes = [item["error"]["code"] for item in page.json()["data"]]
+        assert codes == ["invalid_dimensions"] * 3 + ["invalid_url"]
+        stream = client.get(f"/v1/jobs/{job['id']}/results.jsonl")
+        assert stream.status_code == 200 and [json.loads(line) for line in stream.text.splitlines()] == page.json()["data"]
