@@ -1,6 +1,8 @@
 """API keys as configured: each secret with the key id that names its traffic, jobs and quota.
 
-``IMBEDDINGS_API_KEYS`` lists entries separated by commas. ``name:secret`` names a key; a bare
+``IMBEDDINGS_API_KEYS`` lists entries separated by commas; ``IMBEDDINGS_API_KEYS_FILE`` names a file
+of one entry per line (lines starting with ``#`` are comments), which keeps secrets out of the process environment.
+``name:secret`` names a key; a bare
 secret gets a derived id, ``key-`` and the first 12 hex digits of the secret's SHA-256, which is
 stable across processes and restarts and does not give the secret away. The id, never the secret,
 is what job records, quota ledgers, logs and metrics hold.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
@@ -27,10 +30,19 @@ def derived_key_id(secret: str) -> str:
     return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:12]
 
 
-def parse_api_keys(text: str) -> list[ApiKey]:
+def read_keys_file(path: Path) -> list[ApiKey]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {str(path)!r} ({type(exc).__name__}: {getattr(exc, 'strerror', None) or exc})") from None
+    # Whole-line comments only: a secret may contain '#'.
+    return parse_api_keys([line for line in lines if not line.lstrip().startswith("#")])
+
+
+def parse_api_keys(entries: list[str]) -> list[ApiKey]:
     """Keys from ``name:secret`` and bare-secret entries; raises ValueError naming the bad entry
     by position (never by its secret)."""
-    entries = [part.strip() for part in text.split(",")]
+    entries = [entry.strip() for entry in entries]
     entries = [entry for entry in entries if entry]
     if not entries:
         # An empty list would mean "no authentication", which must be asked for by leaving the

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from shared.api_keys import ApiKey, parse_api_keys
+from shared.api_keys import ApiKey, parse_api_keys, read_keys_file
 from shared.cpus import available_cpus, format_cpu_list, parse_cpu_list
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +93,7 @@ class Settings(BaseSettings):
 
     # --- access and observability -----------------------------------------------------------
     api_keys: Annotated[list[ApiKey], NoDecode] = Field(default_factory=list, description="name:secret or bare-secret entries; unset: no authentication.")
+    api_keys_file: Path | None = Field(None, description="File of API keys, one name:secret (or bare secret) per line; instead of IMBEDDINGS_API_KEYS.")
     docs_enabled: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
@@ -102,7 +103,19 @@ class Settings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _keys_parse(cls, value: object) -> object:
-        return parse_api_keys(value) if isinstance(value, str) else value
+        return parse_api_keys(value.split(",")) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _keys_file(self) -> Settings:
+        if self.api_keys_file is None:
+            return self
+        if self.api_keys:
+            raise ValueError("IMBEDDINGS_API_KEYS and IMBEDDINGS_API_KEYS_FILE are both set; set one")
+        try:
+            object.__setattr__(self, "api_keys", read_keys_file(self.api_keys_file))
+        except ValueError as exc:
+            raise ValueError(f"IMBEDDINGS_API_KEYS_FILE: {exc}") from None
+        return self
 
     @field_validator("url_allowed_networks")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -57,6 +58,36 @@ def test_bad_api_keys_are_start_up_errors(monkeypatch: pytest.MonkeyPatch, value
         Settings()
     message = describe_errors(error.value)
     assert "IMBEDDINGS_API_KEYS" in message and needle in message and "sk-1" not in message
+
+
+def test_keys_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("# one entry per line\nsearch:sk-with#hash-1\n\n  sk-bare-2  \n")
+    monkeypatch.setenv("IMBEDDINGS_API_KEYS_FILE", str(path))
+    keys = Settings().api_keys
+    assert [(key.id, key.secret.get_secret_value()) for key in keys] == [("search", "sk-with#hash-1"), (derived_key_id("sk-bare-2"), "sk-bare-2")]
+
+
+@pytest.mark.parametrize(
+    ("content", "also_env", "needle"),
+    [
+        ("# nothing yet\n\n", None, "IMBEDDINGS_API_KEYS_FILE: is set but lists no key"),
+        (None, None, "IMBEDDINGS_API_KEYS_FILE: cannot read"),
+        ("a:sk-1\n", "b:sk-2", "IMBEDDINGS_API_KEYS and IMBEDDINGS_API_KEYS_FILE are both set"),
+        ("a:sk-1\na:sk-2\n", None, "same key id 'a'"),
+    ],
+)
+def test_bad_keys_files_are_start_up_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: str | None, also_env: str | None, needle: str) -> None:
+    path = tmp_path / "keys"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("IMBEDDINGS_API_KEYS_FILE", str(path))
+    if also_env:
+        monkeypatch.setenv("IMBEDDINGS_API_KEYS", also_env)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    message = describe_errors(error.value)
+    assert needle in message and "sk-1" not in message and "sk-2" not in message
 
 
 @pytest.mark.parametrize(

@@ -35,10 +35,13 @@ KEYS = Keys("imb:")
 
 @pytest.fixture(scope="module")
 def tenants(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """A second API on the shared Redis and worker, with one named and one bare key and a small
-    per-key quota."""
-    log = tmp_path_factory.mktemp("tenants") / "api.log"
-    env = {**service.env, "IMBEDDINGS_API_KEYS": f"tenant-a:{SECRET_A},{SECRET_B}", "IMBEDDINGS_KEY_MAX_QUEUED_IMAGES": str(QUOTA)}
+    """A second API on the shared Redis and worker, with one named and one bare key (from a keys
+    file) and a small per-key quota."""
+    folder = tmp_path_factory.mktemp("tenants")
+    log = folder / "api.log"
+    keys_file = folder / "api-keys"
+    keys_file.write_text(f"# tenants of this test\ntenant-a:{SECRET_A}\n{SECRET_B}\n")
+    env = {**service.env, "IMBEDDINGS_API_KEYS_FILE": str(keys_file), "IMBEDDINGS_KEY_MAX_QUEUED_IMAGES": str(QUOTA)}
     api, base_url = start_api(env, log)
     yield base_url, log
     api.stop()
