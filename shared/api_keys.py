@@ -1,11 +1,11 @@
 """API keys as configured: each secret with the key id that names its traffic, jobs and quota.
 
-``IMBEDDINGS_API_KEYS`` lists entries separated by commas; ``IMBEDDINGS_API_KEYS_FILE`` names a file
-of one entry per line (lines starting with ``#`` are comments), which keeps secrets out of the process environment.
-``name:secret`` names a key; a bare
-secret gets a derived id, ``key-`` and the first 12 hex digits of the secret's SHA-256, which is
-stable across processes and restarts and does not give the secret away. The id, never the secret,
-is what job records, quota ledgers, logs and metrics hold.
+``IMBEDDINGS_API_KEYS`` lists entries separated by commas; ``IMBEDDINGS_API_KEYS_FILE`` names a
+file of one entry per line (lines starting with ``#`` are comments), which keeps secrets out of the
+process environment. ``name:secret`` names a key; a bare secret gets a derived id, ``key-`` and the
+first 12 hex digits of the secret's SHA-256, which is stable across processes and restarts and does
+not give the secret away. The id, never the secret, is what job records, quota ledgers, logs and
+metrics hold.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def store_results_args(ttl_s: int, now: int, results: list[ItemResult]) -> list[
 
 # Every status change goes through set_status, which also keeps the service-wide job counts (a hash
 # of status -> number of jobs, read by the API's /metrics) in step.
-_SET_STATUS = QUOTA_FUNCTIONS + """
+_SET_STATUS = """
 local function set_status(job, counts, old, new)
   if old ~= new then
     redis.call('HSET', job, 'status', new)
@@ -94,7 +94,7 @@ redis.call('HINCRBY', KEYS[2], 'queued', 1)
 # ARGV: ttl seconds, now, then triples (index, result json, "1" if error). Returns {completed,
 # failed, total, status}; status "gone" when the job is unknown or cancelled. Items stored leave
 # the owner's quota; a completed job leaves it altogether.
-STORE_RESULTS = _SET_STATUS + """
+STORE_RESULTS = _SET_STATUS + QUOTA_FUNCTIONS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == 'cancelled' then
   return {0, 0, 0, 'gone'}
@@ -145,7 +145,7 @@ return status or 'gone'
 # now, the caller's key id. Cancels what has not run, drops stored results and image bytes, and
 # gives the job's images back to the owner's quota; a completed job keeps its status. Returns the
 # status, or 'gone' when there is no such job or it belongs to another key.
-CANCEL = _SET_STATUS + """
+CANCEL = _SET_STATUS + QUOTA_FUNCTIONS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[2] then
   return 'gone'
