@@ -74,8 +74,9 @@ class ClientGone(Exception):
     """The client closed its connection while its request waited."""
 
 
-async def embed_and_wait(state: AppState, model: str, images: list[ParsedImage], request_id: str, client_gone: Callable[[], Awaitable[None]]) -> list[ItemResult]:
-    """Enqueue the images and wait for their results until the request's deadline.
+async def embed_and_wait(state: AppState, key_id: str, model: str, images: list[ParsedImage], request_id: str, client_gone: Callable[[], Awaitable[None]]) -> list[ItemResult]:
+    """Enqueue the images and wait for their results until the request's deadline; they count
+    against the key's quota until then.
 
     However the wait ends without an answer (deadline, client gone, an error), the request is
     withdrawn, so no worker computes it. ``client_gone()`` completes when the client disconnects.
@@ -84,6 +85,7 @@ async def embed_and_wait(state: AppState, model: str, images: list[ParsedImage],
     deadline = time.time() + timeout
     # Keys are per dispatch, not per request id: clients choose X-Request-ID and may reuse it.
     work_id = uuid.uuid4().hex
+    await state.quotas.admit(key_id, model, work_id, len(images), deadline)
     blobs_key = state.keys.blobs(work_id)
     reply_key = state.keys.reply(work_id)
     admitted: Admission | None = None
@@ -98,14 +100,15 @@ async def embed_and_wait(state: AppState, model: str, images: list[ParsedImage],
         reply = await _wait_for_reply(state, payload, client_gone)
     finally:
         # Shielded: a cancelled request (its client left) must still withdraw and leave the ledger.
-        if admitted is not None:
-            await asyncio.shield(_finish(state, admitted, reply is None, reply_key, blobs_key, timeout))
+        await asyncio.shield(_finish(state, key_id, work_id, admitted, reply is None, reply_key, blobs_key, timeout))
     if reply is None:
         raise ApiError(504, f"no worker answered within {timeout:g} s; the request was withdrawn", code="timeout")
     return [ItemResult.model_validate(item) for item in orjson.loads(reply)]
 
 
-async def _finish(state: AppState, admitted: Admission, withdrawn: bool, reply_key: str, blobs_key: str, timeout: float) -> None:
+async def _finish(state: AppState, key_id: str, work_id: str, admitted: Admission | None, withdrawn: bool, reply_key: str, blobs_key: str, timeout: float) -> None:
+    """Withdraw the request if it had no answer, and release what it held (``admitted`` is None
+    when it was refused before it entered the ledger)."""
     try:
         if withdrawn:
             # Workers skip a withdrawn request at task start and drop its images from batches;
@@ -115,8 +118,10 @@ async def _finish(state: AppState, admitted: Admission, withdrawn: bool, reply_k
             pipe.delete(blobs_key)
             pipe.set(state.keys.abandoned(reply_key), b"1", ex=int(timeout) + 60)
             await pipe.execute(raise_on_error=False)
-        await state.ledger.release(admitted)
-    except Exception as exc:  # Redis went away: the ledger entry expires at its deadline by itself
+        if admitted is not None:
+            await state.ledger.release(admitted)
+        await state.quotas.release(key_id, work_id)
+    except Exception as exc:  # Redis went away: ledger and quota entries expire at the deadline by themselves
         log.warning("could not withdraw a request", extra={"error": type(exc).__name__})
 
 

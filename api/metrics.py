@@ -15,7 +15,9 @@ from shared.queues import queue_for
 
 REGISTRY = CollectorRegistry()
 
-REQUESTS = Counter("imbeddings_http_requests_total", "HTTP requests, by route, method, model and status.", ["route", "method", "model", "status"], registry=REGISTRY)
+REQUESTS = Counter(
+    "imbeddings_http_requests_total", "HTTP requests, by route, method, model, status and API key id ('' before or without a key).", ["route", "method", "model", "status", "key"], registry=REGISTRY
+)
 LATENCY = Histogram(
     "imbeddings_http_request_duration_seconds",
     "Time to answer an HTTP request, by route.",

@@ -27,7 +27,8 @@ class ObservabilityMiddleware:
     ``X-Request-ID`` is taken when it is a plain token, made otherwise, returned on the response and
     set for every log line of the request's handling (and passed on to the worker). Routes are
     labelled by template (``/v1/jobs/{job_id}``), models only once a handler accepted them
-    (``request.state.model``), so label values stay few. Query strings are never logged.
+    (``request.state.model``), so label values stay few; likewise the caller's key id once the key
+    was checked (``request.state.key_id``; the id, never the key). Query strings are never logged.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -57,10 +58,11 @@ class ObservabilityMiddleware:
             seconds = time.perf_counter() - started
             route = _route_template(scope)
             model = scope["state"].get("model", "")
-            metrics.REQUESTS.labels(route, scope["method"], model, str(status)).inc()
+            key = scope["state"].get("key_id", "")
+            metrics.REQUESTS.labels(route, scope["method"], model, str(status), key).inc()
             metrics.LATENCY.labels(route, scope["method"]).observe(seconds)
             if route != "/metrics":
-                access_log.info("request", extra={"method": scope["method"], "path": scope["path"], "route": route, "status": status, "model": model, "seconds": round(seconds, 4)})
+                access_log.info("request", extra={"method": scope["method"], "path": scope["path"], "route": route, "status": status, "model": model, "key": key, "seconds": round(seconds, 4)})
             request_id_var.reset(token)
 
 

@@ -125,9 +125,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     for status, text in {
         400: "Bad request or bad image (the message names the input index)",
         401: "Missing or wrong API key",
-        404: "Unknown model",
+        404: "Unknown model, or no such job for this key",
         413: "Request body too large",
-        429: "Queue full; retry after the Retry-After header",
+        429: "Queue full, or the API key's quota of queued images used up; retry after the Retry-After header",
         503: "No worker serves the model, or Redis is unreachable",
         504: "The wait for a worker ran out",
         507: "Redis has no room for this work (its memory budget or maxmemory); retry after the Retry-After header",

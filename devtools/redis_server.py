@@ -44,16 +44,19 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, data_dir: Path, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
         """``extra_args`` go to the server's command line after the defaults (``--maxmemory 8mb`` ...)."""
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.password = password
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        # The password as operators write it, unencoded: clients read the host after the last '@'.
+        credentials = f":{self.password}@" if self.password else ""
+        return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 15.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -68,10 +71,12 @@ class RedisServer:
             "--logfile", str(self.data_dir / "server.log"),
             *self.extra_args,
         ]
+        if self.password:
+            command += ["--requirepass", self.password]
         # Own session: a Ctrl-C meant for the caller must not stop Redis before its clients.
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         while True:
             try:
                 # A server still loading its append-only file answers PING with an error.
@@ -91,7 +96,7 @@ class RedisServer:
             return
         if graceful:
             try:
-                redis.Redis(port=self.port, socket_timeout=5).shutdown(nosave=False)
+                redis.Redis(port=self.port, password=self.password, socket_timeout=5).shutdown(nosave=False)
             except redis.ConnectionError:
                 pass
             try:

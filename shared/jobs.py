@@ -7,13 +7,15 @@ the job turns ``completed`` in the same step that accounts for its last item.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared.protocol import ItemResult
+from shared.quotas import QUOTA_FUNCTIONS
 
 JobStatus = Literal["queued", "running", "completed", "cancelled"]
 
@@ -32,6 +34,7 @@ class JobRecord(BaseModel):
     pooling: Literal["cls", "mean"] = "cls"
     dimensions: int | None = None
     results_deleted: bool = False
+    owner: str = Field("", description="Id of the API key that created the job (never the key itself); '' without keys.")
 
     @classmethod
     def from_redis(cls, fields: dict[bytes, bytes]) -> JobRecord:
@@ -43,18 +46,21 @@ class JobRecord(BaseModel):
         return {key: ("" if value is None else int(value) if isinstance(value, bool) else value) for key, value in self.model_dump(exclude={"object"}).items()}
 
 
+JOB_ID = re.compile(r"job_[0-9a-f]{24}")
+
+
 def new_job_id() -> str:
-    """``job_`` + creation time (hex seconds) + randomness: an expired id can be told from a wrong one."""
+    """``job_`` + creation time (8 hex digits of seconds) + 16 hex digits of randomness: an expired
+    id can be told from a wrong one. Anything else is not a job id (``JOB_ID``)."""
     return f"job_{int(time.time()):08x}{secrets.token_hex(8)}"
 
 
+def is_job_id(text: str) -> bool:
+    return JOB_ID.fullmatch(text) is not None
+
+
 def job_created_at(job_id: str) -> int | None:
-    if not job_id.startswith("job_") or len(job_id) != 28:
-        return None
-    try:
-        return int(job_id[4:12], 16)
-    except ValueError:
-        return None
+    return int(job_id[4:12], 16) if is_job_id(job_id) else None
 
 
 def store_results_args(ttl_s: int, now: int, results: list[ItemResult]) -> list[str | int]:
@@ -84,19 +90,20 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'queued', 1)
 """
 
-# KEYS: job hash, results hash, job counts, and optionally the job's image-bytes hash. ARGV: ttl
-# seconds, now, then triples (index, result json, "1" if error). Returns {completed, failed, total,
-# status}; status "gone" when the job is unknown or cancelled.
+# KEYS: job hash, results hash, job counts, the owner's quota work and images (Keys.tenant_*), and
+# optionally the job's image-bytes hash. ARGV: ttl seconds, now, then triples (index, result json,
+# "1" if error). Returns {completed, failed, total, status}; status "gone" when the job is unknown
+# or cancelled. Items stored leave the owner's quota; a completed job leaves it altogether.
 #
 # The items' image bytes go first. Redis (noeviction) refuses a script's command that may grow memory
 # while it is over maxmemory only until the script has written something: dropping the images first
 # lets a chunk's results in when Redis is full, in exchange for the image bytes, which outweigh them.
 # A chunk of URLs has no image bytes to drop: a full Redis refuses its results, and the worker
 # hands the chunk back.
-STORE_RESULTS = _SET_STATUS + """
-if KEYS[4] then
+STORE_RESULTS = _SET_STATUS + QUOTA_FUNCTIONS + """
+if KEYS[6] then
   for i = 3, #ARGV, 3 do
-    redis.call('HDEL', KEYS[4], ARGV[i])
+    redis.call('HDEL', KEYS[6], ARGV[i])
   end
 end
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -124,6 +131,12 @@ if completed + failed >= total then
   end
 end
 set_status(KEYS[1], KEYS[3], status, new)
+local job_id = redis.call('HGET', KEYS[1], 'id')
+if new == 'completed' then
+  quota_release(KEYS[4], KEYS[5], job_id)
+else
+  quota_settle(KEYS[4], KEYS[5], job_id, ok + bad, tonumber(ARGV[1]), tonumber(ARGV[2]))
+end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return {completed, failed, total, new}
@@ -139,13 +152,16 @@ end
 return status or 'gone'
 """
 
-# KEYS: job hash, results hash, blobs hash, job counts. ARGV: now. Cancels what has not run and
-# drops stored results and image bytes; a completed job keeps its status. Returns the status, or 'gone'.
-CANCEL = _SET_STATUS + """
+# KEYS: job hash, results hash, blobs hash, job counts, the owner's quota work and images. ARGV:
+# now, the caller's key id. Cancels what has not run, drops stored results and image bytes, and
+# gives the job's images back to the owner's quota; a completed job keeps its status. Returns the
+# status, or 'gone' when there is no such job or it belongs to another key.
+CANCEL = _SET_STATUS + QUOTA_FUNCTIONS + """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then
+if not status or (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[2] then
   return 'gone'
 end
+quota_release(KEYS[5], KEYS[6], redis.call('HGET', KEYS[1], 'id'))
 if status == 'queued' or status == 'running' then
   set_status(KEYS[1], KEYS[4], status, 'cancelled')
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[1])

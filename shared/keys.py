@@ -64,3 +64,12 @@ class Keys:
     def job_counts(self) -> str:
         """Hash: job status -> number of jobs (queued/running now; completed/cancelled so far)."""
         return f"{self.prefix}job-counts"
+
+    def tenant_work(self, key_id: str) -> str:
+        """Sorted set: an API key's unfinished work (synchronous requests and jobs) -> the time its
+        claim on the key's quota lapses by itself (a request's deadline, a job's expiry)."""
+        return f"{self.prefix}tenant:{key_id}:work"
+
+    def tenant_images(self, key_id: str) -> str:
+        """Hash: work id -> images of it not finished yet, plus the key's sum under ``total``."""
+        return f"{self.prefix}tenant:{key_id}:images"

@@ -39,6 +39,8 @@ class JobChunkPayload(BaseModel):
     job_id: str
     model: str
     items: list[ImageRef]
+    owner: str = Field("", description="Key id of the job's owner, whose quota the items leave as they finish.")
+    dimensions: int | None = Field(None, description="The job's truncation, checked against the model's size before anything is computed.")
 
 
 class ItemError(BaseModel):

@@ -12,11 +12,12 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.api_keys import ApiKey, parse_api_keys, read_keys_file
 from shared.cpus import available_cpus, format_cpu_list, parse_cpu_list
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CommaList = Annotated[list[str], NoDecode]
 
 _TIMING_OPTIONS = {"socket_timeout", "socket_connect_timeout", "socket_keepalive", "retry_on_timeout", "health_check_interval"}
+# The one query option both kombu (the broker) and redis-py take; kombu fails with a TypeError on
+# any other (db, password, username, ...), which would stop the worker after it loaded its models.
+_URL_OPTIONS = {"ssl_cert_reqs"}
 
 
 def _split_commas(value: object) -> object:
@@ -89,6 +93,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="How long /v1/embeddings waits for a worker.")
     max_queue_depth: int = Field(1000, ge=1, description="Queued requests per model beyond which new ones get 429.")
     max_job_queue_depth: int = Field(50_000, ge=1, description="Queued job chunks per model beyond which new jobs get 429.")
+    key_max_queued_images: int = Field(200_000, ge=1, description="Images one API key may have queued or in progress, requests and jobs together.")
     job_chunk_size: int = Field(16, ge=1, le=10_000, description="Images per job chunk task.")
     job_result_ttl_s: int = Field(24 * 3600, ge=1, description="Jobs and results are kept this long after their last update.")
     redis_max_bytes: int | None = Field(
@@ -99,12 +104,30 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: float = Field(20.0, gt=0)
 
     # --- access and observability -----------------------------------------------------------
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(default_factory=list, description="name:secret or bare-secret entries; unset: no authentication.")
+    api_keys_file: Path | None = Field(None, description="File of API keys, one name:secret (or bare secret) per line; instead of IMBEDDINGS_API_KEYS.")
     docs_enabled: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
 
-    _split = field_validator("worker_models", "url_allowed_networks", "api_keys", mode="before")(_split_commas)
+    _split = field_validator("worker_models", "url_allowed_networks", mode="before")(_split_commas)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_parse(cls, value: object) -> object:
+        return parse_api_keys(value.split(",")) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _keys_file(self) -> Settings:
+        if self.api_keys_file is None:
+            return self
+        if self.api_keys:
+            raise ValueError("IMBEDDINGS_API_KEYS and IMBEDDINGS_API_KEYS_FILE are both set; set one")
+        try:
+            object.__setattr__(self, "api_keys", read_keys_file(self.api_keys_file))
+        except ValueError as exc:
+            raise ValueError(f"IMBEDDINGS_API_KEYS_FILE: {exc}") from None
+        return self
 
     @field_validator("url_allowed_networks")
     @classmethod
@@ -137,14 +160,19 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, value: str) -> str:
+    def _redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
-        timing = sorted(set(parse_qs(urlsplit(value).query)) & _TIMING_OPTIONS)
-        if timing:
-            # The broker would pass them to kombu, which does not take them, and every timeout is
-            # chosen per use (README, "Timeouts").
+        if _misplaced_userinfo(value):
+            raise ValueError("has an '@' after a '/', '?' or '#': percent-encode those characters in the password (urllib.parse.quote)")
+        options = {name for name, _ in parse_qsl(urlsplit(value).query, keep_blank_values=True)}
+        if timing := sorted(options & _TIMING_OPTIONS):
+            # Every timeout is chosen per use (README, "Timeouts").
             raise ValueError(f"timing options in the URL ({', '.join(timing)}) are not supported: Imbeddings sets each Redis timeout from the wait it serves; remove them")
+        if credentials := sorted(options & {"password", "username"}):
+            raise ValueError(f"credentials in the query string ({', '.join(credentials)}) are not supported; put them before the host: redis://USER:PASSWORD@host:6379/0")
+        if other := sorted(options - _URL_OPTIONS):
+            raise ValueError(f"URL options {', '.join(other)} are not supported (only ssl_cert_reqs); the database number goes in the path, redis://host:6379/DB")
         return value
 
     @model_validator(mode="after")
@@ -164,11 +192,27 @@ class Settings(BaseSettings):
         return view
 
 
+def _misplaced_userinfo(url: str) -> bool:
+    """An ``@`` outside the host part: a password with an unencoded ``/``, ``?`` or ``#``, which
+    would be read as path, query or fragment (and shown as such)."""
+    parts = urlsplit(url)
+    return "@" in parts.path + parts.query + parts.fragment
+
+
 def _redact_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
+    """The URL without its user info or any query value but the known harmless ones.
+
+    The host starts after the *last* ``@``, as redis-py reads it: a password may contain ``@``.
+    """
+    parts = urlsplit(url)
+    if _misplaced_userinfo(url):
+        return f"{parts.scheme}://***"
+    _, at, host = parts.netloc.rpartition("@")
+    query = [(name, value if name in _URL_OPTIONS else "***") for name, value in parse_qsl(parts.query, keep_blank_values=True)]
+    redacted = f"{parts.scheme}://{'***@' if at else ''}{host}{parts.path}"
+    if query:
+        redacted += "?" + urlencode(query, safe="*")
+    return redacted + ("#***" if parts.fragment else "")
 
 
 def describe_errors(error: ValidationError) -> str:
@@ -179,6 +223,8 @@ def describe_errors(error: ValidationError) -> str:
         if field == "hf_token":
             env = "HF_TOKEN"
         shown = item.get("input")
+        if field == "redis_url" and isinstance(shown, str):
+            shown = _redact_url(shown)
         got = f" (got {shown!r})" if isinstance(shown, (str, int, float)) and field not in ("hf_token", "api_keys") else ""
         lines.append(f"  {env}: {item['msg']}{got}")
     return "Invalid Imbeddings configuration:\n" + "\n".join(lines)

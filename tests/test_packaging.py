@@ -64,6 +64,8 @@ def test_compose_wires_redis_api_worker_and_optional_flower() -> None:
         assert service["environment"]["IMBEDDINGS_REDIS_URL"] == "redis://redis:6379/0"
         assert (REPO_ROOT / service["build"]["dockerfile"]).exists()
     assert services["api"]["build"]["dockerfile"] == "Dockerfile.api" and "8000:8000" in services["api"]["ports"]
+    # Passed through only when set: an empty default would stop the API (set-but-empty keys are refused).
+    assert services["api"]["environment"]["IMBEDDINGS_API_KEYS"] is None
     worker = services["worker"]
     assert worker["build"]["dockerfile"] == "Dockerfile.worker"
     assert any(v.startswith("hf-cache:") for v in worker["volumes"]) and "hf-cache" in compose["volumes"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from shared.api_keys import derived_key_id
 from shared.model_catalog import allowed_models, read_allow_list
 from shared.settings import REPO_ROOT, Settings, describe_errors
 
@@ -19,7 +22,7 @@ def test_defaults_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.default_model == "facebook/dinov2-small"
     assert settings.worker_models == ["a/b", "c"]
-    assert [k.get_secret_value() for k in settings.api_keys] == ["k1", "k2"]
+    assert [k.secret.get_secret_value() for k in settings.api_keys] == ["k1", "k2"]
     view = settings.public_view()
     assert "hf_secret" not in str(view) and "k1" not in str(view)
     assert view["hf_token_set"] is True and view["api_keys_configured"] == 2
@@ -30,9 +33,94 @@ def test_worker_models_default_to_the_default_model(monkeypatch: pytest.MonkeyPa
     assert Settings().worker_models == ["/models/mine"]
 
 
-def test_redis_password_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IMBEDDINGS_REDIS_URL", "redis://:hunter2@redis:6379/0")
-    assert Settings().public_view()["redis_url"] == "redis://***@redis:6379/0"
+def test_named_and_bare_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMBEDDINGS_API_KEYS", " search-team:sk-AAAA1111 , sk-bare-2222 ")
+    keys = Settings().api_keys
+    assert [(key.id, key.secret.get_secret_value()) for key in keys] == [("search-team", "sk-AAAA1111"), (derived_key_id("sk-bare-2222"), "sk-bare-2222")]
+    # The derived id is stable (every API instance computes the same), short, and not the secret.
+    assert keys[1].id == "key-" + hashlib.sha256(b"sk-bare-2222").hexdigest()[:12] and "2222" not in keys[1].id
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("", "lists no key"),
+        (" , ", "lists no key"),
+        ("a:", "empty secret"),
+        ("bad name:sk-1", "entry 1: a key name"),
+        ("a:sk-1,a:sk-2", "same key id 'a'"),
+        ("a:sk-1,b:sk-1", "entries 1 and 2 have the same secret"),
+    ],
+)
+def test_bad_api_keys_are_start_up_errors(monkeypatch: pytest.MonkeyPatch, value: str, needle: str) -> None:
+    monkeypatch.setenv("IMBEDDINGS_API_KEYS", value)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    message = describe_errors(error.value)
+    assert "IMBEDDINGS_API_KEYS" in message and needle in message and "sk-1" not in message
+
+
+def test_keys_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("# one entry per line\nsearch:sk-with#hash-1\n\n  sk-bare-2  \n")
+    monkeypatch.setenv("IMBEDDINGS_API_KEYS_FILE", str(path))
+    keys = Settings().api_keys
+    assert [(key.id, key.secret.get_secret_value()) for key in keys] == [("search", "sk-with#hash-1"), (derived_key_id("sk-bare-2"), "sk-bare-2")]
+
+
+@pytest.mark.parametrize(
+    ("content", "also_env", "needle"),
+    [
+        ("# nothing yet\n\n", None, "IMBEDDINGS_API_KEYS_FILE: is set but lists no key"),
+        (None, None, "IMBEDDINGS_API_KEYS_FILE: cannot read"),
+        ("a:sk-1\n", "b:sk-2", "IMBEDDINGS_API_KEYS and IMBEDDINGS_API_KEYS_FILE are both set"),
+        ("a:sk-1\na:sk-2\n", None, "same key id 'a'"),
+    ],
+)
+def test_bad_keys_files_are_start_up_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: str | None, also_env: str | None, needle: str) -> None:
+    path = tmp_path / "keys"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("IMBEDDINGS_API_KEYS_FILE", str(path))
+    if also_env:
+        monkeypatch.setenv("IMBEDDINGS_API_KEYS", also_env)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    message = describe_errors(error.value)
+    assert needle in message and "sk-1" not in message and "sk-2" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@redis:6379/0", "redis://***@redis:6379/0"),
+        ("redis://app:hunter2@redis:6379/0", "redis://***@redis:6379/0"),
+        ("redis://:t-P4ss@word@redis:6379/0", "redis://***@redis:6379/0"),
+        ("rediss://:hunter2@redis:6380/1?ssl_cert_reqs=required", "rediss://***@redis:6380/1?ssl_cert_reqs=required"),
+        ("unix://:hunter2@/run/redis.sock", "unix://***@/run/redis.sock"),
+    ],
+)
+def test_redis_credentials_are_redacted(monkeypatch: pytest.MonkeyPatch, url: str, shown: str) -> None:
+    monkeypatch.setenv("IMBEDDINGS_REDIS_URL", url)
+    assert Settings().public_view()["redis_url"] == shown
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("redis://redis:6379/0?password=hunter2", "credentials in the query string (password)"),
+        ("unix:///run/redis.sock?username=app&password=hunter2", "credentials in the query string (password, username)"),
+        ("redis://redis:6379?db=2", "URL options db are not supported"),
+        ("redis://:hun?ter2@redis:6379/0", "percent-encode"),
+    ],
+)
+def test_redis_url_options_kombu_cannot_take_are_refused(monkeypatch: pytest.MonkeyPatch, url: str, needle: str) -> None:
+    monkeypatch.setenv("IMBEDDINGS_REDIS_URL", url)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    message = describe_errors(error.value)
+    assert "IMBEDDINGS_REDIS_URL" in message and needle in message
+    assert "hunter2" not in message and "ter2" not in message
 
 
 @pytest.mark.parametrize(
@@ -54,11 +142,22 @@ def test_invalid_values_are_named(monkeypatch: pytest.MonkeyPatch, name: str, va
     assert needle in describe_errors(error.value)
 
 
-def test_processes_refuse_to_start_with_bad_settings() -> None:
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("IMBEDDINGS_PORT", "-1"),
+        ("IMBEDDINGS_API_KEYS", " , "),
+        ("IMBEDDINGS_API_KEYS", ""),
+        # kombu used to stop the worker with a TypeError on this URL, after the models had loaded.
+        ("IMBEDDINGS_REDIS_URL", "redis://127.0.0.1:6379/0?password=hunter2"),
+    ],
+)
+def test_processes_refuse_to_start_with_bad_settings(name: str, value: str) -> None:
     for module in ("api", "worker"):
-        result = subprocess.run([sys.executable, "-m", module], cwd=REPO_ROOT, env={"IMBEDDINGS_PORT": "-1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 2
-        assert "Invalid Imbeddings configuration" in result.stderr and "IMBEDDINGS_PORT" in result.stderr
+        result = subprocess.run([sys.executable, "-m", module], cwd=REPO_ROOT, env={name: value, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "Invalid Imbeddings configuration" in result.stderr and name in result.stderr
+        assert "TypeError" not in result.stderr and "hunter2" not in result.stderr
 
 
 def test_allow_list_parsing(tmp_path) -> None:

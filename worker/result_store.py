@@ -83,7 +83,7 @@ class ResultStore:
         returns the job status. Raises OutOfMemoryError when Redis is full and the chunk had no
         image bytes to drop."""
         args = store_results_args(self._job_ttl_s, now, results)
-        keys = [self._keys.job(chunk.job_id), self._keys.job_results(chunk.job_id), self._keys.job_counts()]
+        keys = [self._keys.job(chunk.job_id), self._keys.job_results(chunk.job_id), self._keys.job_counts(), self._keys.tenant_work(chunk.owner), self._keys.tenant_images(chunk.owner)]
         if any(ref.kind == "blob" for ref in chunk.items):
             keys.append(self._keys.job_blobs(chunk.job_id))
         return self._store_results(keys=keys, args=args)[3].decode()

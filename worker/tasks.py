@@ -73,6 +73,18 @@ def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef], bulk: b
     return [next(embedded) if isinstance(item, ImageInput) else item for item in loaded]
 
 
+def unsatisfiable_dimensions(context: WorkerContext, chunk: JobChunkPayload) -> ItemError | None:
+    """The error every item of a job gets when its ``dimensions`` exceed the model's vectors.
+
+    The API checks this at submit when a worker has already described the model; a job submitted
+    before that is checked here, before anything is computed, so its results stay readable.
+    """
+    runtime = context.runtime.models.get(chunk.model)
+    if chunk.dimensions is None or runtime is None or chunk.dimensions <= (dim := runtime.model.info.dim):
+        return None
+    return ItemError(message=f"dimensions={chunk.dimensions} is larger than the model's embedding size {dim}", code="invalid_dimensions")
+
+
 @contextmanager
 def _message(kind: str, schema: type[Message], payload: dict) -> Iterator[Message | None]:
     """The validated message, its request id on every log line of the work; None if malformed."""
@@ -175,6 +187,11 @@ def _run_chunk(context: WorkerContext, chunk: JobChunkPayload) -> None:
         return
     todo = [ref for ref in chunk.items if ref.index not in done]
     started = time.perf_counter()
+    if (error := unsatisfiable_dimensions(context, chunk)) is not None:
+        status = context.store.store_chunk(chunk, [ItemResult(index=ref.index, error=error) for ref in todo], now=int(time.time()))
+        metrics.TASKS.labels("job_chunk", "refused").inc()
+        log.info("job chunk refused: dimensions larger than the model's", extra={"job_id": chunk.job_id, "model": chunk.model, "dimensions": chunk.dimensions, "job_status": status})
+        return
     with context.runtime.bulk_slot(chunk.model):
         results = embed_refs(context, chunk.model, todo, bulk=True, ticket=Ticket(lookup=partial(context.store.job_withdrawn, chunk.job_id)))
     status = context.store.store_chunk(chunk, results, now=int(time.time()))

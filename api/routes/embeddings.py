@@ -7,6 +7,7 @@ from functools import partial
 from fastapi import APIRouter, Depends, Request
 
 from api import metrics
+from api.auth import KeyId
 from api.dispatch import ClientGone, embed_and_wait
 from api.errors import ApiError
 from api.formatting import embedding_dim, embedding_item, first_failure
@@ -26,7 +27,7 @@ async def _disconnected(request: Request) -> None:
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES, summary="Embed images (waits for the result)")
-async def create_embeddings(body: EmbeddingRequest, request: Request, state: AppState = Depends(get_state)) -> JSONBytesResponse:
+async def create_embeddings(body: EmbeddingRequest, request: Request, key_id: KeyId, state: AppState = Depends(get_state)) -> JSONBytesResponse:
     settings = state.settings
     model = resolve_model(state, body.model)
     request.state.model = model
@@ -34,7 +35,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: App
     images = parse_inputs(body.input, settings.max_inputs_per_request, settings.max_image_bytes)
     await require_served(state, model)
     try:
-        results = await embed_and_wait(state, model, images, request.state.request_id, partial(_disconnected, request))
+        results = await embed_and_wait(state, key_id, model, images, request.state.request_id, partial(_disconnected, request))
     except ClientGone:
         # Nobody reads this answer; its status tells the logs and metrics what happened.
         raise ApiError(499, "the client closed the connection; the request was withdrawn", code="client_closed_request") from None

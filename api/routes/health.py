@@ -1,4 +1,9 @@
-"""Liveness, readiness, effective configuration and metrics: open routes, no API key needed."""
+"""Liveness, readiness, effective configuration and metrics.
+
+``/health``, ``/ready`` and ``/metrics`` are open: probes and Prometheus scrape them without
+credentials, and they hold no secrets (key ids, never keys). ``/info`` needs a key when keys are
+configured: the limits and model paths it lists are a map of the deployment.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from fastapi.responses import Response
 from redis.exceptions import RedisError
 
 from api import metrics
+from api.auth import require_api_key
 from api.responses import JSONBytesResponse
 from api.state import AppState, get_state
 from api.workers import live_workers
@@ -31,7 +37,7 @@ async def ready(state: AppState = Depends(get_state)) -> JSONBytesResponse:
     return JSONBytesResponse(body, status_code=200 if workers else 503)
 
 
-@router.get("/info", summary="Effective limits and settings (no secrets)")
+@router.get("/info", summary="Effective limits and settings (no secrets)", dependencies=[Depends(require_api_key)])
 async def info(state: AppState = Depends(get_state)) -> dict[str, object]:
     return {"settings": state.settings.public_view(), "allowed_models": state.allowed_models}
 

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from api.jobs import cancel_job, create_job, get_job, result_lines, result_page
+from api.auth import KeyId
+from api.jobs import cancel_job, create_job, get_job, job_not_found, result_lines, result_page
 from api.responses import JSONBytesResponse
 from api.schemas import ERROR_RESPONSES, EmbeddingRequest
 from api.state import AppState, get_state
-from shared.jobs import JobRecord, JobStatus
+from shared.jobs import JobRecord, JobStatus, is_job_id
 
 router = APIRouter()
+
+
+def valid_job_id(job_id: Annotated[str, Path(description="A job id as POST /v1/jobs returned it: job_ and 24 hex digits.")], state: AppState = Depends(get_state)) -> str:
+    """The id, when it has the shape of one; 404 otherwise, before it comes near a Redis key name."""
+    if not is_job_id(job_id):
+        raise job_not_found(state, job_id)
+    return job_id
+
+
+JobId = Annotated[str, Depends(valid_job_id)]
 
 
 class JobView(BaseModel):
@@ -40,28 +51,28 @@ def _view(job: JobRecord) -> JobView:
 
 
 @router.post("/jobs", status_code=202, response_model=JobView, responses=ERROR_RESPONSES, summary="Submit an embedding job (large inputs allowed)")
-async def submit_job(body: EmbeddingRequest, request: Request, state: AppState = Depends(get_state)) -> JobView:
-    job = await create_job(state, body, request.state.request_id)
+async def submit_job(body: EmbeddingRequest, request: Request, key_id: KeyId, state: AppState = Depends(get_state)) -> JobView:
+    job = await create_job(state, body, request.state.request_id, key_id)
     request.state.model = job.model
     return _view(job)
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="A job's status and progress")
-async def job_status(job_id: str, state: AppState = Depends(get_state)) -> JobView:
-    return _view(await get_job(state, job_id))
+async def job_status(job_id: JobId, key_id: KeyId, state: AppState = Depends(get_state)) -> JobView:
+    return _view(await get_job(state, job_id, key_id))
 
 
 @router.get("/jobs/{job_id}/results", response_model=JobResultsPage, responses=ERROR_RESPONSES, summary="A page of a job's results, in index order")
-async def job_results(job_id: str, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000), state: AppState = Depends(get_state)) -> JSONBytesResponse:
-    return JSONBytesResponse(await result_page(state, job_id, offset, limit))
+async def job_results(job_id: JobId, key_id: KeyId, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000), state: AppState = Depends(get_state)) -> JSONBytesResponse:
+    return JSONBytesResponse(await result_page(state, job_id, key_id, offset, limit))
 
 
 @router.get("/jobs/{job_id}/results.jsonl", responses={200: {"content": {"application/x-ndjson": {}}}, **ERROR_RESPONSES}, summary="All of a job's results as JSON lines")
-async def job_results_jsonl(job_id: str, state: AppState = Depends(get_state)) -> StreamingResponse:
-    job, lines = await result_lines(state, job_id)
+async def job_results_jsonl(job_id: JobId, key_id: KeyId, state: AppState = Depends(get_state)) -> StreamingResponse:
+    job, lines = await result_lines(state, job_id, key_id)
     return StreamingResponse(lines, media_type="application/x-ndjson", headers={"X-Job-Status": job.status})
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="Cancel a job and delete its results")
-async def delete_job(job_id: str, state: AppState = Depends(get_state)) -> JobView:
-    return _view(await cancel_job(state, job_id))
+async def delete_job(job_id: JobId, key_id: KeyId, state: AppState = Depends(get_state)) -> JobView:
+    return _view(await cancel_job(state, job_id, key_id))
