@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from operator import attrgetter
 
 from fastapi import APIRouter, Depends, Request
 
@@ -11,12 +12,13 @@ from api.dispatch import ClientGone, embed_and_wait
 from api.errors import ApiError
 from api.formatting import embedding_dim, embedding_item, first_failure
 from api.inputs import parse_inputs
+from api.json_body import bounded_json_route
 from api.responses import JSONBytesResponse
 from api.schemas import ERROR_RESPONSES, EmbeddingRequest, EmbeddingResponse
 from api.state import AppState, get_state
 from api.workers import require_served, resolve_model, validate_dimensions
 
-router = APIRouter()
+router = APIRouter(route_class=bounded_json_route(attrgetter("max_inputs_per_request")))
 
 
 async def _disconnected(request: Request) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -9,12 +10,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from api.jobs import cancel_job, create_job, get_job, result_lines, result_page
+from api.json_body import bounded_json_route
 from api.responses import JSONBytesResponse
 from api.schemas import ERROR_RESPONSES, EmbeddingRequest
 from api.state import AppState, get_state
 from shared.jobs import JobRecord, JobStatus
 
-router = APIRouter()
+router = APIRouter(route_class=bounded_json_route(attrgetter("max_job_inputs")))
 
 
 class JobView(BaseModel):
