@@ -9,6 +9,7 @@ gigabytes these inputs used to cost, not fast from slow.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import threading
 import time
@@ -51,6 +52,9 @@ class EdgeAPI:
     def peak_rss_mb(self) -> float:
         return int(self._status()["VmHWM"].split()[0]) / 1024
 
+    def rss_mb(self) -> float:
+        return int(self._status()["VmRSS"].split()[0]) / 1024
+
     def reset_peak_rss(self) -> None:
         Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
 
@@ -65,11 +69,15 @@ class EdgeAPI:
 
 
 @pytest.fixture(scope="module")
-def edge_api(redis_server: RedisServer, allow_list: Path, tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeAPI]:
-    """An API alone (what is tested here is refused before any worker is involved), edge settings left at their defaults."""
-    api, base_url = start_api(service_env(redis_server.url, allow_list, tiny_models), tmp_path_factory.mktemp("edge") / "api.log")
+def edge_api(allow_list: Path, tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeAPI]:
+    """An API with its own Redis and no worker (what is tested here is decided before any worker
+    is involved), edge settings left at their defaults."""
+    root = tmp_path_factory.mktemp("edge")
+    store = RedisServer(root / "redis").start()
+    api, base_url = start_api(service_env(store.url, allow_list, tiny_models), root / "api.log")
     yield EdgeAPI(api, base_url)
     api.stop()
+    store.stop(graceful=False)
 
 
 @contextmanager
@@ -150,6 +158,32 @@ def test_a_large_valid_job_body_is_parsed_off_the_event_loop(edge_api: EdgeAPI) 
     print(f"100k image objects ({len(body) / MiB:.1f} MiB): {answer.status_code} in {elapsed:.2f} s; slowest /health {max(latencies):.3f} s of {len(latencies)}")
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found", answer.text
     assert max(latencies) < HEALTH_BOUND_S
+
+
+def test_the_largest_valid_body_is_parsed_off_the_event_loop(edge_api: EdgeAPI) -> None:
+    """Two images at the 20 MiB image limit, as data URIs (53 MiB of JSON): parsed, validated and
+    base64-decoded while /health keeps answering; the answer is the 503 for a model no worker
+    serves (none runs here), which comes after all of that."""
+    image = b"\xff\xd8" + os.urandom(DEFAULTS.max_image_bytes - 2)
+    uri = "data:image/jpeg;base64," + base64.b64encode(image).decode()
+    body = orjson.dumps({"input": [uri, uri]})
+    assert len(body) < DEFAULTS.max_request_bytes
+    edge_api.reset_peak_rss()
+    rss_before = edge_api.rss_mb()
+    cpu_before = edge_api.cpu_seconds()
+    with health_probe(edge_api.base_url) as latencies, httpx.Client(base_url=edge_api.base_url, timeout=120) as client:
+        time.sleep(0.3)
+        started = time.perf_counter()
+        answer = client.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
+        elapsed = time.perf_counter() - started
+        time.sleep(0.3)
+    cpu = edge_api.cpu_seconds() - cpu_before
+    peak = edge_api.peak_rss_mb()
+    print(f"largest valid body ({len(body) / MiB:.1f} MiB): {answer.status_code} in {elapsed:.2f} s; API CPU {cpu:.2f} s, "
+          f"RSS {rss_before:.0f} -> peak {peak:.0f} MB; slowest /health {max(latencies):.3f} s of {len(latencies)}")
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "model_not_served", answer.text
+    # The body, its parsed strings and the decoded images are alive together: a few times the body, no more.
+    assert peak - rss_before < 5 * len(body) / MiB and max(latencies) < HEALTH_BOUND_S
 
 
 async def _trickle_head(host: str, port: int, mode: str, results: list[tuple[str, float, bytes]]) -> None:
