@@ -9,9 +9,9 @@ objects took 30 s of the loop and 2.6 GB. Here, before FastAPI sees a body:
    only ever build that many objects;
 2. orjson parses it;
 3. ``input`` is counted against the route's limit before any per-item model exists;
-4. the route's body model is validated (100,000 image objects take about a second).
+4. the route's body model is validated (for a large job, the costliest step).
 
-Steps 2-4 run in a worker thread when the body is large. FastAPI is then handed the validated
+All four run in a worker thread unless the body is small. FastAPI is then handed the validated
 model, which pydantic passes through without validating it again, so the route, its OpenAPI
 description and the error handlers stay what they were.
 """
@@ -34,12 +34,13 @@ from api.errors import ApiError
 from api.state import get_state
 from shared.settings import Settings
 
-# A request names each image in at most ~10 JSON values and separators
-# (`{"type":"image","image_url":"..."},`); the rest of it (model, pooling, ...) in under 64.
+# A request names each image in at most 10 JSON values and separators
+# (`{"type":"image","image_url":"..."},`) and says the rest (model, pooling, ...) in under 64:
+# both bounds leave room for what a generous client adds (whitespace costs nothing).
 JSON_VALUES_PER_INPUT = 12
 JSON_VALUES_BASE = 256
-# Smaller bodies parse in well under a millisecond: a thread hop would cost more than it saves.
-INLINE_PARSE_BYTES = 64 * 1024
+# Bodies this small (a few URLs) take at most a few milliseconds to parse and validate: not worth a thread hop.
+INLINE_PARSE_BYTES = 2 * 1024
 # Every value or key but the first of its container follows one of these; the first follows its
 # container's opening bracket (or, for an object's values, the colon).
 _SEPARATORS = (b",", b":", b"[", b"{")

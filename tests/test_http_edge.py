@@ -22,6 +22,7 @@ import httpx
 import orjson
 import pytest
 
+from api.json_body import JSON_VALUES_BASE, JSON_VALUES_PER_INPUT
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
 from shared.settings import Settings
@@ -142,6 +143,18 @@ def test_absurd_json_bodies_are_refused_cheaply_and_the_api_stays_responsive(edg
     error = answer.json()["error"]
     assert error["code"] == code and error["message"], error
     assert cpu < CPU_BOUND_S and peak < PEAK_RSS_BOUND_MB and max(latencies) < HEALTH_BOUND_S
+
+
+def test_separators_and_escapes_inside_strings_are_not_counted(edge_api: EdgeAPI) -> None:
+    """256 URLs full of commas, colons, brackets, quotes and backslashes: far more separators than
+    the value bound of a request, all inside strings, so the request is parsed and goes on (to the
+    503 for a model no worker serves)."""
+    url = 'http://a.test/c_fill,w_100,h_100,g_face:{x}/[1,2,3]/"quoted"\\back\\slash,{i}.jpg'
+    body = orjson.dumps({"input": [url.replace("{i}", str(i)) for i in range(DEFAULTS.max_inputs_per_request)]})
+    assert body.count(b",") + body.count(b":") > JSON_VALUES_PER_INPUT * DEFAULTS.max_inputs_per_request + JSON_VALUES_BASE
+    with httpx.Client(base_url=edge_api.base_url, timeout=60) as client:
+        answer = client.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "model_not_served", answer.text
 
 
 def test_a_large_valid_job_body_is_parsed_off_the_event_loop(edge_api: EdgeAPI) -> None:
