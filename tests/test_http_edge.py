@@ -118,7 +118,6 @@ HOSTILE_BODIES = {
     "4MiB-empty-objects": ("/v1/embeddings", b'{"input": [' + _many(b"{}", 4 * MiB) + b"]}", "too_many_json_values"),
     "4MiB-empty-objects-job": ("/v1/jobs", b'{"input": [' + _many(b"{}", 4 * MiB) + b"]}", "too_many_json_values"),
     "16MiB-empty-objects": ("/v1/embeddings", b'{"input": [' + _many(b"{}", 16 * MiB) + b"]}", "too_many_json_values"),
-    "16MiB-empty-objects-job": ("/v1/jobs", b'{"input": [' + _many(b"{}", 16 * MiB) + b"]}", "too_many_json_values"),
     "16MiB-short-strings-elsewhere": ("/v1/embeddings", b'{"input": "x", "user": [' + _many(b'"ab"', 16 * MiB) + b"]}", "too_many_json_values"),
     # Within the value budget of a job, but more images than a job may hold: counted before pydantic sees them.
     "200k-urls-job": ("/v1/jobs", orjson.dumps({"input": ["http://a.test/i.jpg"] * 200_000}), "too_many_inputs"),
@@ -303,7 +302,7 @@ def test_slow_uploads_are_held_within_the_body_budget(edge_api: EdgeAPI) -> None
     edge_api.reset_peak_rss()
 
     async def run() -> list[bytes]:
-        uploads = await asyncio.gather(*(_slow_upload(host, port, declared, sent, wait_s=5) for _ in range(200)))
+        uploads = await asyncio.gather(*(_slow_upload(host, port, declared, sent, wait_s=3) for _ in range(200)))
         answers = [answer for answer, _ in uploads]
         # While they are still connected: what the API holds for them.
         held = await asyncio.to_thread(edge_api.buffered_body_bytes)
