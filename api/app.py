@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI
 
 from api.auth import require_api_key
+from api.body_budget import BodyBudget
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
 from api.routes import embeddings, health, jobs, models
@@ -57,6 +58,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v1)
     app.include_router(health.router)
     # Added last runs first: a refused oversize body is still counted, logged and given an id.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, budget=BodyBudget(settings.max_buffered_bytes), timeout_s=settings.body_timeout_s)
     app.add_middleware(ObservabilityMiddleware)
     return app

@@ -25,6 +25,10 @@ LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,
 )
+CONNECTIONS_REFUSED = Counter(
+    "imbeddings_http_connections_refused_total", "Connections closed before their request's head was read, by reason (header_timeout, header_too_large).", ["reason"], registry=REGISTRY
+)
+BUFFERED_BODY_BYTES = Gauge("imbeddings_http_buffered_body_bytes", "Request body bytes the API holds now, across all requests in flight.", registry=REGISTRY)
 IMAGES_EMBEDDED = Counter("imbeddings_images_embedded_total", "Images answered with vectors by /v1/embeddings, by model.", ["model"], registry=REGISTRY)
 JOB_IMAGES = Counter("imbeddings_job_images_submitted_total", "Images submitted in jobs, by model.", ["model"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("imbeddings_queue_depth", "Tasks waiting in a model's queue (interactive: requests; bulk: job chunks).", ["model", "queue"], registry=REGISTRY)

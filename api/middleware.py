@@ -1,4 +1,4 @@
-"""ASGI middleware: request id, metrics and access log per request; a hard cap on body size."""
+"""ASGI middleware: request id, metrics and access log per request; request bodies read within size, time and memory limits."""
 
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
+from api.body_budget import BodyBudget
 from shared.logs import request_id_var
 
 access_log = logging.getLogger("api.access")
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# How long an oversize upload is read and discarded after its 413, so the client can read the answer.
+# How long a refused upload is read and discarded after its 413 or 429, so the client can read the answer.
 DRAIN_SECONDS = 10.0
+# A body refused for want of room is worth retrying soon: most bodies in flight are parsed and answered within seconds.
+BUSY_RETRY_AFTER_S = 2
 
 
 class ObservabilityMiddleware:
@@ -79,21 +82,30 @@ def _route_template(scope: Scope) -> str:
 
 
 class BodyLimitMiddleware:
-    """Reads at most ``max_bytes`` of a body, with or without Content-Length, then answers 413.
+    """Reads a request's body before the app sees it, within three limits, each with a readable answer.
 
-    The body is read here in full (FastAPI would buffer it anyway) and replayed to the app, so an
-    oversize chunked upload is refused without the route ever seeing it.
+    - size: at most ``max_bytes``, with or without Content-Length (413);
+    - time: the whole body within ``timeout_s`` of the headers (408), so a trickling upload cannot
+      hold its connection and its share of the budget for long;
+    - memory: the bodies of all requests in flight together within ``budget`` (429 with
+      ``Retry-After``). A declared Content-Length is reserved before any of the body is read, so
+      hundreds of slow uploads announcing 60 MB each cannot buffer 60 MB each.
 
-    A 413 sent while the client is still uploading would be lost to most clients if the server
+    The body is then replayed to the app (FastAPI would buffer it anyway), so a refused upload never
+    reaches a route.
+
+    A refusal sent while the client is still uploading would be lost to most clients if the server
     then closed the socket: closing with unread input makes the kernel reset the connection, and
-    the client sees ECONNRESET instead of the answer. So the 413 is sent, the rest of the upload
-    is read and thrown away (bounded in bytes and seconds), and only then is the response ended
-    and the connection closed.
+    the client sees ECONNRESET instead of the answer. So the 413 or 429 is sent, the rest of the
+    upload is read and thrown away (bounded in bytes and seconds), and only then is the response
+    ended and the connection closed. A 408 goes to a client too slow to be worth that wait.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int | None = None, drain_s: float = DRAIN_SECONDS) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, budget: BodyBudget, timeout_s: float, drain_bytes: int | None = None, drain_s: float = DRAIN_SECONDS) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.budget = budget
+        self.timeout_s = timeout_s
         # Enough for an upload up to twice the limit, the usual size of an honest mistake.
         self.drain_bytes = 2 * max_bytes if drain_bytes is None else drain_bytes
         self.drain_s = drain_s
@@ -103,46 +115,83 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            # A client that asked to continue has sent nothing yet and sends nothing after a 413.
-            expects_continue = headers.get(b"expect", b"").lower() == b"100-continue"
+        declared_text = headers.get(b"content-length")
+        declared = int(declared_text) if declared_text is not None and declared_text.isdigit() else None
+        # A client that asked to continue has sent nothing yet and sends nothing after a refusal.
+        expects_continue = headers.get(b"expect", b"").lower() == b"100-continue"
+        if declared is not None and declared > self.max_bytes:
             await self._too_large(receive, send, drain=not expects_continue)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+        with self.budget.hold() as held:
+            if declared is not None and not held.grow_to(declared):
+                await self._over_budget(declared, receive, send, drain=not expects_continue)
                 return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._too_large(receive, send, drain=message.get("more_body", False))
+            chunks: list[bytes] = []
+            size = 0
+            more = True
+            refused: int | None = None
+            with anyio.move_on_after(self.timeout_s) as deadline:
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    more = message.get("more_body", False)
+                    if size > self.max_bytes:
+                        refused = 413
+                        break
+                    if not held.grow_to(size):  # chunked, or more than was declared
+                        refused = 429
+                        break
+                    chunks.append(chunk)
+            if deadline.cancelled_caught:
+                await self._refuse(send, 408, f"the request body did not arrive within {self.timeout_s:g} s of its headers", "body_timeout", {})
                 return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
+            if refused == 413:
+                await self._too_large(receive, send, drain=more)
+                return
+            if refused == 429:
+                await self._over_budget(size, receive, send, drain=more)
+                return
+            body = b"".join(chunks)
+            del chunks
+            replayed = False
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
 
-        await self.app(scope, replay, send)
+            await self.app(scope, replay, send)
 
     async def _too_large(self, receive: Receive, send: Send, drain: bool) -> None:
-        body = orjson.dumps({"error": {"message": f"request body is larger than the limit of {self.max_bytes} bytes", "type": "invalid_request_error", "param": None, "code": "request_too_large"}})
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-        # The whole answer goes out now (its length is declared); the response ends after the drain.
-        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await self._refuse(send, 413, f"request body is larger than the limit of {self.max_bytes} bytes", "request_too_large", {}, more=drain)
         if drain:
             await self._drain(receive)
-        await send({"type": "http.response.body", "body": b""})
+            await send({"type": "http.response.body", "body": b""})
+
+    async def _over_budget(self, size: int, receive: Receive, send: Send, drain: bool) -> None:
+        message = (
+            f"the server is receiving too many request bodies at once ({self.budget.held} bytes held, limit {self.budget.limit}); "
+            f"this one ({size} bytes so far or declared) does not fit now: retry after {BUSY_RETRY_AFTER_S} s"
+        )
+        await self._refuse(send, 429, message, "too_many_bytes_in_flight", {"retry-after": str(BUSY_RETRY_AFTER_S)}, more=drain)
+        if drain:
+            await self._drain(receive)
+            await send({"type": "http.response.body", "body": b""})
+
+    @staticmethod
+    async def _refuse(send: Send, status: int, message: str, code: str, headers: dict[str, str], more: bool = False) -> None:
+        """Send a whole error answer; with ``more``, the response stays open (for a drain) until an empty last body."""
+        body = orjson.dumps({"error": {"message": message, "type": "rate_limit_error" if status == 429 else "invalid_request_error", "param": None, "code": code}})
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        head += [(name.encode(), value.encode()) for name, value in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        # The whole answer goes out now (its length is declared); with more, the response ends after the drain.
+        await send({"type": "http.response.body", "body": body, "more_body": more})
 
     async def _drain(self, receive: Receive) -> None:
         drained = 0

@@ -9,6 +9,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 EncodingFormat = Literal["float", "base64"]
 Pooling = Literal["cls", "mean"]
+# Items of ``input`` reported when several are malformed.
+MAX_REPORTED_INPUT_ERRORS = 10
 
 
 class ImageObject(BaseModel):
@@ -47,6 +49,12 @@ class EmbeddingRequest(BaseModel):
             return value
         if not isinstance(value, list):
             raise PydanticCustomError("image_input", "must be an image (URL, data URI or base64 string) or a list of them")
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            failure = exc
+        # Only now, and only up to a few, are items checked one by one for readable errors: a list of
+        # 100,000 bad items must not build 100,000 error objects.
         errors: list[InitErrorDetails] = []
         for position, item in enumerate(value):
             if isinstance(item, dict):
@@ -56,9 +64,11 @@ class EmbeddingRequest(BaseModel):
                     errors += [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=(position, *e["loc"]), input=e["input"]) for e in exc.errors()]
             elif not isinstance(item, str):
                 errors.append(InitErrorDetails(type=PydanticCustomError("image_input", "expected a URL, data URI or base64 string, or an image object"), loc=(position,), input=item))
+            if len(errors) >= MAX_REPORTED_INPUT_ERRORS:
+                break
         if errors:
             raise ValidationError.from_exception_data("input", errors)
-        return handler(value)
+        raise failure
 
 
 class PooledVectors(BaseModel):
@@ -126,8 +136,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         400: "Bad request or bad image (the message names the input index)",
         401: "Missing or wrong API key",
         404: "Unknown model, or no such job for this key",
+        408: "The request body did not arrive in time",
         413: "Request body too large",
-        429: "Queue full, or the API key's quota of queued images used up; retry after the Retry-After header",
+        429: "Queue full, the API key's quota of queued images used up, or too many request bodies in flight; retry after the Retry-After header",
         503: "No worker serves the model, or Redis is unreachable",
         504: "The wait for a worker ran out",
         507: "Redis has no room for this work (its memory budget or maxmemory); retry after the Retry-After header",

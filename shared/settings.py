@@ -89,6 +89,13 @@ class Settings(BaseSettings):
     url_fetch_concurrency_per_request: int = Field(4, ge=1, le=256, description="URLs of one request or job chunk a worker fetches at once.")
     url_idle_connections: int = Field(32, ge=0, le=4096, description="Kept-alive connections to image servers a worker holds for reuse (0: none).")
 
+    # --- the HTTP edge ----------------------------------------------------------------------
+    max_buffered_bytes: int = Field(256 * 2**20, ge=1024, description="Request body bytes the API holds at once, across every request in flight.")
+    body_timeout_s: float = Field(60.0, gt=0, le=3600, description="A request's whole body must arrive within this long after its headers.")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="A request's headers must arrive within this long of the connection opening (or of the request's first byte).")
+    max_header_bytes: int = Field(64 * 2**10, ge=1024, le=16 * 2**20, description="Size of a request's line and headers together.")
+    keep_alive_timeout_s: int = Field(5, ge=1, le=600, description="An idle keep-alive connection is closed after this long.")
+
     # --- queueing and time ------------------------------------------------------------------
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="How long /v1/embeddings waits for a worker.")
     max_queue_depth: int = Field(1000, ge=1, description="Queued requests per model beyond which new ones get 429.")
@@ -181,6 +188,8 @@ class Settings(BaseSettings):
             object.__setattr__(self, "worker_models", [self.default_model])
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("IMBEDDINGS_HEARTBEAT_TTL_S must be longer than IMBEDDINGS_HEARTBEAT_INTERVAL_S")
+        if self.max_buffered_bytes < self.max_request_bytes:
+            raise ValueError("IMBEDDINGS_MAX_BUFFERED_BYTES must be at least IMBEDDINGS_MAX_REQUEST_BYTES, or a body of the largest allowed size could never be accepted")
         return self
 
     def public_view(self) -> dict[str, object]:

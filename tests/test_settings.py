@@ -133,6 +133,9 @@ def test_redis_url_options_kombu_cannot_take_are_refused(monkeypatch: pytest.Mon
         ("IMBEDDINGS_URL_ALLOWED_NETWORKS", "10.0.0.0/33", "IMBEDDINGS_URL_ALLOWED_NETWORKS"),
         ("IMBEDDINGS_REDIS_URL", "http://redis", "IMBEDDINGS_REDIS_URL"),
         ("IMBEDDINGS_REDIS_URL", "redis://redis:6379/0?socket_timeout=90", "socket_timeout"),
+        ("IMBEDDINGS_MAX_BUFFERED_BYTES", "1000000", "IMBEDDINGS_MAX_BUFFERED_BYTES must be at least IMBEDDINGS_MAX_REQUEST_BYTES"),
+        ("IMBEDDINGS_HEADER_TIMEOUT_S", "0", "IMBEDDINGS_HEADER_TIMEOUT_S"),
+        ("IMBEDDINGS_BODY_TIMEOUT_S", "soon", "IMBEDDINGS_BODY_TIMEOUT_S"),
     ],
 )
 def test_invalid_values_are_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str, needle: str) -> None:

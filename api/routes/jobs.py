@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -10,12 +11,13 @@ from pydantic import BaseModel
 
 from api.auth import KeyId
 from api.jobs import cancel_job, create_job, get_job, job_not_found, result_lines, result_page
+from api.json_body import bounded_json_route
 from api.responses import JSONBytesResponse
 from api.schemas import ERROR_RESPONSES, EmbeddingRequest
 from api.state import AppState, get_state
 from shared.jobs import JobRecord, JobStatus, is_job_id
 
-router = APIRouter()
+router = APIRouter(route_class=bounded_json_route(attrgetter("max_job_inputs")))
 
 
 def valid_job_id(job_id: Annotated[str, Path(description="A job id as POST /v1/jobs returned it: job_ and 24 hex digits.")], state: AppState = Depends(get_state)) -> str:
