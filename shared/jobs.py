@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from shared.protocol import ItemResult
+from shared.vectors import EncodingFormat
 
 JobStatus = Literal["queued", "running", "completed", "cancelled"]
 
@@ -28,7 +29,7 @@ class JobRecord(BaseModel):
     failed: int = 0
     created_at: int
     finished_at: int | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: EncodingFormat = "float"
     pooling: Literal["cls", "mean"] = "cls"
     dimensions: int | None = None
     results_deleted: bool = False
