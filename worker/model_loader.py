@@ -6,6 +6,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,8 +75,24 @@ def _patch_size(config: PretrainedConfig) -> int:
     return patch
 
 
+def _check_local_directory(model_id: str) -> None:
+    """A mistyped local directory would otherwise reach the Hub client and fail with "Repo id must be
+    in the form 'repo_name' or 'namespace/repo_name'": name the directory instead. Hub ids have at
+    most one '/' and never start with '/', '.' or '~'."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelRefused(f"model directory {model_id!r} holds no config.json: not a saved model (save one with save_pretrained)")
+        return
+    if path.exists():
+        raise ModelRefused(f"model {model_id!r} is a file, not a model directory")
+    if model_id.startswith(("/", ".", "~")) or "\\" in model_id or model_id.count("/") > 1 or model_id.endswith("/"):
+        raise ModelRefused(f"model directory {model_id!r} not found (resolved to {path.absolute()})")
+
+
 def load_model(model_id: str, device: torch.device, dtype: torch.dtype, token: str | None, warmup_batch: int) -> LoadedModel:
     started = time.perf_counter()
+    _check_local_directory(model_id)
     try:
         config = AutoConfig.from_pretrained(model_id, token=token)
         model_class = MODEL_MAPPING[type(config)]
