@@ -11,7 +11,7 @@ from fastapi_offline import FastAPIOffline
 from api.auth import require_api_key
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
-from api.routes import embeddings, health, jobs, models
+from api.routes import batches, embeddings, files, health, jobs, models
 from api.state import AppState
 from shared.celery_app import create_celery_app
 from shared.keys import Keys
@@ -54,6 +54,8 @@ def create_app(settings: Settings) -> FastAPI:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.include_router(embeddings.router)
     v1.include_router(jobs.router)
+    v1.include_router(files.router)
+    v1.include_router(batches.router)
     v1.include_router(models.router)
     app.include_router(v1)
     app.include_router(health.router)
