@@ -6,19 +6,33 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-dev bench bench-urls clean
+.PHONY: run test install install-dev browser bench bench-urls clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: requirements.txt requirements-api.txt | $(BIN)/python
-	$(BIN)/pip install --quiet -r requirements.txt
+# PyTorch wheels from another index, e.g. its CPU-only build on a machine without a GPU (the default
+# PyPI wheel bundles CUDA): make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+TORCH_PINS = $(shell grep -E '^(torch|torchvision)==' requirements.txt)
+
+# The service and the backfill client (python -m backfill), so both README commands leave it runnable.
+$(VENV)/.installed: requirements.txt requirements-api.txt requirements-client.txt | $(BIN)/python
+	$(if $(TORCH_INDEX_URL),$(BIN)/pip install --quiet --index-url $(TORCH_INDEX_URL) $(TORCH_PINS))
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-client.txt
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
+
+# The /docs test renders the page in headless Chromium: installed from Debian where apt-get runs as
+# root; elsewhere that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the /docs browser test will be skipped"
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -26,7 +40,7 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	$(BIN)/python -m devtools.run_local $(if $(WORKERS),--workers $(WORKERS))
 
-test: install-dev
+test: install-dev browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

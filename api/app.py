@@ -6,12 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api.auth import require_api_key
 from api.body_budget import BodyBudget
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
-from api.routes import embeddings, health, jobs, models
+from api.routes import batches, embeddings, files, health, jobs, models
 from api.state import AppState
 from shared.celery_app import create_celery_app
 from shared.keys import Keys
@@ -22,6 +23,7 @@ from shared.settings import Settings
 # A waiting request blocks on Redis in slices this long; between slices it checks that the worker
 # holding it is alive. Shorter slices notice a lost worker sooner at one more round trip each.
 WAIT_SLICE_S = 2.0
+DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -40,20 +42,21 @@ def create_app(settings: Settings) -> FastAPI:
             await waits.aclose()
             celery.close()
 
-    docs = settings.docs_enabled
-    app = FastAPI(
-        title="Imbeddings",
-        summary="Image embeddings (CLS and MEAN of a Vision Transformer) behind an OpenAI-style API.",
-        version="1.0.0",
-        lifespan=lifespan,
-        docs_url="/docs" if docs else None,
-        redoc_url="/redoc" if docs else None,
-        openapi_url="/openapi.json" if docs else None,
-    )
+    about = {
+        "title": "Imbeddings",
+        "summary": "Image embeddings (CLS and MEAN of a Vision Transformer) behind an OpenAI-style API.",
+        "version": "1.0.0",
+        "lifespan": lifespan,
+    }
+    # The docs pages load Swagger UI and ReDoc from the fastapi-offline package, not from a CDN, so
+    # they work on an air-gapped host.
+    app = FastAPIOffline(**about, docs_url="/docs", redoc_url="/redoc", static_url=DOCS_ASSETS) if settings.docs_enabled else FastAPI(**about, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.include_router(embeddings.router)
     v1.include_router(jobs.router)
+    v1.include_router(files.router)
+    v1.include_router(batches.router)
     v1.include_router(models.router)
     app.include_router(v1)
     app.include_router(health.router)

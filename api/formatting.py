@@ -1,4 +1,4 @@
-"""Worker results -> OpenAI embedding items: pooling choice, truncation, float or base64."""
+"""Worker results -> OpenAI embedding items: pooling choice, truncation, then the encoding asked for."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 
 from api.errors import ApiError
-from api.schemas import EncodingFormat, Pooling
+from api.schemas import Pooling
 from shared.protocol import ItemResult
-from shared.vectors import decode_f32, encode_f32, l2_normalize
+from shared.vectors import EncodingFormat, decode_f32, encode_f32, l2_normalize, quantise
 
 
 def _shape(vector: np.ndarray, dimensions: int | None) -> np.ndarray:
@@ -21,8 +21,12 @@ def _shape(vector: np.ndarray, dimensions: int | None) -> np.ndarray:
 
 
 def _encode(vector: np.ndarray, encoding_format: EncodingFormat) -> np.ndarray | str:
-    # float32 arrays go to orjson as they are: it writes each number's shortest float32 form.
-    return encode_f32(vector) if encoding_format == "base64" else vector
+    # Arrays go to orjson as they are: it writes each float32's shortest form, and integers as integers.
+    if encoding_format == "float":
+        return vector
+    if encoding_format == "base64":
+        return encode_f32(vector)
+    return quantise(vector, encoding_format)
 
 
 def embedding_item(result: ItemResult, pooling: Pooling, encoding_format: EncodingFormat, dimensions: int | None, index: int | None = None) -> dict[str, Any]:

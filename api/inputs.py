@@ -19,6 +19,7 @@ from shared.protocol import ItemError
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.IGNORECASE)
 MAX_URL_LENGTH = 8192
+_URL_SAFE = str.maketrans("-_", "+/")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,16 @@ def _bad(index: int, message: str, code: str = "invalid_image") -> ApiError:
     return ApiError(400, f"input[{index}]: {message}", code=code, param=f"input[{index}]")
 
 
+def _standard_base64(payload: str) -> str:
+    """Many clients send the URL-safe alphabet (``-_``) or drop the ``=`` padding: both are accepted.
+    Mixing the two alphabets in one string is still refused, as is any other character."""
+    if "-" in payload or "_" in payload:
+        if "+" in payload or "/" in payload:
+            raise ValueError("mixes the standard (+/) and URL-safe (-_) base64 alphabets")
+        payload = payload.translate(_URL_SAFE)
+    return payload + "=" * (-len(payload) % 4) if len(payload) % 4 != 1 else payload
+
+
 def _base64_ref(index: int, payload: str, max_image_bytes: int) -> ParsedImage:
     payload = "".join(payload.split())  # line-wrapped base64 is common; str.split is the fast way out
     if not payload:
@@ -42,7 +53,7 @@ def _base64_ref(index: int, payload: str, max_image_bytes: int) -> ParsedImage:
     if len(payload) // 4 * 3 > max_image_bytes + 3:
         raise _bad(index, f"image is about {len(payload) // 4 * 3} bytes, over the limit of {max_image_bytes} bytes", "image_too_large")
     try:
-        data = binascii.a2b_base64(payload, strict_mode=True)
+        data = binascii.a2b_base64(_standard_base64(payload), strict_mode=True)
     except ValueError as exc:  # binascii.Error, or non-ASCII text
         raise _bad(index, f"not a URL, data URI or valid base64 ({exc})", "invalid_base64") from None
     if len(data) > max_image_bytes:

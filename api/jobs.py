@@ -125,8 +125,7 @@ async def _readable_job(state: AppState, job_id: str, owner: str) -> JobRecord:
     return job
 
 
-def _item(job: JobRecord, raw: bytes) -> dict[str, object]:
-    result = ItemResult.model_validate_json(raw)
+def _item(job: JobRecord, result: ItemResult) -> dict[str, object]:
     if result.error is not None:
         return item_error_body(result)
     try:
@@ -137,12 +136,17 @@ def _item(job: JobRecord, raw: bytes) -> dict[str, object]:
         return {"index": result.index, "error": {"message": exc.message, "type": exc.type, "code": exc.code}}
 
 
-async def _page(state: AppState, job: JobRecord, start: int, stop: int) -> list[dict[str, object]]:
+async def item_results(state: AppState, job: JobRecord, start: int, stop: int) -> list[ItemResult]:
+    """The stored results of the items with index in [start, stop), in index order; unfinished ones left out."""
     indices = [str(i) for i in range(start, min(stop, job.total))]
     if not indices:
         return []
     stored = await state.redis.hmget(state.keys.job_results(job.id), indices)
-    return [_item(job, raw) for raw in stored if raw is not None]
+    return [ItemResult.model_validate_json(raw) for raw in stored if raw is not None]
+
+
+async def _page(state: AppState, job: JobRecord, start: int, stop: int) -> list[dict[str, object]]:
+    return [_item(job, result) for result in await item_results(state, job, start, stop)]
 
 
 async def result_page(state: AppState, job_id: str, owner: str, offset: int, limit: int) -> dict[str, object]:

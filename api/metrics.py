@@ -37,7 +37,11 @@ SERVED_BY = Gauge("imbeddings_model_workers", "Live workers serving each model."
 
 
 async def render(state: AppState) -> tuple[bytes, str]:
-    """Refresh the service-wide gauges from Redis, then the exposition text."""
+    """Refresh the service-wide gauges from Redis, then the exposition text.
+
+    Per-model series cover the models a live worker serves and those with work waiting in their
+    queues (so an autoscaler can start the first worker), not the whole allow-list.
+    """
     pipe = state.redis.pipeline(transaction=False)
     for model in state.allowed_models:
         pipe.llen(queue_for(model, "interactive"))
@@ -45,8 +49,12 @@ async def render(state: AppState) -> tuple[bytes, str]:
         pipe.zcount(state.keys.model_workers(model), time.time(), "+inf")
     pipe.hgetall(state.keys.job_counts())
     *per_model, counts = await pipe.execute()
+    QUEUE_DEPTH.clear()
+    SERVED_BY.clear()
     for position, model in enumerate(state.allowed_models):
         interactive, bulk, workers = per_model[3 * position : 3 * position + 3]
+        if not (workers or interactive or bulk):
+            continue
         QUEUE_DEPTH.labels(model, "interactive").set(interactive)
         QUEUE_DEPTH.labels(model, "bulk").set(bulk)
         SERVED_BY.labels(model).set(workers)

@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-EncodingFormat = Literal["float", "base64"]
+from shared.vectors import EncodingFormat
+
 Pooling = Literal["cls", "mean"]
 # Items of ``input`` reported when several are malformed.
 MAX_REPORTED_INPUT_ERRORS = 10
@@ -34,7 +35,11 @@ class EmbeddingRequest(BaseModel):
 
     model: str | None = Field(None, description="Model id from /v1/models; the default model when absent.")
     input: str | list[str | ImageObject] = Field(description="One image (URL, data URI or base64) or a list of them.", min_length=1)
-    encoding_format: EncodingFormat = Field("float", description="float: JSON numbers; base64: little-endian float32 bytes.")
+    encoding_format: EncodingFormat = Field(
+        "float",
+        description="float: JSON numbers; base64: little-endian float32 bytes; int8 / uint8: round(127 x) (+128 for uint8); "
+        "binary / ubinary: sign bits packed 8 to a byte, as int8 (byte - 128) / uint8.",
+    )
     pooling: Pooling = Field("cls", description="Which vector goes into `embedding`; both are always in `embeddings`.")
     dimensions: int | None = Field(None, ge=1, description="Keep the first N components, then re-normalize.")
     user: str | None = Field(None, description="Accepted for OpenAI compatibility; not used.")
@@ -72,14 +77,14 @@ class EmbeddingRequest(BaseModel):
 
 
 class PooledVectors(BaseModel):
-    cls: list[float] | str
-    mean: list[float] | str
+    cls: list[float] | list[int] | str
+    mean: list[float] | list[int] | str
 
 
 class EmbeddingItem(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str
     embeddings: PooledVectors
 
 

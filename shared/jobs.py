@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from shared.protocol import ItemResult
 from shared.quotas import QUOTA_FUNCTIONS
+from shared.vectors import EncodingFormat
 
 JobStatus = Literal["queued", "running", "completed", "cancelled"]
 
@@ -30,7 +31,7 @@ class JobRecord(BaseModel):
     failed: int = 0
     created_at: int
     finished_at: int | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: EncodingFormat = "float"
     pooling: Literal["cls", "mean"] = "cls"
     dimensions: int | None = None
     results_deleted: bool = False

@@ -46,6 +46,18 @@ class Keys:
         """Hash: request -> its image count, plus the running total under ``total``."""
         return f"{self.prefix}admitted-images:{model_slug(model_id)}"
 
+    def file(self, file_id: str) -> str:
+        """Hash: a Batch API file's record fields plus its bytes under ``content``."""
+        return f"{self.prefix}file:{file_id}"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash: a Batch API batch's record (its lines and their jobs as JSON)."""
+        return f"{self.prefix}batch:{batch_id}"
+
+    def owner_batches(self, owner: str) -> str:
+        """Sorted set: the batch ids one API key created, scored by creation time."""
+        return f"{self.prefix}batches:{owner}"
+
     def model_info(self) -> str:
         """Hash: model id -> ModelInfo JSON, written by workers when they load a model."""
         return f"{self.prefix}model-info"

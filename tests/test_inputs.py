@@ -56,3 +56,16 @@ def test_size_and_count_limits() -> None:
 def test_objects_and_offsets() -> None:
     refs = parse_inputs([ImageObject(image_base64=PNG), ImageObject(image_url="https://x.test/a.png")], 10, 1000, offset=100)
     assert [(r.index, r.data is not None, r.url) for r in refs] == [(100, True, None), (101, False, "https://x.test/a.png")]
+
+
+def test_url_safe_and_unpadded_base64_are_accepted() -> None:
+    raw = bytes(range(256)) * 3 + b"\xfb\xff"  # every byte value, so + and / (- and _) occur; 770 bytes needs padding
+    standard = base64.b64encode(raw).decode()
+    url_safe = base64.urlsafe_b64encode(raw).decode()
+    assert "=" in standard and ("-" in url_safe and "_" in url_safe)
+    for text in (standard, standard.rstrip("="), url_safe, url_safe.rstrip("="), f"data:image/png;base64,{url_safe.rstrip('=')}"):
+        assert parse_one(0, text, 1000).data == raw
+    for broken in (url_safe[:10] + "+" + url_safe[11:], standard[:1025]):  # mixed alphabets; a length no base64 has
+        with pytest.raises(ApiError) as error:
+            parse_one(2, broken, 1000)
+        assert error.value.code == "invalid_base64" and error.value.param == "input[2]"

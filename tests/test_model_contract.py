@@ -56,3 +56,25 @@ def test_worker_refuses_models_outside_the_allow_list(allow_list: Path, redis_se
     env = {"PATH": "/usr/bin:/bin", "IMBEDDINGS_REDIS_URL": redis_server.url, "IMBEDDINGS_SUPPORTED_MODELS_FILE": str(allow_list), "IMBEDDINGS_DEFAULT_MODEL": str(tiny_models["dinov2-tiny"]), "IMBEDDINGS_WORKER_MODELS": "someone/unlisted"}
     result = subprocess.run([sys.executable, "-m", "worker"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "someone/unlisted" in result.stderr and "allow-list" in result.stderr
+
+
+@pytest.mark.parametrize("typo", ["/models/dinov2-smal", "./models/dinov2-smal", "~/dinov2-smal", "models/dinov2/small"])
+def test_mistyped_model_directory_says_not_found(typo: str) -> None:
+    with pytest.raises(ModelRefused, match="not found") as refused:
+        load_model(typo, CPU, torch.float32, None, warmup_batch=1)
+    assert typo in str(refused.value) and "Repo id" not in str(refused.value)
+
+
+def test_directory_without_a_saved_model_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelRefused, match="holds no config.json"):
+        load_model(str(tmp_path), CPU, torch.float32, None, warmup_batch=1)
+
+
+def test_worker_process_names_a_missing_model_directory(tmp_path: Path, redis_server) -> None:
+    missing = str(tmp_path / "models" / "dinov2-smal")
+    allow_list = tmp_path / "allow.txt"
+    allow_list.write_text(missing + "\n")
+    env = {"PATH": "/usr/bin:/bin", "IMBEDDINGS_REDIS_URL": redis_server.url, "IMBEDDINGS_SUPPORTED_MODELS_FILE": str(allow_list), "IMBEDDINGS_DEFAULT_MODEL": missing, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "worker"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"model directory '{missing}' not found" in result.stderr and "Repo id" not in result.stderr

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import numpy as np
 import openai
 import pytest
 
+from shared.settings import REPO_ROOT
 from tests.conftest import Service, data_uri
 from tests.photos import EXAMPLES
 
@@ -35,3 +40,14 @@ def test_openai_client_sees_openai_errors(service: Service) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.embeddings.create(model=service.model("dinov2-tiny"), input=["data:image/png;base64,AAAA"])
     assert bad.value.param == "input[0]"
+
+
+def test_readme_openai_example_runs_as_written(service: Service) -> None:
+    """The README's client example, run from the repo root against the service (only the address changed)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    example = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "from openai import OpenAI" in block)
+    assert "http://localhost:8000/v1" in example
+    code = example.replace("http://localhost:8000/v1", f"{service.base_url}/v1") + "\nprint(len(vector))\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == 32

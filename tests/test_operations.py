@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
-from tests.conftest import Service, data_uri, service_env, start_api, start_worker, wait_served, wait_worker_ready
+from tests.conftest import SERVED, Service, data_uri, service_env, start_api, start_worker, wait_served, wait_worker_ready
 from tests.jobs_helpers import submit, wait_done
 from tests.photos import EXAMPLES
 
@@ -102,6 +102,13 @@ def test_metrics_after_traffic(service: Service) -> None:
     assert (("imbeddings_queue_depth", (("model", model), ("queue", "interactive"))) in api)
     assert _value(api, "imbeddings_jobs", status="completed") >= 1
     assert _value(api, "imbeddings_model_workers", model=model) >= 1
+    # Only models that are served (or have work waiting) get series: not the unserved allow-listed one.
+    served = {service.model(name) for name in SERVED}
+    depth = {dict(labels)["model"]: 0.0 for name, labels in api if name == "imbeddings_queue_depth"}
+    for (name, labels), value in api.items():
+        if name == "imbeddings_queue_depth":
+            depth[dict(labels)["model"]] += value
+    assert served <= set(depth) and all(model in served or waiting > 0 for model, waiting in depth.items())
 
     port = service.worker.env["IMBEDDINGS_WORKER_METRICS_PORT"]
     worker = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)

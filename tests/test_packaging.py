@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -82,3 +83,24 @@ def test_ci_runs_the_readme_test_command() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     assert "make test" in readme and "make run" in readme
     assert (REPO_ROOT / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def _make_install(tmp_path: Path, *variables: str) -> list[str]:
+    """The commands ``make install`` would run into a fresh virtualenv (printed, not run)."""
+    result = subprocess.run(["make", "-n", "install", f"VENV={tmp_path / 'venv'}", *variables], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stdout.splitlines() if "pip install" in line]
+
+
+def test_make_install_leaves_the_backfill_client_runnable(tmp_path: Path) -> None:
+    commands = _make_install(tmp_path)
+    assert any("-r requirements.txt" in line and "-r requirements-client.txt" in line for line in commands)
+    assert not any("--index-url" in line for line in commands)
+
+
+def test_make_install_can_take_cpu_only_torch(tmp_path: Path) -> None:
+    commands = _make_install(tmp_path, "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu")
+    torch_line = next(i for i, line in enumerate(commands) if "--index-url https://download.pytorch.org/whl/cpu" in line)
+    assert "torch==2.14.1" in commands[torch_line] and "torchvision==0.29.1" in commands[torch_line]
+    # The pinned requirements come after, and the CPU build (2.14.1+cpu) satisfies their pins.
+    assert torch_line < next(i for i, line in enumerate(commands) if "-r requirements.txt" in line)

@@ -82,6 +82,21 @@ def _patch_size(config: PretrainedConfig) -> int:
     return patch
 
 
+def _check_local_directory(model_id: str) -> None:
+    """A mistyped local directory would otherwise reach the Hub client and fail with "Repo id must be
+    in the form 'repo_name' or 'namespace/repo_name'": name the directory instead. Hub ids have at
+    most one '/' and never start with '/', '.' or '~'."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelRefused(f"model directory {model_id!r} holds no config.json: not a saved model (save one with save_pretrained)")
+        return
+    if path.exists():
+        raise ModelRefused(f"model {model_id!r} is a file, not a model directory")
+    if model_id.startswith(("/", ".", "~")) or "\\" in model_id or model_id.count("/") > 1 or model_id.endswith("/"):
+        raise ModelRefused(f"model directory {model_id!r} not found (resolved to {path.absolute()})")
+
+
 def load_model(
     model_id: str,
     device: torch.device,
@@ -93,6 +108,7 @@ def load_model(
     openvino_cache_dir: Path | None = None,
 ) -> LoadedModel:
     started = time.perf_counter()
+    _check_local_directory(model_id)
     config, module, processor = _from_pretrained(model_id, token)
     module.eval().to(device)
     num_registers = int(getattr(config, "num_register_tokens", 0) or 0)
