@@ -10,7 +10,7 @@ from shared.settings import Settings
 
 
 def create_celery_app(settings: Settings) -> Celery:
-    app = Celery("imbeddings", broker=settings.redis_url, set_as_current=True)
+    app = Celery("imbeddings", broker=settings.redis_url, set_as_current=True, amqp="shared.task_events:SummarisingAMQP")
     app.conf.update(
         broker_transport=TRANSPORT,
         task_serializer="json",
@@ -48,7 +48,9 @@ def create_celery_app(settings: Settings) -> Celery:
         broker_pool_limit=64,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        # Heartbeats and task events are what Flower and `celery events` see the fleet by. Events are
+        # Redis PUBLISHes (nothing is stored) whose task arguments are summarised (shared/task_events.py).
+        worker_send_task_events=settings.celery_events,
+        task_send_sent_event=settings.celery_events,
     )
     return app
