@@ -326,3 +326,13 @@ def test_the_renderer_agrees_with_kustomize(name: str) -> None:
     built = subprocess.run(["kubectl", "kustomize", str(K8S / "overlays" / name)], capture_output=True, text=True, timeout=120, check=True).stdout
     by_key = {(doc["kind"], doc["metadata"]["name"]): doc for doc in yaml.safe_load_all(built) if doc}
     assert by_key == {(doc["kind"], doc["metadata"]["name"]): doc for doc in render(K8S / "overlays" / name)}
+
+
+def test_flower_watches_the_same_broker_behind_credentials(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    _, documents = overlay
+    flower = _container(_by_kind(documents, "Deployment")["imbeddings-flower"])
+    env = _env(documents, flower)
+    assert env["CELERY_BROKER_URL"] == {"configMapKeyRef": {"name": "imbeddings", "key": "IMBEDDINGS_REDIS_URL"}}
+    assert env["FLOWER_BASIC_AUTH"] == {"secretKeyRef": {"name": "imbeddings-flower", "key": "FLOWER_BASIC_AUTH"}}
+    assert flower["args"][:2] == ["celery", "flower"] and "--inspect_timeout=10000" in flower["args"]
+    assert flower["livenessProbe"]["httpGet"]["path"] == "/healthcheck"

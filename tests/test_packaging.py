@@ -80,3 +80,21 @@ def test_ci_runs_the_readme_test_command() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     assert "make test" in readme and "make run" in readme
     assert (REPO_ROOT / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def test_worker_image_variants_are_the_ones_the_kubernetes_overlays_run() -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile.worker").read_text()
+    rows = _instructions(REPO_ROOT / "Dockerfile.worker")
+    assert ("ARG", "TORCH_VARIANT=cpu") in rows
+    run = " ".join(rest for keyword, rest in rows if keyword == "RUN")
+    assert '--index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/${TORCH_VARIANT}}"' in run
+    version = re.search(r'^version = "([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    # The documented builds: each variant tagged <version>-<variant>.
+    builds = dict(re.findall(r"--build-arg TORCH_VARIANT=(\w+) -t imbeddings-worker:(\S+) \.", dockerfile))
+    assert builds == {"cpu": f"{version}-cpu", "cu130": f"{version}-cu130"}
+    for overlay, variant in (("cpu", "cpu"), ("gpu", "cu130")):
+        kustomization = yaml.safe_load((REPO_ROOT / "deploy" / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text())
+        tags = {image["name"]: image["newTag"] for image in kustomization["images"]}
+        assert tags["imbeddings-worker"] == builds[variant] and tags["imbeddings-api"] == version, overlay
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yaml").read_text())
+    assert compose["services"]["worker"]["build"]["args"]["TORCH_VARIANT"] == "${TORCH_VARIANT:-cpu}"
