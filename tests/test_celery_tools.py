@@ -8,9 +8,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,10 +24,13 @@ import redis
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer, free_port
+from shared.keys import Keys
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK, queue_for
 from shared.settings import REPO_ROOT
-from tests.conftest import ImageServer, service_env, start_api, start_worker, wait_served
+from tests.conftest import ImageServer, data_uri, service_env, start_api, start_worker, wait_served
 from tests.jobs_helpers import submit, wait_done
+from tests.photos import EXAMPLES
+from worker.probe import missing_models
 
 FLOWER_AUTH = ("ops", "flower-test-password")
 # Flower asks the workers over the broker; a busy 2-core test machine may take a while to answer.
@@ -192,6 +197,28 @@ def test_celery_inspect_lists_the_workers_model_queues(stack: Stack) -> None:
     assert stats[node]["pool"]["max-concurrency"] == 16
 
 
+def _probe(env: dict[str, str], check: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "worker.probe", check], cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_worker_probe_follows_the_workers_announcement(stack: Stack) -> None:
+    """The Kubernetes exec probe (worker.probe), beside a real worker on the same host."""
+    ready, alive = _probe(stack.env, "ready"), _probe(stack.env, "alive")
+    assert (ready.returncode, alive.returncode) == (0, 0), ready.stderr + alive.stderr
+    # The probe looks for a worker on its own host (pod): another pod's worker does not make it ready.
+    store = redis.Redis.from_url(stack.redis.url)
+    assert missing_models(store, Keys("imb:"), [stack.model], socket.gethostname(), time.time()) == []
+    assert missing_models(store, Keys("imb:"), [stack.model], "another-pod", time.time()) == [stack.model]
+    stack.worker.stop()  # warm shutdown withdraws the announcement at once
+    for check in ("ready", "alive"):
+        gone = _probe(stack.env, check)
+        assert gone.returncode == 1 and stack.model in gone.stderr, gone.stderr
+    # Redis away: not ready, but still alive (a Redis outage must not restart the whole fleet).
+    stack.redis.stop(graceful=True)
+    assert _probe(stack.env, "ready").returncode == 1
+    assert _probe(stack.env, "alive").returncode == 0
+
+
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -216,9 +243,6 @@ def _event_cost(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path], 
 
 
 def test_task_events_cost_a_few_publishes_per_task_and_switch_off(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> None:
-    from tests.conftest import data_uri
-    from tests.photos import EXAMPLES
-
     image = data_uri((EXAMPLES / "cmp1.jpg").read_bytes())
     requests = 200
     on_worker, on_api, on = _event_cost(tmp_path / "on", allow_list, tiny_models, image, requests)
