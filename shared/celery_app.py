@@ -51,6 +51,8 @@ def create_celery_app(settings: Settings) -> Celery:
         # Heartbeats and task events are what Flower and `celery events` see the fleet by. Events are
         # Redis PUBLISHes (nothing is stored) whose task arguments are summarised (shared/task_events.py).
         worker_send_task_events=settings.celery_events,
-        task_send_sent_event=settings.celery_events,
+        # "task-sent" from the API would double its cost of publishing a task (README, Celery's tools),
+        # for a view of queued work that the queue-depth metrics already give.
+        task_send_sent_event=False,
     )
     return app
