@@ -1,5 +1,5 @@
 """Celery's own tools see the fleet, with the default settings: Flower (installed from PyPI, started
-the way compose and the manifests start it) shows the worker online and the tasks it ran, ``celery
+with the options compose and the manifests give it) shows the worker online and the tasks it ran, ``celery
 inspect active_queues`` lists the worker's model queues, and task events cost three Redis PUBLISHes
 per task (nothing stored) and carry no image URL."""
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import yaml
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer, free_port
@@ -121,14 +122,16 @@ class EventTap:
 
 
 def _flower(redis_url: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    # As compose and deploy/k8s start it: Flower needs only the broker, not the service's code.
-    command = [
-        sys.executable, "-m", "celery", f"--broker={redis_url}", "flower",
-        "--address=127.0.0.1", f"--port={port}", f"--basic-auth={':'.join(FLOWER_AUTH)}",
-        f"--inspect_timeout={INSPECT_TIMEOUT_MS}", "--max_tasks=10000",
-    ]
+    """Flower as docker-compose.yaml starts it (its options), behind basic auth as deploy/k8s runs it."""
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yaml").read_text())["services"]["flower"]["command"]
+    options = [arg for arg in compose[3:] if not arg.startswith("--port=")]
+    assert compose[:3] == ["celery", "--broker=redis://redis:6379/0", "flower"] and f"--inspect_timeout={INSPECT_TIMEOUT_MS}" in options
+    command = [sys.executable, "-m", "celery", f"--broker={redis_url}", "flower", "--address=127.0.0.1", f"--port={port}", *options]
     with open(log_path, "ab") as log:
-        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command, env={**os.environ, "FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)},
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
 
 
 def _celery_json(env: dict[str, str], *args: str) -> dict:

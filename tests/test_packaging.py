@@ -68,7 +68,10 @@ def test_compose_wires_redis_api_worker_and_optional_flower() -> None:
     assert worker["build"]["dockerfile"] == "Dockerfile.worker"
     assert any(v.startswith("hf-cache:") for v in worker["volumes"]) and "hf-cache" in compose["volumes"]
     assert worker["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
-    assert services["flower"]["profiles"] == ["monitoring"]
+    flower = services["flower"]
+    assert flower["profiles"] == ["monitoring"]
+    # Its API answers without credentials, so it is published on the host's loopback only.
+    assert flower["ports"] == ["127.0.0.1:5555:5555"] and flower["environment"]["FLOWER_UNAUTHENTICATED_API"] == "true"
 
 
 def test_api_package_never_imports_torch_or_transformers() -> None:
