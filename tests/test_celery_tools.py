@@ -265,3 +265,19 @@ def test_task_events_cost_a_few_publishes_per_task_and_switch_off(tmp_path: Path
     assert sum(off.counts.values()) == 0, off.counts
     # A generous bound: events are a few small messages per task, not a share of the model's work.
     assert on_worker < off_worker * 1.5 + 0.005
+
+
+def test_heartbeats_and_remote_control_come_back_after_a_redis_restart(stack: Stack) -> None:
+    """With heartbeats and events on, the worker's connection (shared/broker.py) rides out a restart."""
+    node = stack.node()
+    stack.redis.stop(graceful=True)
+    time.sleep(2)
+    stack.redis.start()  # same port and data directory
+    tap = EventTap(stack.redis.url)
+    try:
+        wait_until(lambda: tap.counts["worker-heartbeat"] >= 2, 60, what="the worker's heartbeats after the restart")
+    finally:
+        tap.close()
+    assert stack.worker.alive()
+    replies = _celery_json(stack.env, "inspect", "active_queues", "--destination", node)
+    assert {queue["name"] for queue in replies[node]} == {queue_for(stack.model, "interactive"), queue_for(stack.model, "bulk")}
