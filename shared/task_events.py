@@ -1,7 +1,7 @@
 """What Celery's task events say about a task's arguments: a summary, never the images' addresses.
 
 Celery puts a repr of each task's arguments into its message headers, and from there into the
-``task-sent`` and ``task-received`` events that Flower and ``celery events`` show. A task's payload
+``task-received`` events (and ``task-sent``, were it on) that Flower and ``celery events`` show. A task's payload
 lists image URLs, whose query strings may carry signed tokens; the service never logs them, so the
 events must not carry them either. The summary keeps what an operator needs: the request or job,
 the model and the number of images.
