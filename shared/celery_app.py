@@ -10,7 +10,7 @@ from shared.settings import Settings
 
 
 def create_celery_app(settings: Settings) -> Celery:
-    app = Celery("imbeddings", broker=settings.redis_url, set_as_current=True)
+    app = Celery("imbeddings", broker=settings.redis_url, set_as_current=True, amqp="shared.task_events:SummarisingAMQP")
     app.conf.update(
         broker_transport=TRANSPORT,
         task_serializer="json",
@@ -48,7 +48,11 @@ def create_celery_app(settings: Settings) -> Celery:
         broker_pool_limit=64,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
-        worker_send_task_events=False,
+        # Heartbeats and task events are what Flower and `celery events` see the fleet by. Events are
+        # Redis PUBLISHes (nothing is stored) whose task arguments are summarised (shared/task_events.py).
+        worker_send_task_events=settings.celery_events,
+        # "task-sent" from the API would double its cost of publishing a task (README, Celery's tools),
+        # for a view of queued work that the queue-depth metrics already give.
         task_send_sent_event=False,
     )
     return app

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import re
 from typing import Any, Literal
 
@@ -40,3 +42,21 @@ def route_by_model(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], opt
     if name == JOB_CHUNK_TASK:
         return {"queue": queue_for(model, "bulk")}
     return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m shared.queues MODEL...``: the Redis lists holding each model's tasks, for manifests
+    (KEDA's ``listName``) and for looking at a queue by hand (``redis-cli LLEN``)."""
+    parser = argparse.ArgumentParser(prog="python -m shared.queues", description="Print the Celery queue (Redis list) names of models.")
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="model id, as in IMBEDDINGS_WORKER_MODELS")
+    parser.add_argument("--kind", choices=["interactive", "bulk"], help="print only this queue's name, one line per model")
+    args = parser.parse_args(argv)
+    for model in args.models:
+        if args.kind:
+            print(queue_for(model, args.kind))
+        else:
+            print(json.dumps({"model": model, "interactive": queue_for(model, "interactive"), "bulk": queue_for(model, "bulk")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     docs_enabled: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
+    celery_events: bool = Field(True, description="Celery worker heartbeats and task events, so Flower and `celery events` see the fleet and its tasks.")
 
     _split = field_validator("worker_models", "url_allowed_networks", mode="before")(_split_commas)
 

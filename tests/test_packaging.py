@@ -71,7 +71,10 @@ def test_compose_wires_redis_api_worker_and_optional_flower() -> None:
     assert worker["build"]["dockerfile"] == "Dockerfile.worker"
     assert any(v.startswith("hf-cache:") for v in worker["volumes"]) and "hf-cache" in compose["volumes"]
     assert worker["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
-    assert services["flower"]["profiles"] == ["monitoring"]
+    flower = services["flower"]
+    assert flower["profiles"] == ["monitoring"]
+    # Its API answers without credentials, so it is published on the host's loopback only.
+    assert flower["ports"] == ["127.0.0.1:5555:5555"] and flower["environment"]["FLOWER_UNAUTHENTICATED_API"] == "true"
 
 
 def test_api_package_never_imports_torch_or_transformers() -> None:
@@ -104,3 +107,21 @@ def test_make_install_can_take_cpu_only_torch(tmp_path: Path) -> None:
     assert "torch==2.14.1" in commands[torch_line] and "torchvision==0.29.1" in commands[torch_line]
     # The pinned requirements come after, and the CPU build (2.14.1+cpu) satisfies their pins.
     assert torch_line < next(i for i, line in enumerate(commands) if "-r requirements.txt" in line)
+
+
+def test_worker_image_variants_are_the_ones_the_kubernetes_overlays_run() -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile.worker").read_text()
+    rows = _instructions(REPO_ROOT / "Dockerfile.worker")
+    assert ("ARG", "TORCH_VARIANT=cpu") in rows
+    run = " ".join(rest for keyword, rest in rows if keyword == "RUN")
+    assert '--index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/${TORCH_VARIANT}}"' in run
+    version = re.search(r'^version = "([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    # The documented builds: each variant tagged <version>-<variant>.
+    builds = dict(re.findall(r"--build-arg TORCH_VARIANT=(\w+) -t imbeddings-worker:(\S+) \.", dockerfile))
+    assert builds == {"cpu": f"{version}-cpu", "cu130": f"{version}-cu130"}
+    for overlay, variant in (("cpu", "cpu"), ("gpu", "cu130")):
+        kustomization = yaml.safe_load((REPO_ROOT / "deploy" / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text())
+        tags = {image["name"]: image["newTag"] for image in kustomization["images"]}
+        assert tags["imbeddings-worker"] == builds[variant] and tags["imbeddings-api"] == version, overlay
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yaml").read_text())
+    assert compose["services"]["worker"]["build"]["args"]["TORCH_VARIANT"] == "${TORCH_VARIANT:-cpu}"

@@ -129,6 +129,9 @@ def main() -> None:
         runtime.decode_pool.close()
 
     queues = [queue_for(model, kind) for model in settings.worker_models for kind in ("interactive", "bulk")]
+    # Gossip would make every worker consume every other worker's events (with task events on, a
+    # fleet's whole event stream per worker); mingle only delays start-up. Flower needs neither.
+    events = ["--task-events"] if settings.celery_events else ["--without-heartbeat"]
     app.worker_main([
         "worker",
         "--pool=threads",
@@ -138,7 +141,7 @@ def main() -> None:
         f"--loglevel={settings.log_level}",
         "--without-gossip",
         "--without-mingle",
-        "--without-heartbeat",
+        *events,
     ])
     runtime.stop()
 
