@@ -101,11 +101,11 @@ def main() -> None:
     except ModelRefused as exc:
         sys.exit(f"worker cannot start: {exc}")
 
-    redis = sync_client(settings.redis_url)
+    redis = sync_client(settings.redis_url, sentinel_master=settings.redis_sentinel_master)
     keys = Keys(settings.redis_key_prefix)
     # Heartbeats fail fast: a missed beat is retried by the next one, and a stopping worker must not
     # wait a minute on an unreachable Redis to withdraw.
-    heartbeat_redis = sync_client(settings.redis_url, retries=1)
+    heartbeat_redis = sync_client(settings.redis_url, retries=1, sentinel_master=settings.redis_sentinel_master)
     tasks.install_context(tasks.WorkerContext(runtime, ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5, job_ttl_s=settings.job_result_ttl_s), redis))
     node = f"worker-{os.getpid()}@{socket.gethostname()}"
     heartbeat = Heartbeat(heartbeat_redis, keys, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
