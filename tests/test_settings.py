@@ -8,7 +8,9 @@ import sys
 import pytest
 from pydantic import ValidationError
 
+from shared.broker import SENTINEL_TRANSPORT, TRANSPORT, broker_connection
 from shared.model_catalog import allowed_models, read_allow_list
+from shared.redis_client import sync_client
 from shared.settings import REPO_ROOT, Settings, describe_errors
 
 
@@ -45,6 +47,13 @@ def test_redis_password_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
         ("IMBEDDINGS_URL_ALLOWED_NETWORKS", "10.0.0.0/33", "IMBEDDINGS_URL_ALLOWED_NETWORKS"),
         ("IMBEDDINGS_REDIS_URL", "http://redis", "IMBEDDINGS_REDIS_URL"),
         ("IMBEDDINGS_REDIS_URL", "redis://redis:6379/0?socket_timeout=90", "socket_timeout"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://", "empty Sentinel address"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://s1:26379,,s2:26379/0", "empty Sentinel address"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://s1:port/0", "'s1:port'"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://s1:26379/zero", "database after the hosts must be a number"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://s1:26379/0?socket_timeout=1", "options in a sentinel:// URL"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://s1:26379/0", "IMBEDDINGS_REDIS_SENTINEL_MASTER"),
+        ("IMBEDDINGS_REDIS_SENTINEL_MASTER", "mymaster", "IMBEDDINGS_REDIS_URL is not a sentinel:// URL"),
     ],
 )
 def test_invalid_values_are_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str, needle: str) -> None:
@@ -52,6 +61,31 @@ def test_invalid_values_are_named(monkeypatch: pytest.MonkeyPatch, name: str, va
     with pytest.raises(ValidationError) as error:
         Settings()
     assert needle in describe_errors(error.value)
+
+
+def test_sentinel_url_reaches_every_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMBEDDINGS_REDIS_URL", "sentinel://:p%40ss@s1:26380, s2 ,[fd00::3]:26381/2")
+    monkeypatch.setenv("IMBEDDINGS_REDIS_SENTINEL_MASTER", "imb-primary")
+    settings = Settings()
+    assert settings.public_view()["redis_url"] == "sentinel://***@s1:26380, s2 ,[fd00::3]:26381/2"
+    broker = broker_connection(settings)
+    assert broker.transport == SENTINEL_TRANSPORT
+    assert broker.url == "sentinel://:p%40ss@s1:26380/2;sentinel://:p%40ss@s2:26379/2;sentinel://:p%40ss@[fd00::3]:26381/2"
+    assert broker.transport_options["master_name"] == "imb-primary"
+    # The clients the API and the workers build ask these Sentinels for that primary, with the server password.
+    sync = sync_client(settings.redis_url, sentinel_master=settings.redis_sentinel_master)
+    pool = sync.connection_pool
+    assert (pool.service_name, pool.connection_kwargs["password"], pool.connection_kwargs["db"]) == ("imb-primary", "p@ss", 2)
+    assert [(c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"]) for c in pool.sentinel_manager.sentinels] == [
+        ("s1", 26380), ("s2", 26379), ("fd00::3", 26381)
+    ]
+    assert pool.sentinel_manager.sentinels[0].connection_pool.connection_kwargs.get("password") is None
+
+
+def test_plain_url_keeps_the_plain_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMBEDDINGS_REDIS_URL", "redis://redis:6379/3")
+    broker = broker_connection(Settings())
+    assert (broker.url, broker.transport, broker.transport_options) == ("redis://redis:6379/3", TRANSPORT, {})
 
 
 def test_processes_refuse_to_start_with_bad_settings() -> None:
