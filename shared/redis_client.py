@@ -6,6 +6,7 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
 import redis.asyncio.sentinel
 import redis.sentinel
 from redis.backoff import ExponentialBackoff
@@ -45,7 +46,9 @@ def async_client(
     their blocking time on top of it, or redis-py cuts the wait short and reports a timeout.
     """
     options: dict[str, Any] = {
-        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        # The asyncio Retry: the sync one would return the command's coroutine unawaited, so its
+        # failure escaped unretried (a stale pooled connection after a Redis restart became a 503).
+        "retry": redis.asyncio.retry.Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
         "retry_on_error": [ConnectionError],
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": 2,
