@@ -200,6 +200,20 @@ class SentinelServer(RedisServer):
         self.process.kill()
         self.process.wait()
 
+    def wait_watching(self, replicas: int, other_sentinels: int, timeout_s: float = 30.0) -> None:
+        """Until this Sentinel knows the primary's replicas and the other Sentinels (they find each other
+        through the primary every 2 s); before that, a failover could not be agreed on."""
+        deadline = time.monotonic() + timeout_s
+        with self.client() as client:
+            while True:
+                state = client.execute_command("SENTINEL", "MASTER", self.master_name)
+                fields = dict(zip(state[::2], state[1::2])) if isinstance(state, list) else state
+                if int(fields[b"num-slaves"]) >= replicas and int(fields[b"num-other-sentinels"]) >= other_sentinels:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Sentinel on port {self.port} sees {fields[b'num-slaves']} replicas and {fields[b'num-other-sentinels']} other Sentinels")
+                time.sleep(0.2)
+
     def primary_address(self) -> tuple[str, int] | None:
         with self.client() as client:
             answer = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)

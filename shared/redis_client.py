@@ -16,6 +16,30 @@ from redis.retry import Retry
 from shared.sentinel import SENTINEL_QUERY_TIMEOUTS, SentinelUrl, is_sentinel_url
 
 
+class _SentinelConnection(redis.sentinel.SentinelManagedConnection):
+    """Reconnects through the Sentinels when a command is retried.
+
+    redis-py (8.1) asks the Sentinels for the primary only in ``connect()``; a command retried after
+    its connection dropped reconnects from ``send_packed_command`` to the address it had, so every
+    retry of a write in flight during a failover went to the dead primary (a write stuck for a minute,
+    then failed).
+    """
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._sock:
+            self.connect()
+        super().send_packed_command(command, check_health)
+
+
+class _AsyncSentinelConnection(redis.asyncio.sentinel.SentinelManagedConnection):
+    """The same for the API's asyncio connections."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self.is_connected:
+            await self.connect()
+        await super().send_packed_command(command, check_health)
+
+
 def sync_client(url: str, retries: int = 30, sentinel_master: str | None = None) -> redis.Redis:
     """For workers: retries with backoff for about a minute, then raises."""
     options: dict[str, Any] = {
@@ -28,7 +52,7 @@ def sync_client(url: str, retries: int = 30, sentinel_master: str | None = None)
     if is_sentinel_url(url):
         sentinels = SentinelUrl.parse(url)
         manager = redis.sentinel.Sentinel(sentinels.sentinels, sentinel_kwargs=SENTINEL_QUERY_TIMEOUTS, **sentinels.server_options())
-        return manager.master_for(_master_name(sentinel_master), redis_class=redis.Redis, **options)
+        return manager.master_for(_master_name(sentinel_master), redis_class=redis.Redis, connection_class=_SentinelConnection, **options)
     return redis.Redis.from_url(url, **options)
 
 
@@ -58,7 +82,7 @@ def async_client(
     if is_sentinel_url(url):
         sentinels = SentinelUrl.parse(url)
         manager = redis.asyncio.sentinel.Sentinel(sentinels.sentinels, sentinel_kwargs=SENTINEL_QUERY_TIMEOUTS, **sentinels.server_options())
-        return manager.master_for(_master_name(sentinel_master), redis_class=redis.asyncio.Redis, **options)
+        return manager.master_for(_master_name(sentinel_master), redis_class=redis.asyncio.Redis, connection_class=_AsyncSentinelConnection, **options)
     return redis.asyncio.Redis.from_url(url, **options)
 
 
