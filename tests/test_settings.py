@@ -8,7 +8,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from shared.broker import SENTINEL_TRANSPORT, TRANSPORT, broker_connection
+from shared.broker import SENTINEL_TRANSPORT, TRANSPORT, SentinelTransport, broker_connection
+from shared.celery_app import create_celery_app
 from shared.model_catalog import allowed_models, read_allow_list
 from shared.redis_client import sync_client
 from shared.settings import REPO_ROOT, Settings, describe_errors
@@ -72,6 +73,12 @@ def test_sentinel_url_reaches_every_client(monkeypatch: pytest.MonkeyPatch) -> N
     assert broker.transport == SENTINEL_TRANSPORT
     assert broker.url == "sentinel://:p%40ss@s1:26380/2;sentinel://:p%40ss@s2:26379/2;sentinel://:p%40ss@[fd00::3]:26381/2"
     assert broker.transport_options["master_name"] == "imb-primary"
+    # kombu moves to the next Sentinel's URL after a failed connect; the transport must stay ours (with the fix).
+    connection = create_celery_app(settings).connection_for_write()
+    assert connection.transport_options["master_name"] == "imb-primary"
+    for _ in range(3):
+        assert connection.get_transport_cls() is SentinelTransport
+        connection.maybe_switch_next()
     # The clients the API and the workers build ask these Sentinels for that primary, with the server password.
     sync = sync_client(settings.redis_url, sentinel_master=settings.redis_sentinel_master)
     pool = sync.connection_pool
