@@ -174,6 +174,33 @@ class Poller(threading.Thread):
         self.join(15)
 
 
+class Submitter(threading.Thread):
+    """Submits a one-image job every 0.1 s and keeps the ids of those the API accepted (202)."""
+
+    def __init__(self, base_url: str, image_url: str) -> None:
+        super().__init__(daemon=True)
+        self.base_url, self.image_url = base_url, image_url
+        self.accepted: list[str] = []
+        self.statuses: set[int | str] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=10) as client:
+            while not self.done.is_set():
+                try:
+                    answer = client.post("/v1/jobs", json={"input": [self.image_url]})
+                    self.statuses.add(answer.status_code)
+                    if answer.status_code == 202:
+                        self.accepted.append(answer.json()["id"])
+                except httpx.HTTPError as exc:
+                    self.statuses.add(type(exc).__name__)
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(15)
+
+
 class AckedWriter(threading.Thread):
     """Appends 0, 1, 2, ... to a list through the workers' own client kind (Sentinel-aware, retrying)
     and remembers which appends Redis acknowledged: after a failover, the acknowledged appends the new
@@ -206,14 +233,16 @@ def test_sentinel_failover_mid_job(tmp_path: Path, sentinel_group: SentinelGroup
     worker = start_worker(env, tmp_path / "worker.log")
     api, base_url = start_api(env, tmp_path / "api.log")
     writer = AckedWriter(sentinel_group.url)
+    submitter = Submitter(base_url, f"{slow_images}/cmp2.jpg")
+    poller: Poller | None = None
     try:
         wait_served(base_url, model, worker)
         with httpx.Client(base_url=base_url, timeout=30) as client:
             total = 60
             job_id, expected = job_under_way(client, slow_images, total)
             poller = Poller(base_url, f"/v1/jobs/{job_id}")
-            poller.start()
-            writer.start()
+            for thread in (poller, submitter, writer):
+                thread.start()
             time.sleep(1)
 
             sentinel_group.primary.stop(graceful=False)
@@ -223,9 +252,12 @@ def test_sentinel_failover_mid_job(tmp_path: Path, sentinel_group: SentinelGroup
             promoted = time.monotonic()
             writer.stop()
             wait_until(lambda: client.get(f"/v1/jobs/{job_id}").status_code == 200, 30, what="the API to recover")
+            time.sleep(1)
+            submitter.stop()
             wait_done(client, job_id, timeout_s=120)
             completed = time.monotonic()
             poller.stop()
+            missing = [small for small in submitter.accepted if client.get(f"/v1/jobs/{small}").status_code == 404]
 
             outages = [at for at, status in poller.seen if status != 200]
             statuses = {status for _, status in poller.seen}
@@ -236,7 +268,8 @@ def test_sentinel_failover_mid_job(tmp_path: Path, sentinel_group: SentinelGroup
             print(
                 f"failover: replica promoted {promoted - killed:.1f} s after the SIGKILL; API answered 200 again {first_200_after - killed:.1f} s after it"
                 f" (the poller saw 503 for {(max(outages) - min(outages)) if outages else 0:.1f} s, {len(outages)} of {len(poller.seen)} polls);"
-                f" job ({completed_at_kill} of {total} items done at the kill) completed {completed - killed:.1f} s after the kill; acknowledged writes lost: {len(lost)} of {len(writer.acknowledged)}"
+                f" job ({completed_at_kill} of {total} items done at the kill) completed {completed - killed:.1f} s after the kill;"
+                f" jobs accepted (202) around it and lost: {len(missing)} of {len(submitter.accepted)}; acknowledged writes lost: {len(lost)} of {len(writer.acknowledged)}"
             )
             assert completed_at_kill < total
             # 503 and nothing else, only from the kill to the promotion (and the API's next check after it).
@@ -245,10 +278,18 @@ def test_sentinel_failover_mid_job(tmp_path: Path, sentinel_group: SentinelGroup
             assert all(status == 200 for at, status in poller.seen if at > max(outages))
             check_every_item_once(client, new_primary, job_id, total, expected)
             assert lost == [], f"{len(lost)} acknowledged writes lost: {lost[:20]}"
+            # Every job the API accepted around the failover exists on the new primary and completes.
+            assert submitter.statuses <= {202, 503} and submitter.accepted, submitter.statuses
+            assert missing == []
+            for small in submitter.accepted:
+                assert wait_done(client, small, timeout_s=60)["completed"] == 1
             # The worker rode out the failover and takes new work on the new primary.
             assert worker.alive()
             assert client.post("/v1/embeddings", json={"input": f"{slow_images}/cmp1.jpg"}).status_code == 200
     finally:
         writer.done.set()
+        submitter.done.set()
+        if poller is not None:
+            poller.done.set()
         api.stop()
         worker.stop()
