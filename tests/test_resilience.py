@@ -210,6 +210,7 @@ class AckedWriter(threading.Thread):
         super().__init__(daemon=True)
         self.client = sync_client(url, sentinel_master=MASTER)
         self.acknowledged: list[int] = []
+        self.last_acknowledged_at = 0.0
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -218,6 +219,7 @@ class AckedWriter(threading.Thread):
             try:
                 self.client.rpush("acked-writes", n)
                 self.acknowledged.append(n)
+                self.last_acknowledged_at = time.monotonic()
             except redis.RedisError:
                 pass
             n += 1
@@ -260,6 +262,9 @@ def test_sentinel_failover_mid_job(tmp_path: Path, sentinel_group: SentinelGroup
             completed_at_kill = int(sentinel_group.replica.client().hget(Keys("imb:").job(job_id), "completed") or 0)
             wait_until(sentinel_group.promoted, 60, interval_s=0.1, what="the Sentinels to promote the replica")
             promoted = time.monotonic()
+            # The write in flight at the kill is retried through the Sentinels and lands on the new primary
+            # within the client's backoff (2 s at most between tries), not after its minute of retries.
+            wait_until(lambda: writer.last_acknowledged_at > promoted, 15, what="the writer's retried write to reach the new primary")
             writer.stop()
             wait_until(lambda: client.get(f"/v1/jobs/{job_id}").status_code == 200, 30, what="the API to recover")
             time.sleep(1)
