@@ -31,8 +31,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = async_client(settings.redis_url)
-        waits = async_client(settings.redis_url, socket_timeout=WAIT_SLICE_S + API_COMMAND_TIMEOUT_S)
+        redis = async_client(settings.redis_url, sentinel_master=settings.redis_sentinel_master)
+        waits = async_client(settings.redis_url, socket_timeout=WAIT_SLICE_S + API_COMMAND_TIMEOUT_S, sentinel_master=settings.redis_sentinel_master)
         celery = create_celery_app(settings)
         app.state.imbeddings = AppState(settings, redis, waits, WAIT_SLICE_S, celery, Keys(settings.redis_key_prefix), allowed)
         try:

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -15,12 +15,16 @@ from shared.settings import REPO_ROOT
 
 
 class ServiceProcess:
-    """A child process running one of the service's modules, in its own process group."""
+    """A child process running one of the service's modules, in its own process group.
 
-    def __init__(self, module: str, env: dict[str, str], log_path: Path | None = None) -> None:
+    ``launcher`` prefixes the command: ``ip netns exec NAME`` runs it on another network host (it
+    execs the module, so the pid, signals and exit code are the module's own)."""
+
+    def __init__(self, module: str, env: dict[str, str], log_path: Path | None = None, launcher: Sequence[str] = ()) -> None:
         self.module = module
         self.env = env
         self.log_path = log_path
+        self.launcher = list(launcher)
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -29,7 +33,7 @@ class ServiceProcess:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module],
+            [*self.launcher, sys.executable, "-m", self.module],
             cwd=REPO_ROOT,
             env={**os.environ, **self.env},
             stdin=subprocess.DEVNULL,

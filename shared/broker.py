@@ -1,4 +1,5 @@
-"""The Redis broker transport, with one kombu defect worked around and a full Redis survived.
+"""The Redis broker transport (plain or through Sentinel), with one kombu defect worked around and a
+full Redis survived.
 
 When the broker connection drops, kombu closes the channel: it disconnects the channel's connection
 pool and then tries to hand unacknowledged messages back, which needs a new pool built from the
@@ -29,12 +30,17 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import redis.exceptions
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
+
+from shared.sentinel import SENTINEL_QUERY_TIMEOUTS, SentinelUrl, is_sentinel_url
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -82,38 +88,78 @@ class QoS(kombu_redis.QoS):
         VirtualQoS.ack(self, delivery_tag)
 
 
-class Channel(kombu_redis.Channel):
+class _ChannelFixes:
+    """What both channels (plain and Sentinel) change in kombu's: the detached-connection error and
+    the scripts that let a full Redis be survived."""
+
     QoS = QoS
+    connection: Any
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         if self.connection.client is None:
             raise redis.exceptions.ConnectionError("broker connection already closed")
-        return super()._connparams(asynchronous=asynchronous)
+        return super()._connparams(asynchronous=asynchronous)  # type: ignore[misc]
 
     @cached_property
     def _refresh_binding(self) -> Any:
-        return self._create_client().register_script(_REFRESH_BINDING)
+        return self._create_client().register_script(_REFRESH_BINDING)  # type: ignore[attr-defined]
 
     @cached_property
     def _track_unacked(self) -> Any:
-        return self._create_client().register_script(_TRACK_UNACKED)
+        return self._create_client().register_script(_TRACK_UNACKED)  # type: ignore[attr-defined]
 
     @cached_property
     def _bind(self) -> Any:
-        return self._create_client().register_script(_BIND)
+        return self._create_client().register_script(_BIND)  # type: ignore[attr-defined]
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        if queue in self._expires or self.typeof(exchange).type == "fanout":
-            super()._queue_bind(exchange, routing_key, pattern, queue)  # expiring bindings: _refresh_binding
+        if queue in self._expires or self.typeof(exchange).type == "fanout":  # type: ignore[attr-defined]
+            super()._queue_bind(exchange, routing_key, pattern, queue)  # type: ignore[misc]  # expiring bindings: _refresh_binding
             return
-        member = self.sep.join([routing_key or "", pattern or "", queue or ""])
-        keys = [self.keyprefix_queue % (exchange,), self.keyprefix_binding_permanent % (exchange,)]
-        with self.conn_or_acquire() as client:
+        member = self.sep.join([routing_key or "", pattern or "", queue or ""])  # type: ignore[attr-defined]
+        keys = [self.keyprefix_queue % (exchange,), self.keyprefix_binding_permanent % (exchange,)]  # type: ignore[attr-defined]
+        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
             self._bind(keys=keys, args=[member], client=client)
+
+
+class Channel(_ChannelFixes, kombu_redis.Channel):
+    pass
+
+
+class SentinelChannel(_ChannelFixes, kombu_redis.SentinelChannel):
+    pass
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 TRANSPORT = f"{__name__}:Transport"
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
+
+# kombu's failover between the URLs of a Sentinel list re-reads the transport from the next URL's
+# scheme, which would swap the transport above for kombu's own, without the fix, mid-outage.
+TRANSPORT_ALIASES["sentinel"] = SENTINEL_TRANSPORT
+
+
+@dataclass(frozen=True)
+class BrokerConnection:
+    """What Celery needs to reach the broker: its URL, transport, and the transport's own options."""
+
+    url: str
+    transport: str
+    transport_options: dict[str, object] = field(default_factory=dict)
+
+
+def broker_connection(settings: Settings) -> BrokerConnection:
+    if not is_sentinel_url(settings.redis_url):
+        return BrokerConnection(settings.redis_url, TRANSPORT)
+    return BrokerConnection(
+        SentinelUrl.parse(settings.redis_url).kombu_url(),
+        SENTINEL_TRANSPORT,
+        {"master_name": settings.redis_sentinel_master, "sentinel_kwargs": SENTINEL_QUERY_TIMEOUTS},
+    )

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from celery import Celery
 
-from shared.broker import TRANSPORT
+from shared.broker import broker_connection
 from shared.queues import route_by_model
 from shared.settings import Settings
 
 
 def create_celery_app(settings: Settings) -> Celery:
-    app = Celery("imbeddings", broker=settings.redis_url, set_as_current=True, amqp="shared.task_events:SummarisingAMQP")
+    broker = broker_connection(settings)
+    app = Celery("imbeddings", broker=broker.url, set_as_current=True, amqp="shared.task_events:SummarisingAMQP")
     app.conf.update(
-        broker_transport=TRANSPORT,
+        broker_transport=broker.transport,
         task_serializer="json",
         accept_content=["json"],
         # Results are per image and addressed by request or job index, so the worker writes them
@@ -44,6 +45,7 @@ def create_celery_app(settings: Settings) -> Celery:
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "retry_on_timeout": True,
+            **broker.transport_options,
         },
         broker_pool_limit=64,
         worker_hijack_root_logger=False,

@@ -1,24 +1,59 @@
-"""Redis clients that ride out a short outage (a restart) instead of failing the work in hand."""
+"""Redis clients that ride out a short outage (a restart, a Sentinel failover) instead of failing the work in hand."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 import redis.asyncio
+import redis.asyncio.retry
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 from redis.retry import Retry
 
+from shared.sentinel import SENTINEL_QUERY_TIMEOUTS, SentinelUrl, is_sentinel_url
 
-def sync_client(url: str, retries: int = 30) -> redis.Redis:
+
+class _SentinelConnection(redis.sentinel.SentinelManagedConnection):
+    """Reconnects through the Sentinels when a command is retried.
+
+    redis-py (8.1) asks the Sentinels for the primary only in ``connect()``; a command retried after
+    its connection dropped reconnects from ``send_packed_command`` to the address it had, so every
+    retry of a write in flight during a failover went to the dead primary (a write stuck for a minute,
+    then failed).
+    """
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._sock:
+            self.connect()
+        super().send_packed_command(command, check_health)
+
+
+class _AsyncSentinelConnection(redis.asyncio.sentinel.SentinelManagedConnection):
+    """The same for the API's asyncio connections."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self.is_connected:
+            await self.connect()
+        await super().send_packed_command(command, check_health)
+
+
+def sync_client(url: str, retries: int = 30, sentinel_master: str | None = None) -> redis.Redis:
     """For workers: retries with backoff for about a minute, then raises."""
-    return redis.Redis.from_url(
-        url,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
-        retry_on_error=[ConnectionError, TimeoutError],
-        socket_timeout=15,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-    )
+    options: dict[str, Any] = {
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
+        "retry_on_error": [ConnectionError, TimeoutError],
+        "socket_timeout": 15,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+    }
+    if is_sentinel_url(url):
+        sentinels = SentinelUrl.parse(url)
+        manager = redis.sentinel.Sentinel(sentinels.sentinels, sentinel_kwargs=SENTINEL_QUERY_TIMEOUTS, **sentinels.server_options())
+        return manager.master_for(_master_name(sentinel_master), redis_class=redis.Redis, connection_class=_SentinelConnection, **options)
+    return redis.Redis.from_url(url, **options)
 
 
 # How long the API gives Redis to answer one ordinary command before calling it unreachable: far
@@ -26,18 +61,32 @@ def sync_client(url: str, retries: int = 30) -> redis.Redis:
 API_COMMAND_TIMEOUT_S = 5.0
 
 
-def async_client(url: str, socket_timeout: float = API_COMMAND_TIMEOUT_S, max_connections: int = 2048) -> redis.asyncio.Redis:
+def async_client(
+    url: str, socket_timeout: float = API_COMMAND_TIMEOUT_S, max_connections: int = 2048, sentinel_master: str | None = None
+) -> redis.asyncio.Redis:
     """For the API: fails fast, so a client gets a 503 rather than a hung request.
 
     ``socket_timeout`` bounds every read; a client used for blocking commands (BLPOP) must allow
     their blocking time on top of it, or redis-py cuts the wait short and reports a timeout.
     """
-    return redis.asyncio.Redis.from_url(
-        url,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
-        retry_on_error=[ConnectionError],
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=2,
-        health_check_interval=30,
-        max_connections=max_connections,
-    )
+    options: dict[str, Any] = {
+        # The asyncio Retry: the sync one would return the command's coroutine unawaited, so its
+        # failure escaped unretried (a stale pooled connection after a Redis restart became a 503).
+        "retry": redis.asyncio.retry.Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        "retry_on_error": [ConnectionError],
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": 2,
+        "health_check_interval": 30,
+        "max_connections": max_connections,
+    }
+    if is_sentinel_url(url):
+        sentinels = SentinelUrl.parse(url)
+        manager = redis.asyncio.sentinel.Sentinel(sentinels.sentinels, sentinel_kwargs=SENTINEL_QUERY_TIMEOUTS, **sentinels.server_options())
+        return manager.master_for(_master_name(sentinel_master), redis_class=redis.asyncio.Redis, connection_class=_AsyncSentinelConnection, **options)
+    return redis.asyncio.Redis.from_url(url, **options)
+
+
+def _master_name(sentinel_master: str | None) -> str:
+    if not sentinel_master:
+        raise ValueError("a sentinel:// Redis URL needs the name of the primary the Sentinels monitor (IMBEDDINGS_REDIS_SENTINEL_MASTER)")
+    return sentinel_master

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.api_keys import ApiKey, parse_api_keys, read_keys_file
 from shared.cpus import available_cpus, format_cpu_list, parse_cpu_list
+from shared.sentinel import SentinelUrl, is_sentinel_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +41,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMBEDDINGS_", extra="ignore", frozen=True)
 
     # --- wiring -----------------------------------------------------------------------------
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis used as Celery broker and result store.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis used as Celery broker and result store, or the Sentinels (sentinel://) that find it.")
+    redis_sentinel_master: str | None = Field(None, min_length=1, description="Name of the primary the Sentinels of a sentinel:// IMBEDDINGS_REDIS_URL monitor.")
     redis_key_prefix: str = Field("imb:", description="Prefix of every key Imbeddings itself writes.")
     default_model: str = Field("facebook/dinov2-small", description="Model used when a request names none.")
     worker_models: CommaList = Field(default_factory=list, description="Models a worker serves (default: the default model).")
@@ -169,8 +171,11 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
+        if is_sentinel_url(value):
+            SentinelUrl.parse(value)
+            return value
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+            raise ValueError("must start with redis://, rediss://, unix:// or sentinel://")
         if _misplaced_userinfo(value):
             raise ValueError("has an '@' after a '/', '?' or '#': percent-encode those characters in the password (urllib.parse.quote)")
         options = {name for name, _ in parse_qsl(urlsplit(value).query, keep_blank_values=True)}
@@ -187,6 +192,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if not self.worker_models:
             object.__setattr__(self, "worker_models", [self.default_model])
+        if is_sentinel_url(self.redis_url) and not self.redis_sentinel_master:
+            raise ValueError("IMBEDDINGS_REDIS_URL lists Sentinels (sentinel://): set IMBEDDINGS_REDIS_SENTINEL_MASTER to the name of the primary they monitor")
+        if self.redis_sentinel_master and not is_sentinel_url(self.redis_url):
+            raise ValueError("IMBEDDINGS_REDIS_SENTINEL_MASTER is set, but IMBEDDINGS_REDIS_URL is not a sentinel:// URL")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("IMBEDDINGS_HEARTBEAT_TTL_S must be longer than IMBEDDINGS_HEARTBEAT_INTERVAL_S")
         if self.max_buffered_bytes < self.max_request_bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,9 +108,9 @@ def service_env(redis_url: str, allow_list: Path, models: dict[str, Path], **ove
     return env
 
 
-def start_api(env: dict[str, str], log_path: Path, port: int | None = None) -> tuple[ServiceProcess, str]:
+def start_api(env: dict[str, str], log_path: Path, port: int | None = None, launcher: Sequence[str] = ()) -> tuple[ServiceProcess, str]:
     port = port or free_port()
-    api = ServiceProcess("api", {**env, "IMBEDDINGS_PORT": str(port), "IMBEDDINGS_HOST": "127.0.0.1"}, log_path).start()
+    api = ServiceProcess("api", {**env, "IMBEDDINGS_PORT": str(port), "IMBEDDINGS_HOST": "127.0.0.1"}, log_path, launcher).start()
     base_url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _get_ok(f"{base_url}/health") or not api.alive(), 30, what="API /health")
     if not api.alive():
@@ -118,10 +118,10 @@ def start_api(env: dict[str, str], log_path: Path, port: int | None = None) -> t
     return api, base_url
 
 
-def start_worker(env: dict[str, str], log_path: Path) -> ServiceProcess:
+def start_worker(env: dict[str, str], log_path: Path, launcher: Sequence[str] = ()) -> ServiceProcess:
     if env.get("IMBEDDINGS_WORKER_METRICS_PORT", "0") == "0":
         env = {**env, "IMBEDDINGS_WORKER_METRICS_PORT": str(free_port())}
-    return ServiceProcess("worker", env, log_path).start()
+    return ServiceProcess("worker", env, log_path, launcher).start()
 
 
 def wait_served(base_url: str, model: str, worker: ServiceProcess, timeout_s: float = 120, count: int = 1) -> None:
@@ -177,10 +177,10 @@ def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
 
 
 @contextmanager
-def serve_photos(delay_s: float = 0.0) -> Iterator[str]:
+def serve_photos(delay_s: float = 0.0, host: str = IMAGE_HOST) -> Iterator[str]:
     """The example photos over plain HTTP on the one address workers may fetch from; each answer
     can be made to take ``delay_s``, so work is still in progress when a test breaks something."""
-    with serve_images(EXAMPLES, IMAGE_HOST, delay_s=delay_s) as served:
+    with serve_images(EXAMPLES, host, delay_s=delay_s) as served:
         yield served.base_url
 
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import time
 
 import httpx
+import numpy as np
+import redis
 
 from devtools.processes import wait_until
+from shared.keys import Keys
+
+# Photos a job cycles through, so each item's vector can be checked against its photo's.
+NAMES = ("cmp1.jpg", "cmp2.jpg", "cmp3.png", "cmp4.png", "img.webp")
 
 
 def submit(client: httpx.Client, body: dict) -> dict:
@@ -43,3 +49,22 @@ def all_results(client: httpx.Client, job_id: str, page: int = 100) -> list[dict
 
 def elapsed(since: float) -> float:
     return round(time.monotonic() - since, 1)
+
+
+def job_under_way(client: httpx.Client, images: str, total: int) -> tuple[str, dict[str, list[float]]]:
+    """A job of ``total`` slow URLs that has started and is far from done, and each photo's vector."""
+    data = client.post("/v1/embeddings", json={"input": [f"{images}/{name}" for name in NAMES]}).json()["data"]
+    expected = {name: item["embedding"] for name, item in zip(NAMES, data)}
+    job_id = submit(client, {"input": [f"{images}/{NAMES[i % len(NAMES)]}" for i in range(total)]})["id"]
+    wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["completed"] >= 8, 60, what="the job to be under way")
+    return job_id, expected
+
+
+def check_every_item_once(client: httpx.Client, store: redis.Redis, job_id: str, total: int, expected: dict[str, list[float]]) -> None:
+    state = client.get(f"/v1/jobs/{job_id}").json()
+    assert (state["status"], state["completed"], state["failed"]) == ("completed", total, 0), state
+    assert store.hlen(Keys("imb:").job_results(job_id)) == total
+    items = all_results(client, job_id, page=1000)
+    assert [item["index"] for item in items] == list(range(total))
+    for item in items:
+        assert np.allclose(item["embedding"], expected[NAMES[item["index"] % len(NAMES)]], atol=1e-6)

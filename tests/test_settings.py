@@ -11,7 +11,10 @@ import pytest
 from pydantic import ValidationError
 
 from shared.api_keys import derived_key_id
+from shared.broker import SENTINEL_TRANSPORT, TRANSPORT, SentinelTransport, broker_connection
+from shared.celery_app import create_celery_app
 from shared.model_catalog import allowed_models, read_allow_list
+from shared.redis_client import sync_client
 from shared.settings import REPO_ROOT, Settings, describe_errors
 
 
@@ -136,6 +139,13 @@ def test_redis_url_options_kombu_cannot_take_are_refused(monkeypatch: pytest.Mon
         ("IMBEDDINGS_MAX_BUFFERED_BYTES", "1000000", "IMBEDDINGS_MAX_BUFFERED_BYTES must be at least IMBEDDINGS_MAX_REQUEST_BYTES"),
         ("IMBEDDINGS_HEADER_TIMEOUT_S", "0", "IMBEDDINGS_HEADER_TIMEOUT_S"),
         ("IMBEDDINGS_BODY_TIMEOUT_S", "soon", "IMBEDDINGS_BODY_TIMEOUT_S"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://", "empty Sentinel address"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://s1:26379,,s2:26379/0", "empty Sentinel address"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://s1:port/0", "'s1:port'"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://s1:26379/zero", "database after the hosts must be a number"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://s1:26379/0?socket_timeout=1", "options in a sentinel:// URL"),
+        ("IMBEDDINGS_REDIS_URL", "sentinel://s1:26379/0", "IMBEDDINGS_REDIS_SENTINEL_MASTER"),
+        ("IMBEDDINGS_REDIS_SENTINEL_MASTER", "mymaster", "IMBEDDINGS_REDIS_URL is not a sentinel:// URL"),
     ],
 )
 def test_invalid_values_are_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str, needle: str) -> None:
@@ -143,6 +153,37 @@ def test_invalid_values_are_named(monkeypatch: pytest.MonkeyPatch, name: str, va
     with pytest.raises(ValidationError) as error:
         Settings()
     assert needle in describe_errors(error.value)
+
+
+def test_sentinel_url_reaches_every_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMBEDDINGS_REDIS_URL", "sentinel://:p%40ss@s1:26380, s2 ,[fd00::3]:26381/2")
+    monkeypatch.setenv("IMBEDDINGS_REDIS_SENTINEL_MASTER", "imb-primary")
+    settings = Settings()
+    assert settings.public_view()["redis_url"] == "sentinel://***@s1:26380, s2 ,[fd00::3]:26381/2"
+    broker = broker_connection(settings)
+    assert broker.transport == SENTINEL_TRANSPORT
+    assert broker.url == "sentinel://:p%40ss@s1:26380/2;sentinel://:p%40ss@s2:26379/2;sentinel://:p%40ss@[fd00::3]:26381/2"
+    assert broker.transport_options["master_name"] == "imb-primary"
+    # kombu moves to the next Sentinel's URL after a failed connect; the transport must stay ours (with the fix).
+    connection = create_celery_app(settings).connection_for_write()
+    assert connection.transport_options["master_name"] == "imb-primary"
+    for _ in range(3):
+        assert connection.get_transport_cls() is SentinelTransport
+        connection.maybe_switch_next()
+    # The clients the API and the workers build ask these Sentinels for that primary, with the server password.
+    sync = sync_client(settings.redis_url, sentinel_master=settings.redis_sentinel_master)
+    pool = sync.connection_pool
+    assert (pool.service_name, pool.connection_kwargs["password"], pool.connection_kwargs["db"]) == ("imb-primary", "p@ss", 2)
+    assert [(c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"]) for c in pool.sentinel_manager.sentinels] == [
+        ("s1", 26380), ("s2", 26379), ("fd00::3", 26381)
+    ]
+    assert pool.sentinel_manager.sentinels[0].connection_pool.connection_kwargs.get("password") is None
+
+
+def test_plain_url_keeps_the_plain_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMBEDDINGS_REDIS_URL", "redis://redis:6379/3")
+    broker = broker_connection(Settings())
+    assert (broker.url, broker.transport, broker.transport_options) == ("redis://redis:6379/3", TRANSPORT, {})
 
 
 @pytest.mark.parametrize(

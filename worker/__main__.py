@@ -95,7 +95,7 @@ def main() -> None:
         budget = ThreadBudget.for_cpus(len(cpus), device.type, settings, os.environ.get("OMP_NUM_THREADS"))
         log.info("worker thread budget", extra={"cpu_list": format_cpu_list(cpus), **budget.as_dict()})
         configure_torch(settings, budget, device)
-        redis = sync_client(settings.redis_url)
+        redis = sync_client(settings.redis_url, sentinel_master=settings.redis_sentinel_master)
         keys = Keys(settings.redis_key_prefix)
         store = ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5, job_ttl_s=settings.job_result_ttl_s)
         runtime = WorkerRuntime(settings, budget, store.mark_withdrawn)
@@ -107,7 +107,7 @@ def main() -> None:
 
     # Heartbeats fail fast: a missed beat is retried by the next one, and a stopping worker must not
     # wait a minute on an unreachable Redis to withdraw.
-    heartbeat_redis = sync_client(settings.redis_url, retries=1)
+    heartbeat_redis = sync_client(settings.redis_url, retries=1, sentinel_master=settings.redis_sentinel_master)
     tasks.install_context(tasks.WorkerContext(runtime, store, redis))
     node = f"worker-{os.getpid()}@{socket.gethostname()}"
     heartbeat = Heartbeat(heartbeat_redis, keys, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
