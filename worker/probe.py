@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("check", choices=["ready", "alive"])
     args = parser.parse_args(argv)
     settings = get_settings()
-    redis = sync_client(settings.redis_url, retries=0)
+    redis = sync_client(settings.redis_url, retries=0, sentinel_master=settings.redis_sentinel_master)
     host = socket.gethostname()
     try:
         missing = missing_models(redis, Keys(settings.redis_key_prefix), settings.worker_models, host, time.time())
