@@ -149,6 +149,13 @@ def openvino_embedder(module: PreTrainedModel, image_size: tuple[int, int], dtyp
 
     if dtype not in _OPENVINO_PRECISION:
         raise BackendUnavailable(f"IMBEDDINGS_DTYPE={dtype} has no OpenVINO precision")
-    config = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[dtype], "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+    config = {
+        "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[dtype],
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        # OpenVINO's own cache of compiled models (keyed by the model and these settings): a worker
+        # that starts again, or a second worker on the host, skips the compilation too.
+        "CACHE_DIR": str(cache_dir / "compiled"),
+    }
     compiled = ov.Core().compile_model(_converted(module, image_size, cache_dir), "CPU", config)
     return OpenVINOEmbedder(compiled, num_register_tokens)
