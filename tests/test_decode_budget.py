@@ -138,3 +138,13 @@ def test_deadline_abandons_a_decode_in_progress(pool: DecodePool) -> None:
     print(f"abandoned {time.monotonic() - started:.2f} s after it started")
     assert error.value.code == "deadline_exceeded"
     assert pool.decode((BENCH / "horse_800x600.jpg").read_bytes(), LIMITS).shape == (600, 800, 3)
+
+
+def test_a_child_killed_while_idle_is_replaced_without_failing_the_image(pool: DecodePool) -> None:
+    photo = (BENCH / "horse_800x600.jpg").read_bytes()
+    pool.decode(photo, LIMITS)
+    (child,) = pool._all
+    child.process.kill()
+    child.process.wait()
+    assert pool.decode(photo, LIMITS).shape == (600, 800, 3)
+    assert child not in pool._all

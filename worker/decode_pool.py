@@ -47,6 +47,17 @@ class DecodeAbandoned(Exception):
     """The pool was closed (the worker is stopping): the image was not judged, only left undone."""
 
 
+class _ChildGone(Exception):
+    """The child died while idle (killed from outside): the image is not to blame."""
+
+
+def _readable(sock: socket.socket, timeout_s: float) -> bool:
+    # poll, not select: a worker may hold more than select's 1024 file descriptors.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
+
+
 class _DecodeProcess:
     """One child and the two channels to it."""
 
@@ -71,7 +82,7 @@ class _DecodeProcess:
 
     def wait_ready(self) -> None:
         """Wait for the child's start-up (imports, limits), so its CPU time is not billed to an image."""
-        if select.select([self.replies], [], [], CHILD_START_TIMEOUT_S)[0]:
+        if _readable(self.replies, CHILD_START_TIMEOUT_S):
             message, fds, _, _ = socket.recv_fds(self.replies, 64, 1)
             if message == READY and fds:
                 self.pixels = fds[0]
@@ -126,7 +137,12 @@ class DecodePool:
         including when its decode ran past the CPU budget or ``deadline`` (epoch seconds)."""
         child = self._take()
         try:
-            outcome = self._run(child, data, limits, deadline)
+            try:
+                outcome = self._run(child, data, limits, deadline)
+            except _ChildGone:
+                self._retire(child)
+                child = self._spawn()
+                outcome = self._run(child, data, limits, deadline)
         except BaseException:
             # Killed, crashed or interrupted: whatever it was doing is abandoned with it.
             self._retire(child)
@@ -158,9 +174,9 @@ class DecodePool:
         try:
             child.requests.send((limits, self.cpu_seconds))
             child.requests.send_bytes(data)
-        except OSError:  # the child died while idle
-            raise ImageInputError("decoder_unavailable", "the image decoder process was not running; submit the image again") from None
-        while not select.select([child.replies], [], [], WATCH_INTERVAL_S)[0]:
+        except OSError:
+            raise _ChildGone from None
+        while not _readable(child.replies, WATCH_INTERVAL_S):
             if self._closed:
                 raise DecodeAbandoned
             used = child.cpu_seconds() - started
