@@ -38,13 +38,17 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 0.05
 # A fresh child (interpreter, Pillow, numpy) starts in ~0.3 s; waiting longer means it is broken.
 CHILD_START_TIMEOUT_S = 30.0
+# How long decodes go on once the worker is told to stop. The API checks every 2 s (WAIT_SLICE_S)
+# that a request's worker is alive, and sends the request elsewhere or withdraws it when it is not:
+# a decode that finishes later only delays the worker's exit.
+STOP_GRACE_S = 2.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _ROOT = Path(__file__).resolve().parent.parent
 READY = b"ready"
 
 
 class DecodeAbandoned(Exception):
-    """The pool was closed (the worker is stopping): the image was not judged, only left undone."""
+    """The worker is stopping: the image was not judged, only left undone."""
 
 
 class _ChildGone(Exception):
@@ -120,6 +124,7 @@ class DecodePool:
         self._idle: queue.SimpleQueue[_DecodeProcess] = queue.SimpleQueue()
         self._all: set[_DecodeProcess] = set()
         self._closed = False
+        self._stop_at: float | None = None
         for _ in range(size):
             self._idle.put(self._spawn())
 
@@ -156,9 +161,12 @@ class DecodePool:
             raise outcome
         return outcome
 
+    def _stopped(self) -> bool:
+        return self._closed or (self._stop_at is not None and time.monotonic() >= self._stop_at)
+
     def _take(self) -> _DecodeProcess:
         while True:
-            if self._closed:
+            if self._stopped():
                 raise DecodeAbandoned
             try:
                 return self._idle.get(timeout=WATCH_INTERVAL_S)
@@ -177,7 +185,7 @@ class DecodePool:
         except OSError:
             raise _ChildGone from None
         while not _readable(child.replies, WATCH_INTERVAL_S):
-            if self._closed:
+            if self._stopped():
                 raise DecodeAbandoned
             used = child.cpu_seconds() - started
             if used > self.cpu_seconds:
@@ -196,6 +204,10 @@ class DecodePool:
         if not reply["ok"]:
             return ImageInputError(reply["code"], reply["message"])
         return _read_rgb(child.pixels, reply["width"], reply["height"])
+
+    def stop_after(self, grace_s: float) -> None:
+        """Decodes running or asked for within ``grace_s`` go on; later, they raise ``DecodeAbandoned``."""
+        self._stop_at = time.monotonic() + grace_s
 
     def close(self) -> None:
         """Kill every child: decodes in progress and new ones raise ``DecodeAbandoned``."""
