@@ -126,3 +126,25 @@ def test_decode_children_never_import_torch() -> None:
     code = "import sys, worker.decode_child; print(sorted(m for m in ('torch', 'transformers', 'celery') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.strip() == "[]"
+
+
+def test_deadline_abandons_a_decode_in_progress(pool: DecodePool) -> None:
+    """The request's deadline stops a decode that is still within its CPU budget."""
+    pool.decode((BENCH / "horse_800x600.jpg").read_bytes(), LIMITS)  # the child is up
+    heavy = hostile.heavy_jpeg()
+    started = time.monotonic()
+    with pytest.raises(ImageInputError) as error:
+        pool.decode(heavy, LIMITS, deadline=time.time() + 0.2)
+    print(f"abandoned {time.monotonic() - started:.2f} s after it started")
+    assert error.value.code == "deadline_exceeded"
+    assert pool.decode((BENCH / "horse_800x600.jpg").read_bytes(), LIMITS).shape == (600, 800, 3)
+
+
+def test_a_child_killed_while_idle_is_replaced_without_failing_the_image(pool: DecodePool) -> None:
+    photo = (BENCH / "horse_800x600.jpg").read_bytes()
+    pool.decode(photo, LIMITS)
+    (child,) = pool._all
+    child.process.kill()
+    child.process.wait()
+    assert pool.decode(photo, LIMITS).shape == (600, 800, 3)
+    assert child not in pool._all

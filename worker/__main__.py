@@ -80,6 +80,7 @@ def main() -> None:
     import transformers
 
     from worker import tasks  # registers the Celery tasks
+    from worker.decode_pool import STOP_GRACE_S
     from worker.embedder import BackendUnavailable
     from worker.heartbeat import Heartbeat
     from worker.model_loader import ModelRefused, resolve_device, resolve_dtype
@@ -123,10 +124,10 @@ def main() -> None:
         # queue at once (not after the visibility timeout), and this worker stops being announced.
         runtime.stopping.set()
         heartbeat.stop()
-        # Decodes in progress are abandoned rather than waited for (up to IMBEDDINGS_DECODE_CPU_SECONDS
-        # each): the API re-sends a request whose worker stopped heartbeating, and a job chunk goes
-        # back to the queue (WorkerStopping), so nothing is lost by not finishing them here.
-        runtime.decode_pool.close()
+        # Decodes still running after a short grace are abandoned rather than waited for (up to
+        # IMBEDDINGS_DECODE_CPU_SECONDS each): by then the API has re-sent or withdrawn a request
+        # whose worker stopped heartbeating, and a job chunk goes back to the queue (WorkerStopping).
+        runtime.decode_pool.stop_after(STOP_GRACE_S)
 
     queues = [queue_for(model, kind) for model in settings.worker_models for kind in ("interactive", "bulk")]
     # Gossip would make every worker consume every other worker's events (with task events on, a

@@ -38,13 +38,28 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 0.05
 # A fresh child (interpreter, Pillow, numpy) starts in ~0.3 s; waiting longer means it is broken.
 CHILD_START_TIMEOUT_S = 30.0
+# How long decodes go on once the worker is told to stop. The API checks every 2 s (WAIT_SLICE_S)
+# that a request's worker is alive, and sends the request elsewhere or withdraws it when it is not:
+# a decode that finishes later only delays the worker's exit.
+STOP_GRACE_S = 2.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _ROOT = Path(__file__).resolve().parent.parent
 READY = b"ready"
 
 
 class DecodeAbandoned(Exception):
-    """The pool was closed (the worker is stopping): the image was not judged, only left undone."""
+    """The worker is stopping: the image was not judged, only left undone."""
+
+
+class _ChildGone(Exception):
+    """The child died while idle (killed from outside): the image is not to blame."""
+
+
+def _readable(sock: socket.socket, timeout_s: float) -> bool:
+    # poll, not select: a worker may hold more than select's 1024 file descriptors.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
 
 
 class _DecodeProcess:
@@ -71,7 +86,7 @@ class _DecodeProcess:
 
     def wait_ready(self) -> None:
         """Wait for the child's start-up (imports, limits), so its CPU time is not billed to an image."""
-        if select.select([self.replies], [], [], CHILD_START_TIMEOUT_S)[0]:
+        if _readable(self.replies, CHILD_START_TIMEOUT_S):
             message, fds, _, _ = socket.recv_fds(self.replies, 64, 1)
             if message == READY and fds:
                 self.pixels = fds[0]
@@ -109,6 +124,7 @@ class DecodePool:
         self._idle: queue.SimpleQueue[_DecodeProcess] = queue.SimpleQueue()
         self._all: set[_DecodeProcess] = set()
         self._closed = False
+        self._stop_at: float | None = None
         for _ in range(size):
             self._idle.put(self._spawn())
 
@@ -126,7 +142,12 @@ class DecodePool:
         including when its decode ran past the CPU budget or ``deadline`` (epoch seconds)."""
         child = self._take()
         try:
-            outcome = self._run(child, data, limits, deadline)
+            try:
+                outcome = self._run(child, data, limits, deadline)
+            except _ChildGone:
+                self._retire(child)
+                child = self._spawn()
+                outcome = self._run(child, data, limits, deadline)
         except BaseException:
             # Killed, crashed or interrupted: whatever it was doing is abandoned with it.
             self._retire(child)
@@ -140,9 +161,12 @@ class DecodePool:
             raise outcome
         return outcome
 
+    def _stopped(self) -> bool:
+        return self._closed or (self._stop_at is not None and time.monotonic() >= self._stop_at)
+
     def _take(self) -> _DecodeProcess:
         while True:
-            if self._closed:
+            if self._stopped():
                 raise DecodeAbandoned
             try:
                 return self._idle.get(timeout=WATCH_INTERVAL_S)
@@ -158,10 +182,10 @@ class DecodePool:
         try:
             child.requests.send((limits, self.cpu_seconds))
             child.requests.send_bytes(data)
-        except OSError:  # the child died while idle
-            raise ImageInputError("decoder_unavailable", "the image decoder process was not running; submit the image again") from None
-        while not select.select([child.replies], [], [], WATCH_INTERVAL_S)[0]:
-            if self._closed:
+        except OSError:
+            raise _ChildGone from None
+        while not _readable(child.replies, WATCH_INTERVAL_S):
+            if self._stopped():
                 raise DecodeAbandoned
             used = child.cpu_seconds() - started
             if used > self.cpu_seconds:
@@ -180,6 +204,10 @@ class DecodePool:
         if not reply["ok"]:
             return ImageInputError(reply["code"], reply["message"])
         return _read_rgb(child.pixels, reply["width"], reply["height"])
+
+    def stop_after(self, grace_s: float) -> None:
+        """Decodes running or asked for within ``grace_s`` go on; later, they raise ``DecodeAbandoned``."""
+        self._stop_at = time.monotonic() + grace_s
 
     def close(self) -> None:
         """Kill every child: decodes in progress and new ones raise ``DecodeAbandoned``."""
