@@ -342,3 +342,24 @@ def test_a_request_of_256_silent_urls_does_not_delay_another_and_stops_when_with
     opened = silent.opened
     time.sleep(3)
     assert silent.opened == opened <= 4, "the withdrawn request went on fetching"
+
+
+def test_a_cancelled_job_stops_fetching(service: Service, silent: SilentServer) -> None:
+    with service.client() as client:
+        job = submit(client, {"input": [f"{silent.base_url}/{i}.jpg" for i in range(64)]})
+        deadline = time.monotonic() + 30
+        while silent.opened == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert silent.opened > 0, "the job never reached the silent server"
+        time.sleep(1)
+        assert client.delete(f"/v1/jobs/{job['id']}").status_code == 200
+        cancelled = time.monotonic()
+        while silent.open_now and time.monotonic() - cancelled < 15:
+            time.sleep(0.1)
+        print(f"cancelled job: {silent.opened} connections opened, all closed {time.monotonic() - cancelled:.2f} s after the cancel")
+        assert silent.open_now == 0
+        # Two chunks at a time (IMBEDDINGS_BULK_CONCURRENCY), four URLs each at the defaults.
+        assert silent.opened <= 8
+        opened = silent.opened
+        time.sleep(3)
+        assert silent.opened == opened, "the cancelled job went on fetching"

@@ -29,25 +29,27 @@ _STOPPING = ImageInputError("worker_stopping", "the worker stopped before this U
 
 
 class Withdrawal:
-    """Whether a request was withdrawn, looked up at most once per interval (thread safe enough: a
-    race only means one extra lookup). A lookup that fails counts as not withdrawn: the fetch goes on
-    and the request's own reply path deals with the broken store."""
+    """Whether a request was withdrawn, looked up at most once per interval. Fetch threads that find a
+    lookup due wait for it, so none starts on a stale "no". A lookup that fails counts as not
+    withdrawn: the fetch goes on, and the request's own reply path deals with the broken store."""
 
     def __init__(self, check: Callable[[], bool], interval_s: float = WITHDRAWAL_CHECK_INTERVAL_S) -> None:
         self._check = check
         self._interval_s = interval_s
+        self._lock = threading.Lock()
         self._checked_at = float("-inf")
         self._withdrawn = False
 
     def __call__(self) -> bool:
-        now = time.monotonic()
-        if not self._withdrawn and now - self._checked_at >= self._interval_s:
-            self._checked_at = now
-            try:
-                self._withdrawn = bool(self._check())
-            except Exception as exc:
-                log.warning("could not look up whether a request was withdrawn", extra={"error": f"{type(exc).__name__}: {exc}"})
-        return self._withdrawn
+        with self._lock:
+            now = time.monotonic()
+            if not self._withdrawn and now - self._checked_at >= self._interval_s:
+                try:
+                    self._withdrawn = bool(self._check())
+                except Exception as exc:
+                    log.warning("could not look up whether a request was withdrawn", extra={"error": f"{type(exc).__name__}: {exc}"})
+                self._checked_at = time.monotonic()
+            return self._withdrawn
 
 
 class FetchQueue:
