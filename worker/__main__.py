@@ -109,8 +109,8 @@ def main() -> None:
     # Heartbeats fail fast: a missed beat is retried by the next one, and a stopping worker must not
     # wait a minute on an unreachable Redis to withdraw.
     heartbeat_redis = sync_client(settings.redis_url, retries=1, sentinel_master=settings.redis_sentinel_master)
-    tasks.install_context(tasks.WorkerContext(runtime, store, redis))
     node = f"worker-{os.getpid()}@{socket.gethostname()}"
+    tasks.install_context(tasks.WorkerContext(runtime, store, redis, keys, node))
     heartbeat = Heartbeat(heartbeat_redis, keys, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
 
     @worker_ready.connect(weak=False)

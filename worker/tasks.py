@@ -18,6 +18,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.claims import claim
+from shared.keys import Keys
 from shared.logs import request_id_var
 from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult, JobChunkPayload
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
@@ -45,6 +47,8 @@ class WorkerContext:
     runtime: WorkerRuntime
     store: ResultStore
     redis: Redis
+    keys: Keys
+    node: str  # this worker's name in the served-models registry (its heartbeat)
 
 
 _context: WorkerContext | None = None
@@ -116,6 +120,9 @@ def embed(payload: dict) -> None:
             log.info("skipping request the API stopped waiting for", extra={"model": request.model, "images": len(request.items)})
             metrics.TASKS.labels("embed", "skipped").inc()
             return
+        # Named as the request's holder, so the waiting API sends it again should this worker stop
+        # heartbeating: the broker would redeliver it only after the visibility timeout, past its deadline.
+        claim(context.redis, context.keys, request.reply_key, context.node, request.deadline)
         started = time.perf_counter()
         try:
             results = embed_refs(context, request.model, request.items, ticket=Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key)))
