@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 from redis.retry import Retry
@@ -34,7 +35,10 @@ def async_client(url: str, socket_timeout: float = API_COMMAND_TIMEOUT_S, max_co
     """
     return redis.asyncio.Redis.from_url(
         url,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        # The asyncio Retry: the synchronous one returns the command's coroutine unawaited, so a
+        # failure was never retried and the first command on each connection a Redis restart had
+        # closed answered 503.
+        retry=AsyncRetry(ExponentialBackoff(cap=0.2, base=0.05), 1),
         retry_on_error=[ConnectionError],
         socket_timeout=socket_timeout,
         socket_connect_timeout=2,
