@@ -92,8 +92,8 @@ async def _parse_line(state: AppState, number: int, text: str, seen: set[str], r
         body = EmbeddingRequest.model_validate(request.get("body"))
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        return BatchLine(custom_id=custom_id, error=_line_error("invalid_request", f"line {number}: body.{where}: {first['msg']}"))
+        where = "".join(f".{part}" for part in first["loc"])
+        return BatchLine(custom_id=custom_id, error=_line_error("invalid_request", f"line {number}: body{where}: {first['msg']}"))
     try:
         job = await create_job(state, body, request_id)
     except ApiError as exc:

@@ -101,7 +101,7 @@ def test_other_families_are_routed_by_model(service: Service) -> None:
         ({"input": [data_uri(JPEG), "data:image/png,rawbytes"]}, "input[1]", "base64"),
         ({"input": ["ftp://example.com/a.jpg"]}, "input[0]", "scheme"),
         ({"input": [{"type": "image"}]}, "input[0]", "exactly one"),
-        ({"input": data_uri(JPEG), "encoding_format": "int8"}, "encoding_format", ""),
+        ({"input": data_uri(JPEG), "encoding_format": "int4"}, "encoding_format", ""),
         ({"input": data_uri(JPEG), "pooling": "max"}, "pooling", ""),
         ({"input": data_uri(JPEG), "dimensions": 0}, "dimensions", ""),
         ({"input": data_uri(JPEG), "surprise": 1}, "surprise", "Extra"),
