@@ -75,7 +75,7 @@ def _line_error(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
 
 
-async def _parse_line(state: AppState, number: int, text: str, seen: set[str], request_id: str) -> BatchLine:
+async def _parse_line(state: AppState, owner: str, number: int, text: str, seen: set[str], request_id: str) -> BatchLine:
     try:
         request = json.loads(text)
     except ValueError as exc:
@@ -95,7 +95,7 @@ async def _parse_line(state: AppState, number: int, text: str, seen: set[str], r
         where = "".join(f".{part}" for part in first["loc"])
         return BatchLine(custom_id=custom_id, error=_line_error("invalid_request", f"line {number}: body{where}: {first['msg']}"))
     try:
-        job = await create_job(state, body, request_id)
+        job = await create_job(state, body, request_id, owner)
     except ApiError as exc:
         return BatchLine(custom_id=custom_id, error=_line_error(exc.code or "invalid_request", f"line {number}: {exc.message}"))
     return BatchLine(custom_id=custom_id, job_id=job.id)
@@ -118,7 +118,7 @@ async def create_batch(state: AppState, owner: str, input_file_id: str, endpoint
     if len(texts) > MAX_BATCH_LINES:
         raise ApiError(400, f"file {input_file_id!r} holds {len(texts)} requests, over the limit of {MAX_BATCH_LINES} per batch", code="invalid_file", param="input_file_id")
     seen: set[str] = set()
-    lines = [await _parse_line(state, number, text, seen, request_id) for number, text in enumerate(texts, 1)]
+    lines = [await _parse_line(state, owner, number, text, seen, request_id) for number, text in enumerate(texts, 1)]
     now = int(time.time())
     ttl = state.settings.job_result_ttl_s
     batch = BatchObject(
@@ -171,18 +171,18 @@ async def cancel_batch(state: AppState, owner: str, batch_id: str) -> BatchObjec
     statuses = await _job_statuses(state, record)
     for job_id, status in statuses.items():
         if status in ("queued", "running"):
-            await cancel_job(state, job_id)
+            await cancel_job(state, job_id, owner)
     return await _finalize(state, record, "cancelled")
 
 
-async def _outcome(state: AppState, line: BatchLine, request_number: int) -> tuple[dict[str, Any], bool]:
+async def _outcome(state: AppState, owner: str, line: BatchLine, request_number: int) -> tuple[dict[str, Any], bool]:
     """The line's entry in the output or error file, and whether it succeeded."""
     entry: dict[str, Any] = {"id": f"batch_req_{request_number:06d}_{secrets.token_hex(6)}", "custom_id": line.custom_id, "response": None, "error": None}
     if line.job_id is None:
         entry["error"] = line.error
         return entry, False
     try:
-        job = await get_job(state, line.job_id)
+        job = await get_job(state, line.job_id, owner)
     except ApiError as exc:
         entry["error"] = _line_error(exc.code or "job_not_found", exc.message)
         return entry, False
@@ -209,7 +209,7 @@ async def _finalize(state: AppState, record: _Record, status: BatchStatus) -> Ba
         return (await _load(state, record.owner, record.batch.id)).batch
     outputs, errors = [], []
     for number, line in enumerate(record.lines):
-        entry, ok = await _outcome(state, line, number)
+        entry, ok = await _outcome(state, record.owner, line, number)
         (outputs if ok else errors).append(orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
     batch = record.batch
     if outputs:
@@ -219,7 +219,7 @@ async def _finalize(state: AppState, record: _Record, status: BatchStatus) -> Ba
     for line in record.lines:
         if line.job_id:
             try:
-                await cancel_job(state, line.job_id)  # the results are in the files now
+                await cancel_job(state, line.job_id, record.owner)  # the results are in the files now
             except ApiError:
                 pass  # already expired
     batch.status = status

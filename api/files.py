@@ -7,12 +7,10 @@ belongs to the API key that created it: any other key is told it does not exist.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from typing import Literal
 
-from fastapi import Request
 from pydantic import BaseModel
 
 from api.errors import ApiError
@@ -32,24 +30,17 @@ class FileObject(BaseModel):
     status: Literal["processed"] = "processed"
 
 
-def owner_of(request: Request) -> str:
-    """Who owns what a request creates: a digest of its API key (never the key), or ``anonymous``
-    when the service runs without keys."""
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip() or not request.app.state.imbeddings.settings.api_keys:
-        return "anonymous"
-    return hashlib.sha256(key.strip().encode()).hexdigest()[:32]
-
-
 async def store_file(state: AppState, owner: str, filename: str, purpose: FilePurpose, content: bytes) -> FileObject:
     now = int(time.time())
     ttl = state.settings.job_result_ttl_s
     record = FileObject(id=f"file-{secrets.token_hex(12)}", bytes=len(content), created_at=now, expires_at=now + ttl, filename=filename, purpose=purpose)
     key = state.keys.file(record.id)
-    pipe = state.redis.pipeline(transaction=True)
-    pipe.hset(key, mapping={**record.model_dump(exclude={"object", "status"}), "owner": owner, "content": content})
-    pipe.expire(key, ttl)
-    await pipe.execute()
+    # Files live where job data lives, so they count against the same Redis byte budget (507 when full).
+    async with state.memory.reserve(len(content), "file"):
+        pipe = state.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={**record.model_dump(exclude={"object", "status"}), "owner": owner, "content": content})
+        pipe.expire(key, ttl)
+        await pipe.execute()
     return record
 
 
