@@ -100,7 +100,8 @@ async def embed_and_wait(state: AppState, key_id: str, model: str, images: list[
         reply = await _wait_for_reply(state, payload, client_gone)
     finally:
         # Shielded: a cancelled request (its client left) must still withdraw and leave the ledger.
-        await asyncio.shield(_finish(state, key_id, work_id, admitted, reply is None, reply_key, blobs_key, timeout))
+        # A request refused before it entered the ledger was never queued: nothing to withdraw.
+        await asyncio.shield(_finish(state, key_id, work_id, admitted, admitted is not None and reply is None, reply_key, blobs_key, timeout))
     if reply is None:
         raise ApiError(504, f"no worker answered within {timeout:g} s; the request was withdrawn", code="timeout")
     return [ItemResult.model_validate(item) for item in orjson.loads(reply)]

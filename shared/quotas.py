@@ -24,6 +24,10 @@ local function quota_release(work, images, id)
     redis.call('HDEL', images, id)
   end
   redis.call('ZREM', work, id)
+  if redis.call('ZCARD', work) == 0 then
+    -- Nothing left to count: a key's ledger does not outlive its work (the zset is gone already).
+    redis.call('DEL', images)
+  end
 end
 local function quota_settle(work, images, id, done, ttl, now)
   local n = redis.call('HGET', images, id)

@@ -191,4 +191,4 @@ def _check_against_float32(model_id: str, embedder: VisionEmbedder, pixel_values
     extra = {"model": model_id, "backend": embedder.backend, "dtype": str(dtype), "cosine_cls_vs_float32": round(cls_cos, 6), "cosine_mean_vs_float32": round(mean_cos, 6)}
     if min(cls_cos, mean_cos) < MIN_COSINE:
         raise ModelRefused(f"model {model_id!r} refused: with backend {embedder.backend} and {dtype} its vectors have cosine {min(cls_cos, mean_cos):.4f} to float32 Transformers")
-    log.info("backend and precision checked against float32", extra=extra)
+    log.info("reduced precision checked" if dtype != torch.float32 else "backend checked against float32", extra=extra)
