@@ -20,8 +20,10 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from pathlib import Path
 
+import redis
 from PIL import Image
 
 from bench.load import run_load
@@ -63,6 +65,11 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def _command_calls(client: redis.Redis) -> Counter[str]:
+    """Redis commands run so far, by name (scripts count as EVALSHA plus the commands inside)."""
+    return Counter({name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in client.info("commandstats").items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dinov2-tiny", help="tiny preset from devtools.random_models")
@@ -91,11 +98,14 @@ def main() -> None:
                 for name in ("api", "worker"):
                     out = args.profile / f"{name}.folded"
                     recorders.append(subprocess.Popen([args.py_spy, "record", "-p", str(pids[name]), "-o", str(out), "-f", "raw", "-r", "200", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            redis_client = stack.redis.client()
+            commands_before = _command_calls(redis_client)
             before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
             batches_before = stack.batch_totals()
             result = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, args.requests))
             after = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
             batches_after = stack.batch_totals()
+            commands = _command_calls(redis_client) - commands_before
             for recorder in recorders:
                 recorder.send_signal(2)
                 recorder.wait(timeout=60)
@@ -110,6 +120,8 @@ def main() -> None:
                 "requests": args.requests,
                 "req_s": round(args.requests / result.wall_s, 1),
                 **{f"{name}_cpu_ms_per_req": round((after[name] - before[name]) / args.requests * 1000, 3) for name in pids},
+                "redis_commands_per_req": round(sum(commands.values()) / args.requests, 1),
+                "redis_top_commands_per_req": {name: round(n / args.requests, 2) for name, n in commands.most_common(12)},
                 "forward_ms_per_img": round((batches_after[2] - batches_before[2]) / (batches_after[1] - batches_before[1]) * 1000, 3),
                 "mean_batch": round((batches_after[1] - batches_before[1]) / batches, 2),
                 "api_rss_mb": round(rss_mb(stack.api.pid), 1),
