@@ -38,7 +38,8 @@ class TaskPublisher:
         kwargs = {"payload": payload}
         queue = app.amqp.router.route({}, name, (), kwargs)["queue"].name
         task_id = str(uuid.uuid4())
-        task = app.amqp.create_task_message(task_id, name, (), kwargs, reply_to=app.thread_oid, create_sent_event=app.conf.task_send_sent_event, ignore_result=None)
+        # No task-sent event: the API sends none (README, "Why no task-sent").
+        task = app.amqp.create_task_message(task_id, name, (), kwargs, reply_to=app.thread_oid, ignore_result=None)
         content_type, content_encoding, body = serialize(task.body, serializer=app.conf.task_serializer)
         properties = {
             **task.properties,
