@@ -20,10 +20,6 @@ from api.schemas import ERROR_RESPONSES, EmbeddingRequest, EmbeddingResponse
 from api.state import AppState, get_state
 from api.workers import require_served, resolve_model, validate_dimensions
 
-# Bodies up to this size have their base64 decoded on the event loop: decoding is linear in the
-# bytes, and this much blocks the loop for less time than a thread hop costs the process.
-INLINE_DECODE_BYTES = 256 * 1024
-
 router = APIRouter(route_class=bounded_json_route(attrgetter("max_inputs_per_request")))
 
 
@@ -39,10 +35,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, key_id: Ke
     model = resolve_model(state, body.model)
     request.state.model = model
     await validate_dimensions(state, model, body.dimensions)
-    parse = partial(parse_inputs, body.input, settings.max_inputs_per_request, settings.max_image_bytes)
-    # Base64 decoding of up to 64 MiB goes off the event loop; a small body decodes in less time
-    # than the hop to a thread and back costs.
-    images = parse() if len(await request.body()) <= INLINE_DECODE_BYTES else await anyio.to_thread.run_sync(parse)
+    # Base64 decoding of up to 64 MiB: off the event loop, like the parsing before it.
+    images = await anyio.to_thread.run_sync(parse_inputs, body.input, settings.max_inputs_per_request, settings.max_image_bytes)
     await require_served(state, model)
     try:
         results = await embed_and_wait(state, key_id, model, images, request.state.request_id, partial(_disconnected, request))
