@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-dev browser bench bench-urls clean
+.PHONY: run test install install-dev browser bench bench-urls bench-overhead clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench: install-dev
 
 bench-urls: install-dev
 	$(BIN)/python -m bench.urls
+
+bench-overhead: install-dev
+	$(BIN)/python -m bench.overhead
 
 clean:
 	rm -rf $(VENV) .local

@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import anyio.to_thread
 import orjson
 from redis.asyncio.client import Pipeline
 
@@ -22,8 +21,6 @@ from shared.queues import EMBED_TASK, queue_for
 
 log = logging.getLogger(__name__)
 
-# Publishing fails fast when Redis is away, so the client gets a 503 instead of a hung request.
-PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 # A worker that stopped heartbeating has its request sent again at most this often: a request that
 # kills every worker it reaches must not take the fleet down one worker at a time.
 MAX_REDISPATCHES = 2
@@ -59,15 +56,9 @@ async def _flush_with_expiry(pipe: Pipeline, blobs_key: str, ttl_s: int) -> None
     await pipe.execute()
 
 
-def _publish_all(state: AppState, name: str, payloads: list[dict[str, object]]) -> None:
-    with state.celery.producer_or_acquire() as producer:
-        for payload in payloads:
-            state.celery.send_task(name, kwargs={"payload": payload}, retry_policy=PUBLISH_RETRY, producer=producer)
-
-
 async def publish(state: AppState, name: str, payloads: list[dict[str, object]]) -> None:
-    """Send Celery tasks (routed to the model's queue) from a worker thread: kombu is synchronous."""
-    await anyio.to_thread.run_sync(_publish_all, state, name, payloads)
+    """Send Celery tasks, routed to the model's queue."""
+    await state.tasks.publish(name, payloads)
 
 
 class ClientGone(Exception):

@@ -11,6 +11,7 @@ from redis.commands.core import AsyncScript
 
 from api.admission import AdmissionLedger
 from api.memory_budget import MemoryBudget
+from api.publisher import TaskPublisher
 from api.quotas import TenantQuota
 from shared.claims import HOLDER_STATE
 from shared.jobs import CANCEL, CREATE, DISCARD, STORE_RESULTS
@@ -37,6 +38,7 @@ class AppState:
     ledger: AdmissionLedger = field(init=False)
     memory: MemoryBudget = field(init=False)
     quotas: TenantQuota = field(init=False)
+    tasks: TaskPublisher = field(init=False)
 
     def __post_init__(self) -> None:
         self.create_job_script = self.redis.register_script(CREATE)
@@ -47,6 +49,7 @@ class AppState:
         self.memory = MemoryBudget(self.redis, self.keys, self.settings.redis_max_bytes)
         self.ledger = AdmissionLedger(self.redis, self.keys, self.settings.request_timeout_s, self.settings.max_queue_depth)
         self.quotas = TenantQuota(self.redis, self.keys, self.settings.key_max_queued_images, self.ledger)
+        self.tasks = TaskPublisher(self.celery, self.redis)
 
 
 def get_state(request: Request) -> AppState:

@@ -1,0 +1,140 @@
+"""``python -m bench.overhead``: the service's own CPU cost per one-image request, with a free model.
+
+Starts Redis, one worker and the API as real processes (as ``bench.service`` does) serving a tiny
+random-weight model, drives N one-image sync requests from M concurrent keep-alive clients, and prints
+CPU milliseconds per request of the API, the worker (its decode children included) and Redis, and
+the requests per second reached. With a tiny model and a small JPEG, what is left is the service's own
+overhead: HTTP, JSON, base64, Redis round trips, Celery publish and consume, batching, reply.
+
+``--profile DIR`` also records py-spy stacks (collapsed, flamegraph.pl input) of the API and the worker during the measured run
+(py-spy must be on PATH or given with ``--py-spy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import redis
+from PIL import Image
+
+from bench.load import run_load
+from bench.service import cpu_seconds, one_image_bodies, rss_mb, start_stack
+from devtools.random_models import build
+from shared.settings import REPO_ROOT
+from tests.photos import BENCH
+
+
+def small_jpegs(side: int) -> list[bytes]:
+    """The bench photos as ``side``-px JPEGs: decode stays a small, known part of the worker's cost."""
+    encoded = []
+    for path in sorted(BENCH.glob("*.jpg")):
+        image = Image.open(path).convert("RGB")
+        image.thumbnail((side, side), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found.append(int(child))
+            found.extend(_descendants(int(child)))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its live children (the worker's decode processes)."""
+    total = 0.0
+    for member in [pid, *_descendants(pid)]:
+        try:
+            total += cpu_seconds(member)
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def _command_calls(client: redis.Redis) -> Counter[str]:
+    """Redis commands run so far, by name (scripts count as EVALSHA plus the commands inside)."""
+    return Counter({name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in client.info("commandstats").items()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dinov2-tiny", help="tiny preset from devtools.random_models")
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--side", type=int, default=64, help="longest side of the JPEGs sent")
+    parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), help="extra VAR=value for the worker and API (repeatable)")
+    parser.add_argument("--profile", type=Path, default=None, help="write py-spy stacks of the API and worker here")
+    parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
+    parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")
+    args = parser.parse_args()
+
+    jpegs = small_jpegs(args.side)
+    model_dir = build(args.model, args.model_cache / args.model)
+    with tempfile.TemporaryDirectory(prefix="imbeddings-overhead-") as tmp:
+        stack = start_stack(Path(tmp), model_dir, "float32", {"IMBEDDINGS_BACKEND": "torch", **dict(args.env)})
+        try:
+            bodies = one_image_bodies(jpegs, stack.port)
+            warm = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, max(200, args.requests // 10)))
+            if warm.errors:
+                raise RuntimeError(f"the service answered errors while warming up: {warm.errors}")
+            pids = {"api": stack.api.pid, "worker": stack.worker.pid, "redis": stack.redis.process.pid}
+            recorders = []
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
+                for name in ("api", "worker"):
+                    out = args.profile / f"{name}.folded"
+                    recorders.append(subprocess.Popen([args.py_spy, "record", "-p", str(pids[name]), "-o", str(out), "-f", "raw", "-r", "200", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            redis_client = stack.redis.client()
+            commands_before = _command_calls(redis_client)
+            before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+            batches_before = stack.batch_totals()
+            result = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, args.requests))
+            after = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+            batches_after = stack.batch_totals()
+            commands = _command_calls(redis_client) - commands_before
+            for recorder in recorders:
+                recorder.send_signal(2)
+                recorder.wait(timeout=60)
+            if result.errors:
+                raise RuntimeError(f"the service answered errors: {result.errors}")
+            batches = (batches_after[0] - batches_before[0]) or 1.0
+            row = {
+                "model": args.model,
+                "jpeg_side": args.side,
+                "jpeg_bytes_mean": round(sum(map(len, jpegs)) / len(jpegs)),
+                "clients": args.clients,
+                "requests": args.requests,
+                "req_s": round(args.requests / result.wall_s, 1),
+                **{f"{name}_cpu_ms_per_req": round((after[name] - before[name]) / args.requests * 1000, 3) for name in pids},
+                "redis_commands_per_req": round(sum(commands.values()) / args.requests, 1),
+                "redis_top_commands_per_req": {name: round(n / args.requests, 2) for name, n in commands.most_common(12)},
+                "forward_ms_per_img": round((batches_after[2] - batches_before[2]) / (batches_after[1] - batches_before[1]) * 1000, 3),
+                "mean_batch": round((batches_after[1] - batches_before[1]) / batches, 2),
+                "api_rss_mb": round(rss_mb(stack.api.pid), 1),
+                "worker_rss_mb": round(rss_mb(stack.worker.pid), 1),
+                "cpus": len(os.sched_getaffinity(0)),
+            }
+            # The ceilings: requests per second one process would reach on a core of its own.
+            row["api_ceiling_req_s"] = round(1000 / row["api_cpu_ms_per_req"], 1)
+            row["worker_ceiling_img_s"] = round(1000 / row["worker_cpu_ms_per_req"], 1)
+            print(json.dumps(row), flush=True)
+        finally:
+            stack.stop()
+
+
+if __name__ == "__main__":
+    main()
