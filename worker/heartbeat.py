@@ -11,25 +11,35 @@ from redis.exceptions import RedisError
 
 from shared.keys import Keys
 from shared.protocol import ModelInfo
+from worker.speed import SpeedMeter
 
 log = logging.getLogger(__name__)
 
-# KEYS: model-info hash, then each model's worker set. ARGV: worker name, now, expiry, then each
-# model's id and info JSON. Flagged allow-oom: a beat rewrites entries of fixed size, and a worker
-# that could not announce itself while Redis is full would be invisible to the API, although
-# workers are what frees Redis's memory (they drop image bytes as they store results).
+# KEYS: model-info hash, then for each model its worker set and its speed hash. ARGV: worker name,
+# now, expiry, then for each model its id, info JSON and seconds per image ('' while unmeasured).
+# Flagged allow-oom: a beat rewrites entries of fixed size, and a worker that could not announce
+# itself while Redis is full would be invisible to the API, although workers are what frees Redis's
+# memory (they drop image bytes as they store results).
 BEAT = """#!lua flags=allow-oom
-for i = 2, #KEYS do
-  redis.call('ZADD', KEYS[i], ARGV[3], ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[2])
-  redis.call('HSET', KEYS[1], ARGV[2 * i], ARGV[2 * i + 1])
+local models = (#KEYS - 1) / 2
+for m = 1, models do
+  local workers, speeds = KEYS[2 * m], KEYS[2 * m + 1]
+  local arg = 3 + 3 * (m - 1)
+  redis.call('ZADD', workers, ARGV[3], ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', workers, '-inf', ARGV[2])
+  redis.call('HSET', KEYS[1], ARGV[arg + 1], ARGV[arg + 2])
+  if ARGV[arg + 3] ~= '' then
+    redis.call('HSET', speeds, ARGV[1], ARGV[arg + 3])
+    redis.call('EXPIRE', speeds, math.ceil(tonumber(ARGV[3]) - tonumber(ARGV[2])) + 60)
+  end
 end
 """
 
 
 class Heartbeat:
-    def __init__(self, redis: Redis, keys: Keys, worker_name: str, models: list[ModelInfo], interval_s: float, ttl_s: float) -> None:
+    def __init__(self, redis: Redis, keys: Keys, worker_name: str, models: list[ModelInfo], interval_s: float, ttl_s: float, speeds: SpeedMeter | None = None) -> None:
         self._redis = redis
+        self._speeds = speeds or SpeedMeter()
         self._keys = keys
         self._name = worker_name
         self._models = models
@@ -47,10 +57,12 @@ class Heartbeat:
 
     def beat(self) -> None:
         now = time.time()
-        keys = [self._keys.model_info(), *(self._keys.model_workers(info.id) for info in self._models)]
+        keys = [self._keys.model_info()]
         args: list[str | float] = [self._name, now, now + self._ttl_s]
+        speeds = self._speeds.snapshot()
         for info in self._models:
-            args += [info.id, info.model_dump_json()]
+            keys += [self._keys.model_workers(info.id), self._keys.model_speed(info.id)]
+            args += [info.id, info.model_dump_json(), speeds.get(info.id, "")]
         self._beat(keys=keys, args=args)
 
     def stop(self) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
 
 import torch
 
@@ -32,6 +31,7 @@ from worker.image_structure import StructureLimits
 from worker.model_loader import LoadedModel, load_model, probe_image
 from worker.preprocess import Preprocessor, choose_preprocessor, resize_rule
 from worker.sources import ImageInput
+from worker.speed import SpeedMeter
 from worker.tickets import Ticket, WithdrawalCheck, Withdrawn
 
 
@@ -70,8 +70,10 @@ class ModelRuntime:
         max_batch_wait_s: float,
         bulk_concurrency: int,
         check_withdrawn: WithdrawalCheck | None,
+        speeds: SpeedMeter,
     ) -> None:
         self.model = model
+        self._speeds = speeds
         # Job chunks take turns: enough at once to keep batches full, few enough that requests and
         # other chunks are not starved.
         self.bulk_slots = threading.BoundedSemaphore(bulk_concurrency)
@@ -85,7 +87,11 @@ class ModelRuntime:
         # on the model, one ready), taken before decoding is queued: a request's image then waits
         # behind at most that much job work, never behind a whole backlog of job decodes.
         self._slots = {INTERACTIVE: threading.BoundedSemaphore(4 * max_batch_size), BULK: threading.BoundedSemaphore(2 * max_batch_size)}
-        self._batcher = BatchRunner(model, compute, max_batch_size, max_batch_wait_s, partial(metrics.observe_batch, model.model_id), check_withdrawn)
+        self._batcher = BatchRunner(model, compute, max_batch_size, max_batch_wait_s, self._observe_batch, check_withdrawn)
+
+    def _observe_batch(self, images: int, seconds: float) -> None:
+        metrics.observe_batch(self.model.model_id, images, seconds)
+        self._speeds.observe(self.model.model_id, images, seconds)
 
     def embed(self, inputs: list[ImageInput], bulk: bool = False, ticket: Ticket | None = None) -> list[ItemResult]:
         """Results in the order of ``inputs``; every image gets a vector or an error. Nothing more is
@@ -171,6 +177,7 @@ class WorkerRuntime:
         self.settings = settings
         self._check_withdrawn = check_withdrawn
         self._torch_threads = budget.torch_threads
+        self.speeds = SpeedMeter()
         self.stopping = threading.Event()
         self.limits = InputLimits.from_settings(settings)
         self.fetch_pool = ThreadPoolExecutor(max_workers=budget.fetch_threads, thread_name_prefix="fetch")
@@ -206,6 +213,7 @@ class WorkerRuntime:
             self.settings.max_batch_wait_ms / 1000,
             self.settings.bulk_concurrency,
             self._check_withdrawn,
+            self.speeds,
         )
         self.models[model.model_id] = runtime
         return runtime
