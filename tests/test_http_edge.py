@@ -290,10 +290,17 @@ async def _slow_upload(host: str, port: int, declared: int, sent: int, wait_s: f
     answer = b""
     try:
         await writer.drain()
-        answer = await asyncio.wait_for(reader.read(65536), timeout=wait_s)
-    except (TimeoutError, ConnectionResetError):
+        answer = await asyncio.wait_for(_read_answer(reader), timeout=wait_s)
+    except (TimeoutError, ConnectionResetError, asyncio.IncompleteReadError):
         pass
     return answer, writer
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> bytes:
+    """Head and body of one answer: they may arrive in separate segments."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    return head + await reader.readexactly(length)
 
 
 def test_slow_uploads_are_held_within_the_body_budget(edge_api: EdgeAPI) -> None:
