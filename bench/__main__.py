@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import json
 import platform
 import tempfile
@@ -17,33 +16,20 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from bench.bare import in_process_loop, model_only
 from bench.deep_queue import deep_queue_scenarios, deep_queue_table
 from bench.fidelity import fidelity
+from bench.photos import bench_jpegs
 from bench.service import measure_service, start_stack
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
 from worker.embedder import Backend, resolve_backend
 from worker.model_loader import load_model
 
-PHOTOS = REPO_ROOT / "tests" / "photos" / "bench"
-
 
 def jpegs_1024() -> list[bytes]:
-    encoded = []
-    for path in sorted(PHOTOS.glob("*.jpg")):
-        image = Image.open(path).convert("RGB")
-        if max(image.size) > 1024:
-            image.thumbnail((1024, 1024), Image.Resampling.LANCZOS)
-        elif max(image.size) < 1024:
-            scale = 1024 / max(image.size)
-            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        encoded.append(buffer.getvalue())
-    return encoded
+    return list(bench_jpegs(1024, upscale=True).values())
 
 
 def machine() -> dict[str, object]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import shutil
@@ -24,25 +23,12 @@ from collections import Counter
 from pathlib import Path
 
 import redis
-from PIL import Image
 
 from bench.load import run_load
+from bench.photos import bench_jpegs
 from bench.service import cpu_seconds, one_image_bodies, rss_mb, start_stack
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
-from tests.photos import BENCH
-
-
-def small_jpegs(side: int) -> list[bytes]:
-    """The bench photos as ``side``-px JPEGs: decode stays a small, known part of the worker's cost."""
-    encoded = []
-    for path in sorted(BENCH.glob("*.jpg")):
-        image = Image.open(path).convert("RGB")
-        image.thumbnail((side, side), Image.Resampling.LANCZOS)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        encoded.append(buffer.getvalue())
-    return encoded
 
 
 def _descendants(pid: int) -> list[int]:
@@ -82,7 +68,7 @@ def main() -> None:
     parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")
     args = parser.parse_args()
 
-    jpegs = small_jpegs(args.side)
+    jpegs = list(bench_jpegs(args.side).values())
     model_dir = build(args.model, args.model_cache / args.model)
     with tempfile.TemporaryDirectory(prefix="imbeddings-overhead-") as tmp:
         stack = start_stack(Path(tmp), model_dir, "float32", {"IMBEDDINGS_BACKEND": "torch", **dict(args.env)})

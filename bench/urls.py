@@ -10,36 +10,29 @@ worker's CPU time per URL and the connections the server accepted are printed as
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from PIL import Image
-
+from bench.photos import bench_jpegs
 from bench.service import Stack, cpu_seconds, rss_mb, start_stack
 from devtools.image_server import ServedImages, serve_images
 from devtools.processes import wait_until
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
 
-PHOTOS = REPO_ROOT / "tests" / "photos" / "bench"
 IMAGE_HOST = "127.0.0.2"
 
 
 def small_jpegs(out_dir: Path, side: int) -> list[str]:
+    """The bench photos at ``side`` px, written where the image server serves them; their names."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = []
-    for path in sorted(PHOTOS.glob("*.jpg")):
-        image = Image.open(path).convert("RGB")
-        image.thumbnail((side, side), Image.Resampling.LANCZOS)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        (out_dir / path.name).write_bytes(buffer.getvalue())
-        names.append(path.name)
-    return names
+    photos = bench_jpegs(side)
+    for name, data in photos.items():
+        (out_dir / name).write_bytes(data)
+    return list(photos)
 
 
 def _call(stack: Stack, method: str, path: str, body: dict | None = None) -> dict:

@@ -135,14 +135,11 @@ class RedisServer:
                 time.sleep(0.1)
 
     def stop(self, graceful: bool = True) -> None:
-        """Graceful: SHUTDOWN, which flushes the append-only file. Otherwise SIGKILL."""
+        """Graceful: asked to stop (``_ask_to_stop``), killed if it has not within 15 s. Otherwise SIGKILL."""
         if self.process is None or self.process.poll() is not None:
             return
         if graceful:
-            try:
-                self.client().shutdown(nosave=False)
-            except redis.ConnectionError:
-                pass
+            self._ask_to_stop()
             try:
                 self.process.wait(timeout=15)
                 return
@@ -150,6 +147,13 @@ class RedisServer:
                 pass
         self.process.kill()
         self.process.wait()
+
+    def _ask_to_stop(self) -> None:
+        """SHUTDOWN, which flushes the append-only file."""
+        try:
+            self.client().shutdown(nosave=False)
+        except redis.ConnectionError:
+            pass
 
 
 class SentinelServer(RedisServer):
@@ -201,19 +205,10 @@ class SentinelServer(RedisServer):
             )
         return [server_binary(), str(config), "--sentinel"]
 
-    def stop(self, graceful: bool = True) -> None:
-        """A Sentinel holds no data: SIGTERM, or SIGKILL."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        if graceful:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-        self.process.kill()
-        self.process.wait()
+    def _ask_to_stop(self) -> None:
+        """A Sentinel holds no data: SIGTERM."""
+        assert self.process is not None
+        self.process.terminate()
 
     def wait_watching(self, replicas: int, other_sentinels: int, timeout_s: float = 30.0) -> None:
         """Until this Sentinel knows the primary's replicas and the other Sentinels (they find each other
