@@ -61,7 +61,7 @@ def run(preset: str, dtype: str, backend: Backend, args: argparse.Namespace, jpe
     try:
         service = measure_service(stack, jpegs, args.clients, args.requests, args.latency_requests)
         if args.deep_queue == f"{preset}:{dtype}:{backend}":
-            service["deep_queue"] = deep_queue_scenarios(f"http://127.0.0.1:{stack.port}", jpegs, 1 / service["e2e_img_s"])
+            service["deep_queue"] = deep_queue_scenarios(f"http://127.0.0.1:{stack.port}", jpegs)
     finally:
         stack.stop()
     row: dict[str, object] = {
