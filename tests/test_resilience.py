@@ -163,10 +163,13 @@ class Poller(threading.Thread):
     def run(self) -> None:
         with httpx.Client(base_url=self.base_url, timeout=10) as client:
             while not self.done.is_set():
+                # The time the answer came back, taken after it did (a poll sent just before the
+                # kill and answered 503 just after it belongs after the kill).
                 try:
-                    self.seen.append((time.monotonic(), client.get(self.path).status_code))
+                    status: int | str = client.get(self.path).status_code
                 except httpx.HTTPError as exc:
-                    self.seen.append((time.monotonic(), type(exc).__name__))
+                    status = type(exc).__name__
+                self.seen.append((time.monotonic(), status))
                 time.sleep(0.1)
 
     def stop(self) -> None:
