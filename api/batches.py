@@ -15,10 +15,10 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from api.async_jobs import cancel_job, create_job, get_job, item_results
 from api.errors import ApiError
 from api.files import file_content, get_file, store_file
-from api.formatting import embedding_dim, embedding_item, first_failure
-from api.jobs import cancel_job, create_job, get_job, item_results
+from api.presenters import embedding_dim, embedding_item, first_failure
 from api.schemas import EmbeddingRequest
 from api.state import AppState
 

@@ -6,7 +6,7 @@ still Celery's own: ``app.amqp.create_task_message`` builds the task (protocol 2
 app's router, arguments summarised as ``shared.task_events`` does), and it is framed exactly as
 kombu's Redis transport frames a message sent to the anonymous exchange (a direct-exchange route:
 the routing key is the queue, the message is LPUSHed onto the list of that name). Workers consume it
-with Celery, unchanged; ``tests/test_api_embeddings.py`` checks the framing against ``send_task``.
+with Celery, unchanged; ``tests/e2e/test_api_embeddings.py`` checks the framing against ``send_task``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import redis.asyncio
 from api.admission import AdmissionLedger
 from api.errors import ApiError
 from shared.keys import Keys
-from shared.quotas import ADMIT, RELEASE
+from shared.store.tenants import ADMIT, RELEASE
 
 # Retry-After when the model's speed is not known yet (no worker has measured it).
 UNKNOWN_SPEED_RETRY_S = 30

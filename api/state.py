@@ -13,10 +13,10 @@ from api.admission import AdmissionLedger
 from api.memory_budget import MemoryBudget
 from api.publisher import TaskPublisher
 from api.quotas import TenantQuota
-from shared.claims import HOLDER_STATE
-from shared.jobs import CANCEL, CREATE, DISCARD, STORE_RESULTS
 from shared.keys import Keys
 from shared.settings import Settings
+from shared.store.claims import HOLDER_STATE
+from shared.store.jobs import CANCEL, CREATE, DISCARD, STORE_RESULTS
 
 
 @dataclass

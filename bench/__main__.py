@@ -2,7 +2,7 @@
 service end to end (HTTP -> Redis -> worker), measured in one run on this machine.
 
 Models have the real shapes (DINOv2-S/14, ViT-B/16) with random weights: the cost is the real one.
-Images are the photos in tests/photos/bench re-encoded as 1024-px JPEGs (longest side).
+Images are the photos in devtools/photos/bench re-encoded as 1024-px JPEGs (longest side).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from bench.photos import bench_jpegs
 from bench.service import measure_service, start_stack
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
-from worker.embedder import Backend, resolve_backend
-from worker.model_loader import load_model
+from worker.model.embedder import Backend, resolve_backend
+from worker.model.loader import load_model
 
 
 def jpegs_1024() -> list[bytes]:

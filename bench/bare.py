@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from worker.model_loader import LoadedModel
-from worker.pooling import pool_cls_mean
+from worker.model.loader import LoadedModel
+from worker.model.pooling import pool_cls_mean
 
 
 def _rate(step, images_per_step: int, seconds: float) -> float:

@@ -15,11 +15,11 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
+from devtools.photos import BENCH, encode
 from shared.settings import Settings
-from tests.photos import BENCH, encode
-from worker.decode import ResizeRule, decode_image
-from worker.decode_pool import DecodePool
-from worker.runtime import InputLimits
+from worker.images.decode import ResizeRule, decode_image
+from worker.images.decode_pool import DecodePool
+from worker.pipeline import InputLimits
 
 
 def main() -> None:

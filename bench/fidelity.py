@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from worker.decode import DecodeLimits, decode_image
-from worker.embedder import Backend, resolve_backend
-from worker.model_loader import load_model
-from worker.preprocess import ProcessorPreprocessor
+from worker.images.decode import DecodeLimits, decode_image
+from worker.model.embedder import Backend, resolve_backend
+from worker.model.loader import load_model
+from worker.model.preprocess import ProcessorPreprocessor
 
 FULL = DecodeLimits(max_bytes=2**30, max_pixels=10**9, max_side=100_000)
 

@@ -1,4 +1,4 @@
-"""The benchmark's photos (``tests/photos/bench``) re-encoded at a chosen size, so every scenario
+"""The benchmark's photos (``devtools/photos/bench``) re-encoded at a chosen size, so every scenario
 decodes images of a known, stated cost."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import io
 
 from PIL import Image
 
-from tests.photos import BENCH
+from devtools.photos import BENCH
 
 
 def bench_jpegs(side: int, upscale: bool = False) -> dict[str, bytes]:

@@ -1,6 +1,6 @@
 """``python -m bench.quantization``: recall@10 of the quantised encodings against float search.
 
-The corpus is every photo in tests/photos (bench and examples) with augmentations of each (flips,
+The corpus is every photo in devtools/photos (bench and examples) with augmentations of each (flips,
 crops, rotation, colour, blur, heavy JPEG, downscaling), embedded by real-shape random-weight models
 through the worker's own loading, preprocessing and pooling. Every image is a query against all the
 others; the truth is its ten nearest by float32 cosine, and each encoding is scored by how many of
@@ -32,12 +32,12 @@ from PIL import Image, ImageFilter, ImageOps
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
 from shared.vectors import quantise
-from worker.decode import DecodeLimits, decode_image
-from worker.model_loader import load_model
-from worker.pooling import pool_cls_mean
-from worker.preprocess import ProcessorPreprocessor
+from worker.images.decode import DecodeLimits, decode_image
+from worker.model.loader import load_model
+from worker.model.pooling import pool_cls_mean
+from worker.model.preprocess import ProcessorPreprocessor
 
-PHOTOS = REPO_ROOT / "tests" / "photos"
+PHOTOS = REPO_ROOT / "devtools" / "photos"
 LIMITS = DecodeLimits(max_bytes=2**30, max_pixels=10**9, max_side=100_000)
 K = 10
 

@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from devtools.image_server import serve_images
+from devtools.photos import EXAMPLES
 from devtools.processes import ServiceProcess, wait_until
 from devtools.random_models import build
 from devtools.redis_server import RedisServer, free_port
-from tests.photos import EXAMPLES
 
 # The models the shared worker serves, one per family the service supports.
 SERVED = ["dinov2-tiny", "vit-tiny", "dino-vit-tiny", "deit-tiny", "dinov2-registers-tiny", "dinov3-tiny", "webssl-tiny"]

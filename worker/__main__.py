@@ -80,12 +80,12 @@ def main() -> None:
     import transformers
 
     from worker import tasks  # registers the Celery tasks
-    from worker.decode_pool import STOP_GRACE_S
-    from worker.embedder import BackendUnavailable
     from worker.heartbeat import Heartbeat
-    from worker.model_loader import ModelRefused, resolve_device, resolve_dtype
+    from worker.images.decode_pool import STOP_GRACE_S
+    from worker.model.embedder import BackendUnavailable
+    from worker.model.loader import ModelRefused, resolve_device, resolve_dtype
+    from worker.pipeline import WorkerRuntime, configure_torch
     from worker.result_store import ResultStore
-    from worker.runtime import WorkerRuntime, configure_torch
 
     transformers.logging.set_verbosity_error()
     app = create_celery_app(settings)

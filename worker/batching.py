@@ -8,7 +8,7 @@ to ``max_batch_size``). It waits for more, up to ``max_wait_s``, only while anno
 still being decoded: a lone request never waits, and a busy model runs fuller batches. Images of
 interactive requests go before those of bulk jobs, so a running backfill does not hold up
 ``/v1/embeddings``. The forward pass itself runs on the worker's one compute thread
-(``worker.compute``), shared by its models.
+(``worker.model.compute``), shared by its models.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker.model_loader import LoadedModel
+from worker.model.loader import LoadedModel
 from worker.tickets import Ticket, WithdrawalCheck, Withdrawn
 
 log = logging.getLogger(__name__)

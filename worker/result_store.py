@@ -7,14 +7,14 @@ import json
 from redis import Redis
 from redis.exceptions import OutOfMemoryError
 
-from shared.jobs import MARK_RUNNING, STORE_RESULTS, store_results_args
 from shared.keys import Keys
 from shared.protocol import EmbedPayload, ItemResult, JobChunkPayload
+from shared.store.jobs import MARK_RUNNING, STORE_RESULTS, store_results_args
 from worker.tickets import Ticket
 
 # KEYS: reply list, the request's "abandoned" flag, then its image-bytes hashes. ARGV: results JSON,
 # ttl seconds. Returns 1 when pushed, 0 when the API had stopped waiting. The image bytes go first:
-# a full Redis then lets the (smaller) answer in (see STORE_RESULTS in shared.jobs).
+# a full Redis then lets the (smaller) answer in (see STORE_RESULTS in shared.store.jobs).
 REPLY = """
 if #KEYS > 2 then
   redis.call('DEL', unpack(KEYS, 3))

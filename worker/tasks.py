@@ -18,15 +18,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.claims import claim
 from shared.keys import Keys
 from shared.logs import request_id_var
 from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult, JobChunkPayload
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
+from shared.store.claims import claim
 from worker import metrics
+from worker.images.sources import ImageInput, load_inputs
+from worker.pipeline import WorkerRuntime, WorkerStopping
 from worker.result_store import ResultStore
-from worker.runtime import WorkerRuntime, WorkerStopping
-from worker.sources import ImageInput, load_inputs
 from worker.tickets import Ticket
 
 log = logging.getLogger(__name__)

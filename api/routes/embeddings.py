@@ -10,15 +10,15 @@ from fastapi import APIRouter, Depends, Request
 
 from api import metrics
 from api.auth import KeyId
-from api.dispatch import ClientGone, embed_and_wait
 from api.errors import ApiError
-from api.formatting import embedding_dim, embedding_item, first_failure
 from api.inputs import parse_inputs
 from api.json_body import bounded_json_route
+from api.presenters import embedding_dim, embedding_item, first_failure
 from api.responses import JSONBytesResponse
 from api.schemas import ERROR_RESPONSES, EmbeddingRequest, EmbeddingResponse
+from api.served_models import require_served, resolve_model, validate_dimensions
 from api.state import AppState, get_state
-from api.workers import require_served, resolve_model, validate_dimensions
+from api.sync_requests import ClientGone, embed_and_wait
 
 router = APIRouter(route_class=bounded_json_route(attrgetter("max_inputs_per_request")))
 

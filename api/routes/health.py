@@ -14,8 +14,8 @@ from redis.exceptions import RedisError
 from api import metrics
 from api.auth import require_api_key
 from api.responses import JSONBytesResponse
+from api.served_models import live_workers
 from api.state import AppState, get_state
-from api.workers import live_workers
 
 router = APIRouter()
 

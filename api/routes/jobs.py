@@ -9,13 +9,13 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from api.async_jobs import cancel_job, create_job, get_job, job_not_found, result_lines, result_page
 from api.auth import KeyId
-from api.jobs import cancel_job, create_job, get_job, job_not_found, result_lines, result_page
 from api.json_body import bounded_json_route
 from api.responses import JSONBytesResponse
 from api.schemas import ERROR_RESPONSES, EmbeddingRequest
 from api.state import AppState, get_state
-from shared.jobs import JobRecord, JobStatus, is_job_id
+from shared.store.jobs import JobRecord, JobStatus, is_job_id
 
 router = APIRouter(route_class=bounded_json_route(attrgetter("max_job_inputs")))
 

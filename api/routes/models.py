@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends
 
 from api.errors import ApiError
 from api.schemas import ERROR_RESPONSES, ModelCard, ModelList
+from api.served_models import live_workers, model_infos
 from api.state import AppState, get_state
-from api.workers import live_workers, model_infos
 
 router = APIRouter()
 

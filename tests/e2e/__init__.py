@@ -1,0 +1,1 @@
+"""Whole-process tests: a real Redis server, Celery worker processes, the HTTP API."""

@@ -1,0 +1,1 @@
+"""Helpers the tests share: photos' variants, hostile images, network namespaces, references."""

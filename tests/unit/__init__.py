@@ -1,0 +1,1 @@
+"""In-process tests: no Redis server, no service processes."""

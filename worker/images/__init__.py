@@ -1,0 +1,1 @@
+"""Images on their way to the model: where their bytes come from, fetching URLs, decoding safely."""

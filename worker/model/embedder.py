@@ -1,0 +1,161 @@
+"""The forward pass behind one interface: pixels in, L2-normalised (CLS, MEAN) out.
+
+The batcher, the benchmark and the load-time checks call ``VisionEmbedder.embed``; which engine runs
+the Vision Transformer is the backend's business: PyTorch eager (any device) or OpenVINO (CPU). Both
+pool in float32 with ``pool_cls_mean``, so a backend changes only the forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from worker.model.pooling import pool_cls_mean
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["torch", "openvino"]
+
+# IMBEDDINGS_DTYPE -> OpenVINO's inference precision on the CPU.
+_OPENVINO_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+class BackendUnavailable(RuntimeError):
+    """The configured backend cannot run here (not installed, or not for this device)."""
+
+
+class VisionEmbedder(Protocol):
+    backend: Backend
+
+    def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 3, H, W)`` float32 pixels -> CLS ``(B, D)`` and MEAN ``(B, D)``, float32 on the CPU."""
+        ...
+
+
+class TorchEmbedder:
+    backend: Backend = "torch"
+
+    def __init__(self, module: PreTrainedModel, device: torch.device, dtype: torch.dtype, num_register_tokens: int) -> None:
+        self.module = module
+        self.device = device
+        self.dtype = dtype
+        self.num_register_tokens = num_register_tokens
+
+    def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        with torch.inference_mode():
+            cls, mean = pool_cls_mean(self.module(pixel_values=pixels).last_hidden_state, self.num_register_tokens)
+        return cls.cpu(), mean.cpu()
+
+
+class OpenVINOEmbedder:
+    """A converted model compiled for the CPU; call ``embed`` from one thread (one infer request)."""
+
+    backend: Backend = "openvino"
+
+    def __init__(self, compiled: object, num_register_tokens: int) -> None:
+        self._request = compiled.create_infer_request()  # type: ignore[attr-defined]
+        self.num_register_tokens = num_register_tokens
+
+    def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self._request.infer([pixel_values.float().contiguous().numpy()])[0]
+        # Pooling copies what it needs before the request's output buffer is reused by the next call.
+        return pool_cls_mean(torch.from_numpy(hidden), self.num_register_tokens)
+
+
+def resolve_backend(setting: str, device: torch.device) -> Backend:
+    """``auto`` is OpenVINO on the CPU when it is installed (faster there, same vectors; see README),
+    PyTorch otherwise."""
+    if setting == "torch":
+        return "torch"
+    if device.type != "cpu":
+        if setting == "openvino":
+            raise BackendUnavailable(f"IMBEDDINGS_BACKEND=openvino runs on the CPU, but the device is {device}; set IMBEDDINGS_DEVICE=cpu or IMBEDDINGS_BACKEND=torch")
+        return "torch"
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        if setting == "openvino":
+            raise BackendUnavailable("IMBEDDINGS_BACKEND=openvino, but the openvino package is not installed (pip install openvino)") from None
+        return "torch"
+    return "openvino"
+
+
+class _LastHiddenState(torch.nn.Module):
+    """The model with one tensor out, the way the converter traces it."""
+
+    def __init__(self, module: PreTrainedModel) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.module(pixel_values=pixel_values).last_hidden_state
+
+
+def _cache_key(module: PreTrainedModel, image_size: tuple[int, int]) -> str:
+    """The weights themselves, the shapes and every converter version: a key that cannot go stale."""
+    import openvino
+    import transformers
+
+    digest = hashlib.sha256()
+    digest.update(f"{openvino.__version__}|{torch.__version__}|{transformers.__version__}|{type(module).__name__}|{image_size}".encode())
+    digest.update(module.config.to_json_string().encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _converted(module: PreTrainedModel, image_size: tuple[int, int], cache_dir: Path) -> object:
+    """The OpenVINO model for ``module``: read from the cache, or converted once and cached."""
+    import openvino as ov
+
+    path = cache_dir / f"{type(module).__name__}-{_cache_key(module, image_size)}" / "model.xml"
+    core = ov.Core()
+    if path.exists():
+        log.info("openvino model read from cache", extra={"path": str(path.parent)})
+        return core.read_model(path)
+    height, width = image_size
+    example = torch.zeros(1, 3, height, width)
+    with torch.inference_mode():
+        converted = ov.convert_model(_LastHiddenState(module).eval(), example_input=example, input=[(-1, 3, height, width)])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Written beside its final place and renamed, so a worker that dies mid-write, or another worker
+    # converting the same model at the same moment, never leaves a half-written model to be read.
+    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".converting-"))
+    try:
+        # Weights stay float32 on disk: compression to float16 would change the vectors.
+        ov.save_model(converted, staging / "model.xml", compress_to_fp16=False)
+        try:
+            os.rename(staging, path.parent)
+        except OSError:  # another worker got there first: its copy is the same model
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("openvino model converted and cached", extra={"path": str(path.parent)})
+    return converted
+
+
+def openvino_embedder(module: PreTrainedModel, image_size: tuple[int, int], dtype: torch.dtype, threads: int, num_register_tokens: int, cache_dir: Path) -> OpenVINOEmbedder:
+    import openvino as ov
+
+    if dtype not in _OPENVINO_PRECISION:
+        raise BackendUnavailable(f"IMBEDDINGS_DTYPE={dtype} has no OpenVINO precision")
+    config = {
+        "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[dtype],
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        # OpenVINO's own cache of compiled models (keyed by the model and these settings): a worker
+        # that starts again, or a second worker on the host, skips the compilation too.
+        "CACHE_DIR": str(cache_dir / "compiled"),
+    }
+    compiled = ov.Core().compile_model(_converted(module, image_size, cache_dir), "CPU", config)
+    return OpenVINOEmbedder(compiled, num_register_tokens)

@@ -1,0 +1,194 @@
+"""Load a model the way users of Transformers do, and check it honours the token contract."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig, PreTrainedModel
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from shared.protocol import ModelInfo
+from worker.model.embedder import Backend, TorchEmbedder, VisionEmbedder, openvino_embedder
+from worker.model.pooling import pool_cls_mean
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRefused(RuntimeError):
+    """The model cannot be served: it does not load, or its tokens are not ``[CLS | REG | PATCH]``."""
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    module: PreTrainedModel  # Transformers' own, in float32 unless the torch backend runs another dtype
+    embedder: VisionEmbedder
+    processor: BaseImageProcessor
+    device: torch.device
+    dtype: torch.dtype
+    num_register_tokens: int
+    info: ModelInfo
+    load_seconds: float
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelRefused("IMBEDDINGS_DEVICE=cuda but PyTorch sees no CUDA device")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        return DTYPES[setting]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_openvino_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imbeddings" / "openvino"
+
+
+def probe_image() -> Image.Image:
+    """A deterministic non-square photo stand-in, so resize and crop rules are exercised."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:240, 0:320]
+    base = np.stack([x / 320 * 255, y / 240 * 255, (x + y) / 560 * 255], axis=-1)
+    noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(noisy)
+
+
+def _patch_size(config: PretrainedConfig) -> int:
+    patch = getattr(config, "patch_size", None)
+    if isinstance(patch, (tuple, list)):
+        if len(set(patch)) != 1:
+            raise ModelRefused(f"non-square patches {patch} are not supported")
+        patch = patch[0]
+    if not isinstance(patch, int) or patch <= 0:
+        raise ModelRefused("its config has no patch_size: not a Vision Transformer")
+    return patch
+
+
+def _check_local_directory(model_id: str) -> None:
+    """A mistyped local directory would otherwise reach the Hub client and fail with "Repo id must be
+    in the form 'repo_name' or 'namespace/repo_name'": name the directory instead. Hub ids have at
+    most one '/' and never start with '/', '.' or '~'."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelRefused(f"model directory {model_id!r} holds no config.json: not a saved model (save one with save_pretrained)")
+        return
+    if path.exists():
+        raise ModelRefused(f"model {model_id!r} is a file, not a model directory")
+    if model_id.startswith(("/", ".", "~")) or "\\" in model_id or model_id.count("/") > 1 or model_id.endswith("/"):
+        raise ModelRefused(f"model directory {model_id!r} not found (resolved to {path.absolute()})")
+
+
+def load_model(
+    model_id: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    token: str | None,
+    warmup_batch: int,
+    backend: Backend = "torch",
+    threads: int | None = None,
+    openvino_cache_dir: Path | None = None,
+) -> LoadedModel:
+    started = time.perf_counter()
+    _check_local_directory(model_id)
+    config, module, processor = _from_pretrained(model_id, token)
+    module.eval().to(device)
+    num_registers = int(getattr(config, "num_register_tokens", 0) or 0)
+    patch = _patch_size(config)
+    pixel_values = processor(images=probe_image(), return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        hidden = module(pixel_values=pixel_values.to(device)).last_hidden_state
+    tokens = _check_token_contract(model_id, hidden, pixel_values.shape[-2:], patch, num_registers)
+    image_size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+
+    if backend == "openvino":
+        embedder: VisionEmbedder = openvino_embedder(module, image_size, dtype, threads or torch.get_num_threads(), num_registers, openvino_cache_dir or default_openvino_cache())
+    else:
+        module.to(dtype)
+        embedder = TorchEmbedder(module, device, dtype, num_registers)
+    _check_against_float32(model_id, embedder, pixel_values, pool_cls_mean(hidden, num_registers), dtype)
+    embedder.embed(pixel_values.expand(warmup_batch, -1, -1, -1))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+    info = ModelInfo(
+        id=model_id,
+        model_type=config.model_type,
+        dim=int(hidden.shape[-1]),
+        patch_size=patch,
+        image_size=image_size,
+        num_register_tokens=num_registers,
+        tokens_per_image=tokens,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        backend=embedder.backend,
+    )
+    seconds = time.perf_counter() - started
+    log.info("model loaded", extra={"model": model_id, "seconds": round(seconds, 2), **info.model_dump(exclude={"id"})})
+    return LoadedModel(model_id, module, embedder, processor, device, dtype, num_registers, info, seconds)
+
+
+def _from_pretrained(model_id: str, token: str | None) -> tuple[PretrainedConfig, PreTrainedModel, BaseImageProcessor]:
+    """Config, float32 model and image processor, as ``AutoModel``/``AutoImageProcessor`` give them."""
+    try:
+        config = AutoConfig.from_pretrained(model_id, token=token)
+        model_class = MODEL_MAPPING[type(config)]
+    except KeyError:
+        raise ModelRefused(f"model {model_id!r}: Transformers has no AutoModel class for its config") from None
+    except (OSError, ValueError) as exc:
+        raise ModelRefused(f"model {model_id!r} cannot be loaded: {exc}") from None
+    # ViT/DeiT add a dense+tanh pooler that is random when the checkpoint lacks it; it is never used.
+    extra = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters else {}
+    try:
+        module = model_class.from_pretrained(model_id, config=config, token=token, dtype=torch.float32, **extra)
+        processor = AutoImageProcessor.from_pretrained(model_id, token=token)
+    except (OSError, ValueError) as exc:
+        raise ModelRefused(f"model {model_id!r} cannot be loaded: {exc}") from None
+    return config, module, processor
+
+
+def _check_token_contract(model_id: str, hidden: torch.Tensor, pixel_size: torch.Size, patch: int, num_registers: int) -> int:
+    """The number of tokens per image, once ``hidden`` is shown to be ``[CLS | REG | PATCH]``."""
+    if hidden.ndim != 3:
+        raise ModelRefused(f"model {model_id!r} refused: its output has no token sequence (last_hidden_state shape {tuple(hidden.shape)})")
+    height, width = pixel_size
+    patches = (height // patch) * (width // patch)
+    expected = 1 + num_registers + patches
+    if hidden.shape[1] != expected:
+        raise ModelRefused(
+            f"model {model_id!r} refused: it produced {hidden.shape[1]} tokens for a {height}x{width} image, but the "
+            f"token contract [CLS | {num_registers} registers | {patches} patches of {patch}px] needs {expected}"
+        )
+    return expected
+
+
+# Below this cosine to Transformers' float32 vectors a backend or precision is broken, not approximate.
+MIN_COSINE = 0.99
+
+
+def _check_against_float32(model_id: str, embedder: VisionEmbedder, pixel_values: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> None:
+    if embedder.backend == "torch" and dtype == torch.float32:
+        return  # the reference itself
+    cls_cos, mean_cos = (float((a.cpu() * b).sum()) for a, b in zip(reference, embedder.embed(pixel_values)))
+    extra = {"model": model_id, "backend": embedder.backend, "dtype": str(dtype), "cosine_cls_vs_float32": round(cls_cos, 6), "cosine_mean_vs_float32": round(mean_cos, 6)}
+    if min(cls_cos, mean_cos) < MIN_COSINE:
+        raise ModelRefused(f"model {model_id!r} refused: with backend {embedder.backend} and {dtype} its vectors have cosine {min(cls_cos, mean_cos):.4f} to float32 Transformers")
+    log.info("reduced precision checked" if dtype != torch.float32 else "backend checked against float32", extra=extra)
