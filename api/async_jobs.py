@@ -20,7 +20,7 @@ from api.state import AppState
 from api.sync_requests import check_job_backpressure, publish, stash_images
 from shared.protocol import ItemResult, JobChunkPayload
 from shared.queues import JOB_CHUNK_TASK
-from shared.store.jobs import JobRecord, job_created_at, new_job_id, store_results_args
+from shared.store.jobs import JobRecord, job_created_at, new_job_id
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,12 @@ async def create_job(state: AppState, body: EmbeddingRequest, request_id: str, o
 
 
 async def _store_and_publish(state: AppState, job: JobRecord, images: list[ParsedImage], accepted: list[ParsedImage], request_id: str) -> None:
-    ttl = state.settings.job_result_ttl_s
-    keys = state.keys
     # Order matters: image bytes, then the job record, then the tasks that need both.
-    refs = await stash_images(state, keys.job_blobs(job.id), accepted, ttl)
-    fields = [item for pair in job.to_redis().items() for item in pair]
-    await state.create_job_script(keys=[keys.job(job.id), keys.job_counts()], args=[ttl, *fields])
+    refs = await stash_images(state, state.jobs.keys.blobs(job.id), accepted, state.settings.job_result_ttl_s)
+    await state.jobs.create(job)
     refused = [ItemResult(index=image.index, error=image.error) for image in images if image.error is not None]
     if refused:
-        await store_results(state, job, refused)
+        await state.jobs.store_results(job, refused)
     size = state.settings.job_chunk_size
     chunks = [
         JobChunkPayload(request_id=request_id, job_id=job.id, model=job.model, items=refs[start : start + size], owner=job.owner, dimensions=job.dimensions).model_dump()
@@ -74,17 +71,10 @@ async def _store_and_publish(state: AppState, job: JobRecord, images: list[Parse
 
 
 async def _discard(state: AppState, job_id: str) -> None:
-    keys = state.keys
     try:
-        await state.discard_script(keys=[keys.job(job_id), keys.job_results(job_id), keys.job_blobs(job_id), keys.job_counts()])
+        await state.jobs.discard(job_id)
     except RedisError as exc:  # Redis is away: the keys still expire with the job's TTL
         log.warning("could not delete a refused job's keys", extra={"job_id": job_id, "error": type(exc).__name__})
-
-
-async def store_results(state: AppState, job: JobRecord, results: list[ItemResult]) -> None:
-    args = store_results_args(state.settings.job_result_ttl_s, int(time.time()), results)
-    keys = state.keys
-    await state.store_results_script(keys=[keys.job(job.id), keys.job_results(job.id), keys.job_counts(), keys.tenant_work(job.owner), keys.tenant_images(job.owner)], args=args)
 
 
 def job_not_found(state: AppState, job_id: str) -> ApiError:
@@ -98,22 +88,14 @@ def job_not_found(state: AppState, job_id: str) -> ApiError:
 
 
 async def get_job(state: AppState, job_id: str, owner: str) -> JobRecord:
-    fields = await state.redis.hgetall(state.keys.job(job_id))
-    job = JobRecord.from_redis(fields) if fields else None
+    job = await state.jobs.get(job_id)
     if job is None or job.owner != owner:
         raise job_not_found(state, job_id)
     return job
 
 
-async def _cancel(state: AppState, job_id: str, owner: str) -> bytes:
-    keys = state.keys
-    script_keys = [keys.job(job_id), keys.job_results(job_id), keys.job_blobs(job_id), keys.job_counts(), keys.tenant_work(owner), keys.tenant_images(owner)]
-    return await state.cancel_script(keys=script_keys, args=[int(time.time()), owner])
-
-
 async def cancel_job(state: AppState, job_id: str, owner: str) -> JobRecord:
-    status = await _cancel(state, job_id, owner)
-    if status == b"gone":
+    if await state.jobs.cancel(job_id, owner) == "gone":
         raise job_not_found(state, job_id)
     return await get_job(state, job_id, owner)
 
@@ -138,11 +120,7 @@ def _item(job: JobRecord, result: ItemResult) -> dict[str, object]:
 
 async def item_results(state: AppState, job: JobRecord, start: int, stop: int) -> list[ItemResult]:
     """The stored results of the items with index in [start, stop), in index order; unfinished ones left out."""
-    indices = [str(i) for i in range(start, min(stop, job.total))]
-    if not indices:
-        return []
-    stored = await state.redis.hmget(state.keys.job_results(job.id), indices)
-    return [ItemResult.model_validate_json(raw) for raw in stored if raw is not None]
+    return await state.jobs.results(job.id, list(range(start, min(stop, job.total))))
 
 
 async def _page(state: AppState, job: JobRecord, start: int, stop: int) -> list[dict[str, object]]:

@@ -2,7 +2,9 @@
 the batch writes an output file (one line per request answered 200) and an error file (every other
 line), in OpenAI's batch output format, and deletes the jobs, whose results now live in the files.
 
-A batch's state is refreshed when it is read: there is no background process to keep alive.
+A batch's state is refreshed when it is read: there is no background process to keep alive. This
+module alone names and touches a batch's record (``batch:<id>``) and each key's list of batches
+(``batches:<key id>``); it reads jobs through their store (``state.jobs``).
 """
 
 from __future__ import annotations
@@ -71,6 +73,16 @@ class _Record(BaseModel):
     lines: list[BatchLine]
 
 
+def _batch_key(state: AppState, batch_id: str) -> str:
+    """Hash: a batch's record (its lines and their jobs as JSON) and its owner."""
+    return f"{state.settings.redis_key_prefix}batch:{batch_id}"
+
+
+def _owner_batches_key(state: AppState, owner: str) -> str:
+    """Sorted set: the batch ids one API key created, scored by creation time."""
+    return f"{state.settings.redis_key_prefix}batches:{owner}"
+
+
 def _line_error(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
 
@@ -127,16 +139,16 @@ async def create_batch(state: AppState, owner: str, input_file_id: str, endpoint
     )  # fmt: skip
     record = _Record(batch=batch, owner=owner, lines=lines)
     pipe = state.redis.pipeline(transaction=True)
-    pipe.hset(state.keys.batch(batch.id), mapping={"record": record.model_dump_json(), "owner": owner})
-    pipe.expire(state.keys.batch(batch.id), ttl)
-    pipe.zadd(state.keys.owner_batches(owner), {batch.id: now})
-    pipe.expire(state.keys.owner_batches(owner), ttl)
+    pipe.hset(_batch_key(state, batch.id), mapping={"record": record.model_dump_json(), "owner": owner})
+    pipe.expire(_batch_key(state, batch.id), ttl)
+    pipe.zadd(_owner_batches_key(state, owner), {batch.id: now})
+    pipe.expire(_owner_batches_key(state, owner), ttl)
     await pipe.execute()
     return await get_batch(state, owner, batch.id)
 
 
 async def _load(state: AppState, owner: str, batch_id: str) -> _Record:
-    raw = await state.redis.hget(state.keys.batch(batch_id), "record")
+    raw = await state.redis.hget(_batch_key(state, batch_id), "record")
     record = _Record.model_validate_json(raw) if raw is not None else None
     if record is None or record.owner != owner:
         raise ApiError(404, f"no batch with id {batch_id!r}", code="batch_not_found", param="batch_id")
@@ -144,15 +156,11 @@ async def _load(state: AppState, owner: str, batch_id: str) -> _Record:
 
 
 async def _save(state: AppState, record: _Record) -> None:
-    await state.redis.hset(state.keys.batch(record.batch.id), "record", record.model_dump_json())
+    await state.redis.hset(_batch_key(state, record.batch.id), "record", record.model_dump_json())
 
 
 async def _job_statuses(state: AppState, record: _Record) -> dict[str, str | None]:
-    ids = [line.job_id for line in record.lines if line.job_id]
-    pipe = state.redis.pipeline(transaction=False)
-    for job_id in ids:
-        pipe.hget(state.keys.job(job_id), "status")
-    return {job_id: None if status is None else status.decode() for job_id, status in zip(ids, await pipe.execute())}
+    return await state.jobs.statuses([line.job_id for line in record.lines if line.job_id])
 
 
 async def get_batch(state: AppState, owner: str, batch_id: str) -> BatchObject:
@@ -205,7 +213,7 @@ async def _outcome(state: AppState, owner: str, line: BatchLine, request_number:
 async def _finalize(state: AppState, record: _Record, status: BatchStatus) -> BatchObject:
     """Write the output and error files, delete the jobs, and close the batch; only one caller does it."""
     now = int(time.time())
-    if not await state.redis.hsetnx(state.keys.batch(record.batch.id), "finalizing", now):
+    if not await state.redis.hsetnx(_batch_key(state, record.batch.id), "finalizing", now):
         return (await _load(state, record.owner, record.batch.id)).batch
     outputs, errors = [], []
     for number, line in enumerate(record.lines):
@@ -235,7 +243,7 @@ async def _finalize(state: AppState, record: _Record, status: BatchStatus) -> Ba
 
 async def list_batches(state: AppState, owner: str, after: str | None, limit: int) -> dict[str, Any]:
     """The caller's batches, newest first, ``limit`` at a time after the batch ``after``."""
-    ids = [value.decode() for value in await state.redis.zrevrange(state.keys.owner_batches(owner), 0, -1)]
+    ids = [value.decode() for value in await state.redis.zrevrange(_owner_batches_key(state, owner), 0, -1)]
     if after is not None and after in ids:
         ids = ids[ids.index(after) + 1 :]
     batches = []

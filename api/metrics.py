@@ -47,8 +47,8 @@ async def render(state: AppState) -> tuple[bytes, str]:
         pipe.llen(queue_for(model, "interactive"))
         pipe.llen(queue_for(model, "bulk"))
         pipe.zcount(state.keys.model_workers(model), time.time(), "+inf")
-    pipe.hgetall(state.keys.job_counts())
-    *per_model, counts = await pipe.execute()
+    per_model = await pipe.execute()
+    counts = await state.jobs.counts()
     QUEUE_DEPTH.clear()
     SERVED_BY.clear()
     for position, model in enumerate(state.allowed_models):
@@ -59,5 +59,5 @@ async def render(state: AppState) -> tuple[bytes, str]:
         QUEUE_DEPTH.labels(model, "bulk").set(bulk)
         SERVED_BY.labels(model).set(workers)
     for status in ("queued", "running", "completed", "cancelled"):
-        JOBS.labels(status).set(int(counts.get(status.encode(), 0)))
+        JOBS.labels(status).set(counts.get(status, 0))
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

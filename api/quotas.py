@@ -4,29 +4,20 @@ together (``IMBEDDINGS_KEY_MAX_QUEUED_IMAGES``), so one tenant cannot fill the q
 from __future__ import annotations
 
 import math
-import time
-
-import redis.asyncio
 
 from api.admission import AdmissionLedger
 from api.errors import ApiError
-from shared.keys import Keys
-from shared.store.tenants import ADMIT, RELEASE
+from shared.store.tenants import TenantLedger
 
 # Retry-After when the model's speed is not known yet (no worker has measured it).
 UNKNOWN_SPEED_RETRY_S = 30
 
 
 class TenantQuota:
-    def __init__(self, redis: redis.asyncio.Redis, keys: Keys, limit: int, speeds: AdmissionLedger) -> None:
-        self._keys = keys
+    def __init__(self, ledger: TenantLedger, limit: int, speeds: AdmissionLedger) -> None:
+        self._ledger = ledger
         self._speeds = speeds
         self.limit = limit
-        self._admit = redis.register_script(ADMIT)
-        self._release = redis.register_script(RELEASE)
-
-    def _ledger(self, key_id: str) -> list[str]:
-        return [self._keys.tenant_work(key_id), self._keys.tenant_images(key_id)]
 
     async def admit(self, key_id: str, model: str, work_id: str, images: int, expires_at: float) -> None:
         """Count ``images`` against the key until released, or until ``expires_at`` at the latest;
@@ -38,10 +29,9 @@ class TenantQuota:
                 code="exceeds_key_quota",
                 param="input",
             )
-        verdict = await self._admit(keys=self._ledger(key_id), args=[time.time(), work_id, expires_at, images, self.limit])
-        if int(verdict[0]) == 1:
+        admitted, queued = await self._ledger.admit(key_id, work_id, images, self.limit, expires_at)
+        if admitted:
             return
-        queued = int(verdict[1])
         # Room comes back as the key's images finish, at about the model's speed.
         per_image = await self._speeds.seconds_per_image(model)
         retry = math.ceil((queued + images - self.limit) * per_image) if per_image > 0 else UNKNOWN_SPEED_RETRY_S
@@ -53,4 +43,4 @@ class TenantQuota:
         )
 
     async def release(self, key_id: str, work_id: str) -> None:
-        await self._release(keys=self._ledger(key_id), args=[work_id])
+        await self._ledger.release(key_id, work_id)

@@ -16,7 +16,8 @@ from api.quotas import TenantQuota
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.store.claims import HOLDER_STATE
-from shared.store.jobs import CANCEL, CREATE, DISCARD, STORE_RESULTS
+from shared.store.jobs import AsyncJobStore
+from shared.store.tenants import TenantLedger
 
 
 @dataclass
@@ -30,25 +31,19 @@ class AppState:
     celery: Celery
     keys: Keys
     allowed_models: list[str]
-    create_job_script: AsyncScript = field(init=False)
-    store_results_script: AsyncScript = field(init=False)
-    cancel_script: AsyncScript = field(init=False)
-    discard_script: AsyncScript = field(init=False)
     holder_state_script: AsyncScript = field(init=False)
     ledger: AdmissionLedger = field(init=False)
     memory: MemoryBudget = field(init=False)
     quotas: TenantQuota = field(init=False)
+    jobs: AsyncJobStore = field(init=False)
     tasks: TaskPublisher = field(init=False)
 
     def __post_init__(self) -> None:
-        self.create_job_script = self.redis.register_script(CREATE)
-        self.store_results_script = self.redis.register_script(STORE_RESULTS)
-        self.cancel_script = self.redis.register_script(CANCEL)
-        self.discard_script = self.redis.register_script(DISCARD)
         self.holder_state_script = self.redis.register_script(HOLDER_STATE)
         self.memory = MemoryBudget(self.redis, self.keys, self.settings.redis_max_bytes)
         self.ledger = AdmissionLedger(self.redis, self.keys, self.settings.request_timeout_s, self.settings.max_queue_depth)
-        self.quotas = TenantQuota(self.redis, self.keys, self.settings.key_max_queued_images, self.ledger)
+        self.quotas = TenantQuota(TenantLedger(self.redis, self.settings.redis_key_prefix), self.settings.key_max_queued_images, self.ledger)
+        self.jobs = AsyncJobStore(self.redis, self.settings.redis_key_prefix, self.settings.job_result_ttl_s)
         self.tasks = TaskPublisher(self.celery, self.redis)
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 from redis import Redis
-from redis.exceptions import OutOfMemoryError
 
 from shared.keys import Keys
 from shared.protocol import EmbedPayload, ItemResult, JobChunkPayload
-from shared.store.jobs import MARK_RUNNING, STORE_RESULTS, store_results_args
+from shared.store.jobs import JobStore
 from worker.tickets import Ticket
 
 # KEYS: reply list, the request's "abandoned" flag, then its image-bytes hashes. ARGV: results JSON,
@@ -37,9 +36,7 @@ class ResultStore:
         self._redis = redis
         self._keys = keys
         self._reply_ttl_s = reply_ttl_s
-        self._job_ttl_s = job_ttl_s
-        self._store_results = redis.register_script(STORE_RESULTS)
-        self._mark_running = redis.register_script(MARK_RUNNING)
+        self._jobs = JobStore(redis, keys.prefix, job_ttl_s)
         self._reply = redis.register_script(REPLY)
 
     def is_abandoned(self, reply_key: str) -> bool:
@@ -55,7 +52,7 @@ class ResultStore:
 
     def job_withdrawn(self, job_id: str) -> bool:
         """The job was cancelled, or expired: its chunks' remaining work is for nobody."""
-        return self._redis.hget(self._keys.job(job_id), "status") in (None, b"cancelled")
+        return self._jobs.status(job_id) in (None, "cancelled")
 
     def reply(self, payload: EmbedPayload, results: list[ItemResult]) -> bool:
         """Push the results for the waiting request; False when it had stopped waiting (discarded)."""
@@ -68,27 +65,13 @@ class ResultStore:
 
         A redelivered chunk (its worker died after storing, before acknowledging) skips those.
         """
-        try:
-            status = self._mark_running(keys=[self._keys.job(chunk.job_id), self._keys.job_counts()]).decode()
-        except OutOfMemoryError:
-            # Redis is full: the job turns running when its first results are stored (which frees
-            # image bytes), and refusing the chunk here would leave nothing able to free memory.
-            status = (self._redis.hget(self._keys.job(chunk.job_id), "status") or b"gone").decode()
-        indices = [ref.index for ref in chunk.items]
-        stored = self._redis.hmget(self._keys.job_results(chunk.job_id), [str(i) for i in indices])
-        return status, {index for index, value in zip(indices, stored) if value is not None}
+        return self._jobs.start(chunk.job_id, [ref.index for ref in chunk.items])
 
     def store_chunk(self, chunk: JobChunkPayload, results: list[ItemResult], now: int) -> str:
         """Drop the items' image bytes and record each item once (counted once), in one script;
         returns the job status. Raises OutOfMemoryError when Redis is full and the chunk had no
         image bytes to drop."""
-        args = store_results_args(self._job_ttl_s, now, results)
-        keys = [self._keys.job(chunk.job_id), self._keys.job_results(chunk.job_id), self._keys.job_counts(), self._keys.tenant_work(chunk.owner), self._keys.tenant_images(chunk.owner)]
-        if any(ref.kind == "blob" for ref in chunk.items):
-            keys.append(self._keys.job_blobs(chunk.job_id))
-        return self._store_results(keys=keys, args=args)[3].decode()
+        return self._jobs.store_results(chunk.job_id, chunk.owner, results, now, drop_blobs=any(ref.kind == "blob" for ref in chunk.items))
 
     def drop_blobs(self, chunk: JobChunkPayload) -> None:
-        fields = [str(ref.index) for ref in chunk.items if ref.kind == "blob"]
-        if fields:
-            self._redis.hdel(self._keys.job_blobs(chunk.job_id), *fields)
+        self._jobs.drop_blobs(chunk.job_id, [ref.index for ref in chunk.items if ref.kind == "blob"])

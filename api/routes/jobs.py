@@ -15,7 +15,7 @@ from api.json_body import bounded_json_route
 from api.responses import JSONBytesResponse
 from api.schemas import ERROR_RESPONSES, EmbeddingRequest
 from api.state import AppState, get_state
-from shared.store.jobs import JobRecord, JobStatus, is_job_id
+from shared.store.jobs import JobView, is_job_id
 
 router = APIRouter(route_class=bounded_json_route(attrgetter("max_job_inputs")))
 
@@ -30,38 +30,22 @@ def valid_job_id(job_id: Annotated[str, Path(description="A job id as POST /v1/j
 JobId = Annotated[str, Depends(valid_job_id)]
 
 
-class JobView(BaseModel):
-    id: str
-    object: Literal["embedding.job"] = "embedding.job"
-    status: JobStatus
-    model: str
-    total: int
-    completed: int
-    failed: int
-    created_at: int
-    finished_at: int | None
-
-
 class JobResultsPage(BaseModel):
     object: Literal["list"] = "list"
     data: list[dict]
     has_more: bool
 
 
-def _view(job: JobRecord) -> JobView:
-    return JobView.model_validate(job.model_dump())
-
-
 @router.post("/jobs", status_code=202, response_model=JobView, responses=ERROR_RESPONSES, summary="Submit an embedding job (large inputs allowed)")
 async def submit_job(body: EmbeddingRequest, request: Request, key_id: KeyId, state: AppState = Depends(get_state)) -> JobView:
     job = await create_job(state, body, request.state.request_id, key_id)
     request.state.model = job.model
-    return _view(job)
+    return job
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="A job's status and progress")
 async def job_status(job_id: JobId, key_id: KeyId, state: AppState = Depends(get_state)) -> JobView:
-    return _view(await get_job(state, job_id, key_id))
+    return await get_job(state, job_id, key_id)
 
 
 @router.get("/jobs/{job_id}/results", response_model=JobResultsPage, responses=ERROR_RESPONSES, summary="A page of a job's results, in index order")
@@ -77,4 +61,4 @@ async def job_results_jsonl(job_id: JobId, key_id: KeyId, state: AppState = Depe
 
 @router.delete("/jobs/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="Cancel a job and delete its results")
 async def delete_job(job_id: JobId, key_id: KeyId, state: AppState = Depends(get_state)) -> JobView:
-    return _view(await cancel_job(state, job_id, key_id))
+    return await cancel_job(state, job_id, key_id)

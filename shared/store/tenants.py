@@ -1,4 +1,5 @@
-"""Per-key quota of unfinished images, kept in Redis (``Keys.tenant_work`` / ``tenant_images``).
+"""Per-key quota of unfinished images, kept in Redis: the one owner of ``tenant:<key>:work`` and
+``tenant:<key>:images`` (``TenantKeys``).
 
 Work is admitted against the key's limit in one script (``ADMIT``), so concurrent requests of one
 key on any number of API instances cannot overshoot it. An entry shrinks as a job's items finish
@@ -8,6 +9,30 @@ passes: every admission purges lapsed entries first, so the ledger heals itself.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis.asyncio
+
+
+@dataclass(frozen=True)
+class TenantKeys:
+    prefix: str
+
+    def work(self, key_id: str) -> str:
+        """Sorted set: an API key's unfinished work (synchronous requests and jobs) -> the time its
+        claim on the key's quota lapses by itself (a request's deadline, a job's expiry)."""
+        return f"{self.prefix}tenant:{key_id}:work"
+
+    def images(self, key_id: str) -> str:
+        """Hash: work id -> images of it not finished yet, plus the key's sum under ``total``."""
+        return f"{self.prefix}tenant:{key_id}:images"
+
+    def ledger(self, key_id: str) -> list[str]:
+        """The KEYS the quota functions take for one key: work, images."""
+        return [self.work(key_id), self.images(key_id)]
+
 
 # Lua helpers the job scripts (shared.store.jobs) and the quota scripts share. `work` is the key's sorted
 # set of work id -> expiry, `images` its hash of work id -> unfinished images plus 'total'.
@@ -69,3 +94,23 @@ return {1, total + images}
 RELEASE = QUOTA_FUNCTIONS + """
 quota_release(KEYS[1], KEYS[2], ARGV[1])
 """
+
+
+class TenantLedger:
+    """The API's side of the quota: admit work against a key's limit, release it when answered.
+    The job scripts settle and release jobs' entries themselves (``QUOTA_FUNCTIONS``)."""
+
+    def __init__(self, redis: redis.asyncio.Redis, prefix: str) -> None:
+        self._keys = TenantKeys(prefix)
+        self._admit = redis.register_script(ADMIT)
+        self._release = redis.register_script(RELEASE)
+
+    async def admit(self, key_id: str, work_id: str, images: int, limit: int, expires_at: float) -> tuple[bool, int]:
+        """Whether the work fits under ``limit``, and the key's unfinished images (this work included
+        when admitted). Entries whose expiry has passed are purged first."""
+        verdict = await self._admit(keys=self._keys.ledger(key_id), args=[time.time(), work_id, expires_at, images, limit])
+        return int(verdict[0]) == 1, int(verdict[1])
+
+    async def release(self, key_id: str, work_id: str) -> None:
+        """Idempotent."""
+        await self._release(keys=self._keys.ledger(key_id), args=[work_id])

@@ -22,12 +22,14 @@ from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
 from shared.keys import Keys
 from shared.settings import Settings, describe_errors
+from shared.store.jobs import JobKeys
 from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served, wait_worker_ready
 from tests.support.jobs import all_results, elapsed, submit, wait_done
 
 MAXMEMORY = 32 * 2**20
 COFFEE = (BENCH / "coffee_1600x1200.jpg").read_bytes()  # 282 kB
 KEYS = Keys("imb:")
+JOB_KEYS = JobKeys("imb:")
 FILLER = "test-filler:"
 
 
@@ -93,8 +95,8 @@ def _used(store: redis.Redis) -> int:
 def _check_every_item_once(client: httpx.Client, store: redis.Redis, job_id: str, total: int) -> None:
     state = client.get(f"/v1/jobs/{job_id}").json()
     assert (state["status"], state["completed"], state["failed"]) == ("completed", total, 0), state
-    assert store.hlen(KEYS.job_results(job_id)) == total
-    assert not store.exists(KEYS.job_blobs(job_id))
+    assert store.hlen(JOB_KEYS.results(job_id)) == total
+    assert not store.exists(JOB_KEYS.blobs(job_id))
     items = all_results(client, job_id, page=1000)
     assert [item["index"] for item in items] == list(range(total))
     assert all("embedding" in item for item in items)
@@ -142,14 +144,14 @@ def test_redis_refusal_is_507_and_a_refused_job_leaves_nothing(tmp_path: Path, f
     try:
         wait_served(base_url, env["IMBEDDINGS_DEFAULT_MODEL"], worker)
         with httpx.Client(base_url=base_url, timeout=60) as client:
-            counts_before = store.hgetall(KEYS.job_counts())
+            counts_before = store.hgetall(JOB_KEYS.counts())
             baseline = _used(store)
             refused = client.post("/v1/jobs", json={"input": [data_uri(COFFEE)] * 150})
             assert refused.status_code == 507, refused.text[:300]
             error = refused.json()["error"]
             assert error["code"] == "redis_full" and "maxmemory" in error["message"] and "nothing of it was kept" in error["message"]
             assert _job_keys(store) == []
-            assert store.hgetall(KEYS.job_counts()) == counts_before
+            assert store.hgetall(JOB_KEYS.counts()) == counts_before
 
             sync = client.post("/v1/embeddings", json={"input": [data_uri(COFFEE)] * 150})
             assert sync.status_code == 507 and sync.json()["error"]["code"] == "redis_full", sync.text[:300]

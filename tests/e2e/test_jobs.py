@@ -13,8 +13,8 @@ import redis
 
 from devtools.photos import EXAMPLES
 from devtools.processes import wait_until
-from shared.keys import Keys
-from shared.store.jobs import STORE_RESULTS, job_created_at, new_job_id
+from shared.store.jobs import STORE_RESULTS, JobKeys, job_created_at, new_job_id
+from shared.store.tenants import TenantKeys
 from tests.conftest import ImageServer, Service, data_uri, start_api
 from tests.support.jobs import all_results, submit, wait_done
 
@@ -117,17 +117,17 @@ def test_results_really_expire(service: Service, tmp_path) -> None:
 def test_duplicate_delivery_counts_each_item_once(service: Service) -> None:
     """The store script run twice for the same items (a redelivered chunk) changes nothing."""
     r = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
-    keys = Keys("imb:")
+    keys, tenants = JobKeys("imb:"), TenantKeys("imb:")
     job_id = new_job_id()
     r.hset(keys.job(job_id), mapping={"id": job_id, "status": "queued", "model": "m", "total": 3, "completed": 0, "failed": 0, "created_at": 0, "finished_at": ""})
     store = r.register_script(STORE_RESULTS)
-    script_keys = [keys.job(job_id), keys.job_results(job_id), f"test-counts:{job_id}", keys.tenant_work(job_id), keys.tenant_images(job_id)]
+    script_keys = [keys.job(job_id), keys.results(job_id), f"test-counts:{job_id}", tenants.work(job_id), tenants.images(job_id)]
     args = [3600, 1, 0, '{"index":0}', 0, 1, '{"index":1,"error":{}}', 1]
     assert store(keys=script_keys, args=args)[:3] == [1, 1, 3]
     assert store(keys=script_keys, args=args)[:3] == [1, 1, 3]
     final = store(keys=script_keys, args=[3600, 2, 2, '{"index":2}', 0, *args[2:]])
     assert final == [2, 1, 3, b"completed"]
-    assert r.hlen(keys.job_results(job_id)) == 3
+    assert r.hlen(keys.results(job_id)) == 3
     assert r.hgetall(f"test-counts:{job_id}") == {b"queued": b"-1", b"running": b"0", b"completed": b"1"}
 
 

@@ -21,7 +21,7 @@ from shared.keys import Keys
 from shared.protocol import EmbedPayload, ImageRef, JobChunkPayload
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
 from shared.settings import Settings
-from shared.store.jobs import CREATE, JobRecord, new_job_id
+from shared.store.jobs import CREATE, JobKeys, JobRecord, new_job_id
 from tests.conftest import IMAGE_HOST, ImageServer, Service
 from tests.support.jobs import all_results, submit, wait_done
 
@@ -34,6 +34,7 @@ POISON_URLS = [
     "http://a..b/x.png",
 ]
 KEYS = Keys("imb:")
+JOB_KEYS = JobKeys("imb:")
 
 
 class _RedirectToPoison(BaseHTTPRequestHandler):
@@ -108,7 +109,7 @@ def test_a_chunk_that_always_fails_is_tried_a_bounded_number_of_times_then_its_i
     model = service.model("dinov2-tiny")
     job = JobRecord(id=new_job_id(), status="queued", model=model, total=4, created_at=int(time.time()))
     fields = [item for pair in job.to_redis().items() for item in pair]
-    store.register_script(CREATE)(keys=[KEYS.job(job.id), KEYS.job_counts()], args=[600, *fields])
+    store.register_script(CREATE)(keys=[JOB_KEYS.job(job.id), JOB_KEYS.counts()], args=[600, *fields])
     broken = f"imb:test-broken-blobs:{job.id}"
     store.set(broken, b"not a hash", ex=600)
     refs = [ImageRef(index=i, kind="blob", data=broken) for i in range(4)]

@@ -16,8 +16,8 @@ import redis
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer, SentinelServer
-from shared.keys import Keys
 from shared.redis_client import sync_client
+from shared.store.jobs import JobKeys
 from tests.conftest import service_env, start_api, start_worker, wait_served, wait_worker_ready
 from tests.support.jobs import check_every_item_once, elapsed, job_under_way, wait_done
 
@@ -262,7 +262,7 @@ def test_sentinel_failover_mid_job(tmp_path: Path, sentinel_group: SentinelGroup
 
             sentinel_group.primary.stop(graceful=False)
             killed = time.monotonic()
-            completed_at_kill = int(sentinel_group.replica.client().hget(Keys("imb:").job(job_id), "completed") or 0)
+            completed_at_kill = int(sentinel_group.replica.client().hget(JobKeys("imb:").job(job_id), "completed") or 0)
             wait_until(sentinel_group.promoted, 60, interval_s=0.1, what="the Sentinels to promote the replica")
             promoted = time.monotonic()
             # The write in flight at the kill is retried through the Sentinels and lands on the new primary

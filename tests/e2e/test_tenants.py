@@ -19,9 +19,9 @@ import redis
 from devtools.photos import EXAMPLES
 from devtools.redis_server import RedisServer
 from shared.api_keys import derived_key_id
-from shared.keys import Keys
 from shared.queues import queue_for
-from shared.store.jobs import new_job_id
+from shared.store.jobs import JobKeys, new_job_id
+from shared.store.tenants import TenantKeys
 from tests.conftest import IMAGE_HOST, Service, data_uri, service_env, start_api, start_worker, wait_served
 from tests.support.jobs import all_results, submit, wait_done
 
@@ -30,7 +30,8 @@ SECRET_A = "sk-tenant-a-5f1e2d3c9b"
 SECRET_B = "sk-bare-tenant-b-9a8b7c6d"  # a bare secret: its id is derived
 ID_B = derived_key_id(SECRET_B)
 QUOTA = 20
-KEYS = Keys("imb:")
+JOB_KEYS = JobKeys("imb:")
+TENANT_KEYS = TenantKeys("imb:")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +82,8 @@ def test_jobs_belong_to_the_key_that_created_them(service: Service, tenants: tup
 
     # The record holds the key id, never the secret.
     store = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
-    record = store.hgetall(KEYS.job(job_id))
-    assert record[b"owner"] == b"tenant-a" and store.hget(KEYS.job(job_b["id"]), "owner") == ID_B.encode()
+    record = store.hgetall(JOB_KEYS.job(job_id))
+    assert record[b"owner"] == b"tenant-a" and store.hget(JOB_KEYS.job(job_b["id"]), "owner") == ID_B.encode()
     assert not any(SECRET_A.encode() in value for value in record.values())
 
     # A job made where no keys are configured belongs to nobody with a key, and the other way round.
@@ -138,7 +139,7 @@ def test_malformed_job_ids_are_404_not_500(service: Service, suffix: str) -> Non
 
 
 def _quota_total(store: redis.Redis, key_id: str) -> int:
-    return int(store.hget(KEYS.tenant_images(key_id), "total") or 0)
+    return int(store.hget(TENANT_KEYS.images(key_id), "total") or 0)
 
 
 def test_key_quota_counts_requests_and_jobs(service: Service, tenants: tuple[str, Path]) -> None:
@@ -174,7 +175,7 @@ def test_key_quota_counts_requests_and_jobs(service: Service, tenants: tuple[str
             assert wait_done(a, done["id"])["completed"] == QUOTA
             assert _quota_total(store, "tenant-a") == 0
         assert b.delete(f"/v1/jobs/{other['id']}").status_code == 200
-    assert _quota_total(store, ID_B) == 0 and store.zcard(KEYS.tenant_work("tenant-a")) == 0
+    assert _quota_total(store, ID_B) == 0 and store.zcard(TENANT_KEYS.work("tenant-a")) == 0
     store.delete(queue_for(waiting, "bulk"))  # the cancelled jobs' chunks, which no worker would take
 
 
@@ -280,7 +281,7 @@ def test_stored_vectors_shorter_than_the_jobs_dimensions_fail_items_not_reads(se
     with service.client() as client:
         job = submit(client, {"input": [data_uri(JPEG)] * 3 + ["ftp://nowhere/x.jpg"]})
         assert wait_done(client, job["id"])["completed"] == 3
-        store.hset(KEYS.job(job["id"]), "dimensions", 999)
+        store.hset(JOB_KEYS.job(job["id"]), "dimensions", 999)
         page = client.get(f"/v1/jobs/{job['id']}/results")
         assert page.status_code == 200, page.text
         codes = [item["error"]["code"] for item in page.json()["data"]]

@@ -9,7 +9,7 @@ import numpy as np
 import redis
 
 from devtools.processes import wait_until
-from shared.keys import Keys
+from shared.store.jobs import JobKeys
 
 # Photos a job cycles through, so each item's vector can be checked against its photo's.
 NAMES = ("cmp1.jpg", "cmp2.jpg", "cmp3.png", "cmp4.png", "img.webp")
@@ -63,7 +63,7 @@ def job_under_way(client: httpx.Client, images: str, total: int) -> tuple[str, d
 def check_every_item_once(client: httpx.Client, store: redis.Redis, job_id: str, total: int, expected: dict[str, list[float]]) -> None:
     state = client.get(f"/v1/jobs/{job_id}").json()
     assert (state["status"], state["completed"], state["failed"]) == ("completed", total, 0), state
-    assert store.hlen(Keys("imb:").job_results(job_id)) == total
+    assert store.hlen(JobKeys("imb:").results(job_id)) == total
     items = all_results(client, job_id, page=1000)
     assert [item["index"] for item in items] == list(range(total))
     for item in items:
