@@ -34,8 +34,9 @@ async def create_job(state: AppState, body: EmbeddingRequest, request_id: str, o
     images = parse_inputs(body.input, settings.max_job_inputs, settings.max_image_bytes, strict=False)
     await check_job_backpressure(state, model)
     job = JobRecord(
-        id=new_job_id(), status="queued", model=model, total=len(images), created_at=int(time.time()), encoding_format=body.encoding_format, pooling=body.pooling, dimensions=body.dimensions, owner=owner
-    )
+        id=new_job_id(), status="queued", model=model, total=len(images), created_at=int(time.time()), owner=owner,
+        encoding_format=body.encoding_format, pooling=body.pooling, dimensions=body.dimensions,
+    )  # fmt: skip
     accepted = [image for image in images if image.error is None]
     # The job's images count against its key until they finish, or until the job expires unfinished.
     await state.quotas.admit(owner, model, job.id, job.total, job.created_at + settings.job_result_ttl_s)
@@ -64,7 +65,9 @@ async def _store_and_publish(state: AppState, job: JobRecord, images: list[Parse
         await state.jobs.store_results(job, refused)
     size = state.settings.job_chunk_size
     chunks = [
-        JobChunkPayload(request_id=request_id, job_id=job.id, model=job.model, items=refs[start : start + size], owner=job.owner, dimensions=job.dimensions).model_dump()
+        JobChunkPayload(
+            request_id=request_id, job_id=job.id, model=job.model, items=refs[start : start + size], owner=job.owner, dimensions=job.dimensions
+        ).model_dump()
         for start in range(0, len(refs), size)
     ]
     await publish(state, JOB_CHUNK_TASK, chunks)
@@ -83,7 +86,8 @@ def job_not_found(state: AppState, job_id: str) -> ApiError:
     created = job_created_at(job_id)
     ttl = state.settings.job_result_ttl_s
     if created is not None and time.time() - created > ttl:
-        return ApiError(404, f"job {job_id!r} has expired: jobs and their results are kept for {ttl} s after their last update", code="job_expired", param="job_id")
+        message = f"job {job_id!r} has expired: jobs and their results are kept for {ttl} s after their last update"
+        return ApiError(404, message, code="job_expired", param="job_id")
     return ApiError(404, f"no job with id {job_id!r}", code="job_not_found", param="job_id")
 
 

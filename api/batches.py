@@ -113,7 +113,9 @@ async def _parse_line(state: AppState, owner: str, number: int, text: str, seen:
     return BatchLine(custom_id=custom_id, job_id=job.id)
 
 
-async def create_batch(state: AppState, owner: str, input_file_id: str, endpoint: str, completion_window: str, metadata: dict[str, str] | None, request_id: str) -> BatchObject:
+async def create_batch(
+    state: AppState, owner: str, input_file_id: str, endpoint: str, completion_window: str, metadata: dict[str, str] | None, request_id: str
+) -> BatchObject:
     if endpoint != ENDPOINT:
         raise ApiError(400, f"endpoint {endpoint!r} is not supported: this service batches only {ENDPOINT}", code="invalid_endpoint", param="endpoint")
     if completion_window != COMPLETION_WINDOW:
@@ -128,14 +130,16 @@ async def create_batch(state: AppState, owner: str, input_file_id: str, endpoint
     if not texts:
         raise ApiError(400, f"file {input_file_id!r} holds no requests", code="invalid_file", param="input_file_id")
     if len(texts) > MAX_BATCH_LINES:
-        raise ApiError(400, f"file {input_file_id!r} holds {len(texts)} requests, over the limit of {MAX_BATCH_LINES} per batch", code="invalid_file", param="input_file_id")
+        message = f"file {input_file_id!r} holds {len(texts)} requests, over the limit of {MAX_BATCH_LINES} per batch"
+        raise ApiError(400, message, code="invalid_file", param="input_file_id")
     seen: set[str] = set()
     lines = [await _parse_line(state, owner, number, text, seen, request_id) for number, text in enumerate(texts, 1)]
     now = int(time.time())
     ttl = state.settings.job_result_ttl_s
     batch = BatchObject(
         id=f"batch_{secrets.token_hex(12)}", endpoint=endpoint, input_file_id=input_file_id, completion_window=completion_window, status="in_progress",
-        created_at=now, in_progress_at=now, expires_at=now + 24 * 3600, request_counts=RequestCounts(total=len(lines), completed=0, failed=0), metadata=metadata,
+        created_at=now, in_progress_at=now, expires_at=now + 24 * 3600, metadata=metadata,
+        request_counts=RequestCounts(total=len(lines), completed=0, failed=0),
     )  # fmt: skip
     record = _Record(batch=batch, owner=owner, lines=lines)
     pipe = state.redis.pipeline(transaction=True)
@@ -253,4 +257,10 @@ async def list_batches(state: AppState, owner: str, after: str | None, limit: in
         except ApiError:
             continue  # expired
     page = batches[:limit]
-    return {"object": "list", "data": [b.model_dump() for b in page], "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None, "has_more": len(batches) > limit}
+    return {
+        "object": "list",
+        "data": [b.model_dump() for b in page],
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+        "has_more": len(batches) > limit,
+    }
