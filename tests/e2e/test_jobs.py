@@ -138,3 +138,16 @@ def test_job_input_limit_and_model_checks(service: Service) -> None:
         assert client.post("/v1/jobs", json={"input": []}).status_code == 400
         too_wide = client.post("/v1/jobs", json={"input": [data_uri(JPEG)], "dimensions": 999})
         assert too_wide.status_code == 400 and too_wide.json()["error"]["param"] == "dimensions"
+
+
+def test_job_answers_show_what_clients_see_and_nothing_stored_beside_it(service: Service) -> None:
+    """Submit, status and cancel answer the same fields in the same order; how the results are
+    presented and whose the job is stay in Redis."""
+    fields = ["id", "object", "status", "model", "total", "completed", "failed", "created_at", "finished_at"]
+    with service.client() as client:
+        job = submit(client, {"input": [data_uri(JPEG)] * 3, "pooling": "mean", "encoding_format": "base64", "dimensions": 8})
+        assert list(job) == fields and (job["object"], job["total"], job["finished_at"]) == ("embedding.job", 3, None)
+        status = client.get(f"/v1/jobs/{job['id']}").json()
+        assert list(status) == fields and status["id"] == job["id"]
+        cancelled = client.delete(f"/v1/jobs/{job['id']}").json()
+        assert list(cancelled) == fields and cancelled["finished_at"] is not None
