@@ -36,6 +36,7 @@ class JobResultsPage(BaseModel):
     has_more: bool
 
 
+# The routes return the stored JobRecord; response_model=JobView keeps the answer to what clients see.
 @router.post("/jobs", status_code=202, response_model=JobView, responses=ERROR_RESPONSES, summary="Submit an embedding job (large inputs allowed)")
 async def submit_job(body: EmbeddingRequest, request: Request, key_id: KeyId, state: AppState = Depends(get_state)) -> JobView:
     job = await create_job(state, body, request.state.request_id, key_id)
