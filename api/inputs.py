@@ -36,7 +36,7 @@ class ParsedInput:
 
 
 def _bad(index: int, message: str, code: ErrorCode = ErrorCode.INVALID_IMAGE) -> ApiError:
-    return ApiError(400, f"input[{index}]: {message}", code=code, param=f"input[{index}]")
+    return ApiError(code, f"input[{index}]: {message}", param=f"input[{index}]")
 
 
 def _standard_base64(payload: str) -> str:
