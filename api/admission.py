@@ -116,7 +116,11 @@ class AdmissionLedger:
             return Admission(model, work_id)
         if verdict[1] == b"depth":
             retry = _retry_after(per_image * images) if per_image > 0 else "2"
-            raise ApiError(ErrorCode.QUEUE_FULL, f"model {model!r} has {int(verdict[2])} requests waiting (limit {self._max_requests}); retry later", headers={"Retry-After": retry})
+            raise ApiError(
+                ErrorCode.QUEUE_FULL,
+                f"model {model!r} has {int(verdict[2])} requests waiting (limit {self._max_requests}); retry later",
+                headers={"Retry-After": retry},
+            )
         wait_s = int(verdict[2]) / 1000
         raise ApiError(
             ErrorCode.QUEUE_FULL,

@@ -93,7 +93,11 @@ def job_not_found(state: AppState, job_id: str) -> ApiError:
     created = job_created_at(job_id)
     ttl = state.settings.job_result_ttl_s
     if created is not None and time.time() - created > ttl:
-        return ApiError(ErrorCode.JOB_EXPIRED, f"job {job_id!r} has expired: jobs and their results are kept for {ttl} s after their last update", param="job_id")
+        return ApiError(
+            ErrorCode.JOB_EXPIRED,
+            f"job {job_id!r} has expired: jobs and their results are kept for {ttl} s after their last update",
+            param="job_id",
+        )
     return ApiError(ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id!r}", param="job_id")
 
 

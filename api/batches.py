@@ -84,7 +84,10 @@ async def _parse_line(state: AppState, owner: str, number: int, text: str, seen:
         return BatchLine(custom_id=f"line-{number}", error=_line_error(ErrorCode.INVALID_REQUEST, f"line {number}: custom_id must be a non-empty string"))
     custom_id = request["custom_id"]
     if custom_id in seen:
-        return BatchLine(custom_id=custom_id, error=_line_error(ErrorCode.DUPLICATE_CUSTOM_ID, f"line {number}: custom_id {custom_id!r} is used by an earlier line"))
+        return BatchLine(
+            custom_id=custom_id,
+            error=_line_error(ErrorCode.DUPLICATE_CUSTOM_ID, f"line {number}: custom_id {custom_id!r} is used by an earlier line"),
+        )
     seen.add(custom_id)
     if request.get("method") != "POST" or request.get("url") != ENDPOINT:
         return BatchLine(custom_id=custom_id, error=_line_error(ErrorCode.INVALID_REQUEST, f'line {number}: method must be "POST" and url "{ENDPOINT}"'))
@@ -116,7 +119,11 @@ async def create_batch(state: AppState, owner: str, input_file_id: str, endpoint
     if not texts:
         raise ApiError(ErrorCode.INVALID_FILE, f"file {input_file_id!r} holds no requests", param="input_file_id")
     if len(texts) > MAX_BATCH_LINES:
-        raise ApiError(ErrorCode.INVALID_FILE, f"file {input_file_id!r} holds {len(texts)} requests, over the limit of {MAX_BATCH_LINES} per batch", param="input_file_id")
+        raise ApiError(
+            ErrorCode.INVALID_FILE,
+            f"file {input_file_id!r} holds {len(texts)} requests, over the limit of {MAX_BATCH_LINES} per batch",
+            param="input_file_id",
+        )
     seen: set[str] = set()
     lines = [await _parse_line(state, owner, number, text, seen, request_id) for number, text in enumerate(texts, 1)]
     now = int(time.time())

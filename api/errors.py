@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 INVALID = "invalid_request_error"
 SERVER = "server_error"
+# The only place a code gets its HTTP status and OpenAI error type.
 ERRORS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.INVALID_REQUEST: (400, INVALID),
     ErrorCode.INVALID_JSON: (400, INVALID),

@@ -66,7 +66,8 @@ class ObservabilityMiddleware:
             metrics.REQUESTS.labels(route, scope["method"], model, str(status), key).inc()
             metrics.LATENCY.labels(route, scope["method"]).observe(seconds)
             if route != "/metrics":
-                access_log.info("request", extra={"method": scope["method"], "path": scope["path"], "route": route, "status": status, "model": model, "key": key, "seconds": round(seconds, 4)})
+                line = {"method": scope["method"], "path": scope["path"], "route": route, "status": status, "model": model, "key": key}
+                access_log.info("request", extra={**line, "seconds": round(seconds, 4)})
             request_id_var.reset(token)
 
 
@@ -102,7 +103,9 @@ class BodyLimitMiddleware:
     ended and the connection closed. A 408 goes to a client too slow to be worth that wait.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, budget: BodyBudget, timeout_s: float, drain_bytes: int | None = None, drain_s: float = DRAIN_SECONDS) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, budget: BodyBudget, timeout_s: float, drain_bytes: int | None = None, drain_s: float = DRAIN_SECONDS
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.budget = budget

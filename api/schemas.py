@@ -36,7 +36,10 @@ class ImageObject(BaseModel):
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "facebook/dinov2-small", "input": "https://example.com/cat.jpg", "pooling": "cls"}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"model": "facebook/dinov2-small", "input": "https://example.com/cat.jpg", "pooling": "cls"}]},
+    )
 
     model: str | None = Field(None, description="Model id from /v1/models; the default model when absent.")
     input: str | list[str | ImageObject] = Field(description="One image (URL, data URI or base64) or a list of them.", min_length=1)
@@ -71,9 +74,12 @@ class EmbeddingRequest(BaseModel):
                 try:
                     ImageObject.model_validate(item)
                 except ValidationError as exc:
-                    errors += [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=(position, *e["loc"]), input=e["input"]) for e in exc.errors()]
+                    errors += [
+                        InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=(position, *e["loc"]), input=e["input"]) for e in exc.errors()
+                    ]
             elif not isinstance(item, str):
-                errors.append(InitErrorDetails(type=PydanticCustomError("image_input", "expected a URL, data URI or base64 string, or an image object"), loc=(position,), input=item))
+                reason = PydanticCustomError("image_input", "expected a URL, data URI or base64 string, or an image object")
+                errors.append(InitErrorDetails(type=reason, loc=(position,), input=item))
             if len(errors) >= MAX_REPORTED_INPUT_ERRORS:
                 break
         if errors:

@@ -141,7 +141,12 @@ async def _wait_for_reply(state: AppState, payload: EmbedPayload, client_gone: C
             holder = await _holder_state(state, payload)
             if holder == NO_WORKER:
                 # Waiting on could only end in 504; a worker that comes back later finds it withdrawn.
-                raise ApiError(ErrorCode.MODEL_NOT_SERVED, f"no worker is serving model {payload.model!r} any more; retry later", param="model", headers={"Retry-After": "5"})
+                raise ApiError(
+                    ErrorCode.MODEL_NOT_SERVED,
+                    f"no worker is serving model {payload.model!r} any more; retry later",
+                    param="model",
+                    headers={"Retry-After": "5"},
+                )
             if holder == HOLDER_LOST and redispatched < MAX_REDISPATCHES:
                 redispatched += 1
                 log.warning("the worker holding a request stopped heartbeating; sending the request again", extra={"model": payload.model, "attempt": redispatched + 1})

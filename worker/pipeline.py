@@ -161,7 +161,12 @@ class ModelRuntime:
             metrics.IMAGES.labels(self.model.model_id, "failed").inc()
             return ItemResult(index=index, error=ItemError(message=f"inference failed: {type(exc).__name__}: {exc}", code=ErrorCode.INFERENCE_FAILED))
         metrics.IMAGES.labels(self.model.model_id, "embedded").inc()
-        return ItemResult(index=index, cls_b64=encode_f32(embedding.cls.numpy()), mean_b64=encode_f32(embedding.mean.numpy()), tokens=self.model.info.tokens_per_image)
+        return ItemResult(
+            index=index,
+            cls_b64=encode_f32(embedding.cls.numpy()),
+            mean_b64=encode_f32(embedding.mean.numpy()),
+            tokens=self.model.info.tokens_per_image,
+        )
 
     def stop(self) -> None:
         self._batcher.stop()

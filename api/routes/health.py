@@ -32,7 +32,10 @@ async def ready(state: StateDep) -> JSONBytesResponse:
         await state.redis.ping()
         workers = await live_workers(state, model)
     except RedisError as exc:
-        return JSONBytesResponse({"status": "unavailable", "redis": f"unreachable ({type(exc).__name__})", "default_model": model, "workers": 0}, status_code=503)
+        return JSONBytesResponse(
+            {"status": "unavailable", "redis": f"unreachable ({type(exc).__name__})", "default_model": model, "workers": 0},
+            status_code=503,
+        )
     body = {"status": "ready" if workers else "unavailable", "redis": "ok", "default_model": model, "workers": workers}
     return JSONBytesResponse(body, status_code=200 if workers else 503)
 

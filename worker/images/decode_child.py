@@ -53,7 +53,8 @@ def _decode(data: bytes, limits: DecodeLimits, replies: socket.socket, pixels: i
     except ImageInputError as exc:
         reply = {"ok": False, "code": exc.code, "message": exc.message}
     except MemoryError:
-        reply = {"ok": False, "code": ErrorCode.IMAGE_TOO_LARGE, "message": "decoding the image needs more memory than its budget (IMBEDDINGS_DECODE_MAX_BYTES)"}
+        message = "decoding the image needs more memory than its budget (IMBEDDINGS_DECODE_MAX_BYTES)"
+        reply = {"ok": False, "code": ErrorCode.IMAGE_TOO_LARGE, "message": message}
     except Exception as exc:  # a decoder's unexpected error is still this image's fault
         reply = {"ok": False, "code": ErrorCode.INVALID_IMAGE, "message": f"image could not be decoded: {type(exc).__name__}: {exc}"}
     replies.sendall(json.dumps(reply).encode())

@@ -192,7 +192,8 @@ class DecodePool:
             if used > self.cpu_seconds:
                 log.warning("decode abandoned past its CPU budget", extra={"cpu_seconds": round(used, 2), "image_bytes": len(data)})
                 raise ImageInputError(
-                    ErrorCode.DECODE_BUDGET_EXCEEDED, f"decoding the image took more than {self.cpu_seconds:g} CPU seconds (IMBEDDINGS_DECODE_CPU_SECONDS) and was abandoned"
+                    ErrorCode.DECODE_BUDGET_EXCEEDED,
+                    f"decoding the image took more than {self.cpu_seconds:g} CPU seconds (IMBEDDINGS_DECODE_CPU_SECONDS) and was abandoned",
                 )
             if deadline is not None and time.time() > deadline:
                 raise ImageInputError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed while the image was being decoded")

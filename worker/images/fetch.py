@@ -156,7 +156,10 @@ def ascii_host(host: str) -> str:
         if len(label) > 63:
             raise ImageInputError(ErrorCode.INVALID_URL, f"host {host!r} has a label of {len(label)} characters (at most 63)")
         if not _LABEL.fullmatch(label):
-            raise ImageInputError(ErrorCode.INVALID_URL, f"host {host!r} is not a valid host name (empty label or a character other than letters, digits, '-', '_')")
+            raise ImageInputError(
+                ErrorCode.INVALID_URL,
+                f"host {host!r} is not a valid host name (empty label or a character other than letters, digits, '-', '_')",
+            )
     return host
 
 
@@ -227,7 +230,10 @@ class Fetcher:
             if not is_forbidden(address, self.limits.allowed_networks):
                 allowed.setdefault(sockaddr[0], sockaddr)
         if not allowed:
-            raise ImageInputError(ErrorCode.URL_FORBIDDEN_ADDRESS, f"host {target.host!r} resolves only to addresses that may not be fetched (private, loopback, link-local, multicast or reserved)")
+            raise ImageInputError(
+                ErrorCode.URL_FORBIDDEN_ADDRESS,
+                f"host {target.host!r} resolves only to addresses that may not be fetched (private, loopback, link-local, multicast or reserved)",
+            )
         return list(allowed.items())
 
     def _connect(self, target: Target, addresses: list[tuple[str, tuple]], deadline: float) -> Connection:

@@ -61,19 +61,26 @@ def _check_jpeg(data: bytes, limits: StructureLimits) -> None:
             continue
         segments += 1
         if segments > limits.max_segments:
-            raise ImageInputError(ErrorCode.TOO_MANY_SEGMENTS, f"JPEG has more than {limits.max_segments} marker segments (limit IMBEDDINGS_MAX_IMAGE_SEGMENTS)")
+            raise ImageInputError(
+                ErrorCode.TOO_MANY_SEGMENTS,
+                f"JPEG has more than {limits.max_segments} marker segments (limit IMBEDDINGS_MAX_IMAGE_SEGMENTS)",
+            )
         length = struct.unpack_from(">H", data, position + 2)[0]
         if 0xE0 <= marker <= 0xEF or marker == 0xFE:
             metadata += length - 2
             if metadata > limits.max_metadata_bytes:
                 raise ImageInputError(
-                    ErrorCode.METADATA_TOO_LARGE, f"JPEG has more than {limits.max_metadata_bytes} bytes of APPn/COM metadata (limit IMBEDDINGS_MAX_METADATA_BYTES)"
+                    ErrorCode.METADATA_TOO_LARGE,
+                    f"JPEG has more than {limits.max_metadata_bytes} bytes of APPn/COM metadata (limit IMBEDDINGS_MAX_METADATA_BYTES)",
                 )
         position += 2 + length
         if marker == 0xDA:  # SOS: its entropy-coded data runs to the next marker
             scans += 1
             if scans > limits.jpeg_max_scans:
-                raise ImageInputError(ErrorCode.TOO_MANY_SCANS, f"progressive JPEG has more than {limits.jpeg_max_scans} scans (limit IMBEDDINGS_JPEG_MAX_SCANS)")
+                raise ImageInputError(
+                    ErrorCode.TOO_MANY_SCANS,
+                    f"progressive JPEG has more than {limits.jpeg_max_scans} scans (limit IMBEDDINGS_JPEG_MAX_SCANS)",
+                )
             found = _JPEG_MARKER_IN_SCAN.search(data, position)
             if found is None:
                 return
@@ -96,7 +103,8 @@ def _check_png(data: bytes, limits: StructureLimits) -> None:
             metadata += length
             if metadata > limits.max_metadata_bytes:
                 raise ImageInputError(
-                    ErrorCode.METADATA_TOO_LARGE, f"PNG has more than {limits.max_metadata_bytes} bytes of ancillary chunks (limit IMBEDDINGS_MAX_METADATA_BYTES)"
+                    ErrorCode.METADATA_TOO_LARGE,
+                    f"PNG has more than {limits.max_metadata_bytes} bytes of ancillary chunks (limit IMBEDDINGS_MAX_METADATA_BYTES)",
                 )
         if kind == b"IEND":
             return
@@ -125,7 +133,10 @@ def _check_tiff(data: bytes, limits: StructureLimits) -> None:
         return
     count = struct.unpack_from(order + "H", data, directory)[0]
     if count > limits.max_segments:
-        raise ImageInputError(ErrorCode.TOO_MANY_SEGMENTS, f"TIFF directory has {count} entries, over the limit of {limits.max_segments} (IMBEDDINGS_MAX_IMAGE_SEGMENTS)")
+        raise ImageInputError(
+            ErrorCode.TOO_MANY_SEGMENTS,
+            f"TIFF directory has {count} entries, over the limit of {limits.max_segments} (IMBEDDINGS_MAX_IMAGE_SEGMENTS)",
+        )
     values: dict[int, int] = {}
     for entry in range(count):
         base = directory + 2 + 12 * entry
