@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import redis.asyncio
 
 from api.errors import ApiError
+from shared.errors import ErrorCode
 from shared.keys import Keys
 
 # KEYS: ledger (zset id -> deadline), images (hash id -> count, plus 'total').
@@ -103,10 +104,9 @@ class AdmissionLedger:
         per_image = await self.seconds_per_image(model)
         if per_image > 0 and images * per_image > timeout:
             raise ApiError(
-                400,
+                ErrorCode.REQUEST_EXCEEDS_TIMEOUT,
                 f"{images} images need about {images * per_image:.0f} s of the model's time, more than the request timeout of {timeout:g} s; "
                 "send fewer per request or submit a job (POST /v1/jobs)",
-                code="request_exceeds_timeout",
                 param="input",
             )
         keys = [self._keys.admitted(model), self._keys.admitted_images(model)]
@@ -116,12 +116,15 @@ class AdmissionLedger:
             return Admission(model, work_id)
         if verdict[1] == b"depth":
             retry = _retry_after(per_image * images) if per_image > 0 else "2"
-            raise ApiError(429, f"model {model!r} has {int(verdict[2])} requests waiting (limit {self._max_requests}); retry later", code="queue_full", headers={"Retry-After": retry})
+            raise ApiError(
+                ErrorCode.QUEUE_FULL,
+                f"model {model!r} has {int(verdict[2])} requests waiting (limit {self._max_requests}); retry later",
+                headers={"Retry-After": retry},
+            )
         wait_s = int(verdict[2]) / 1000
         raise ApiError(
-            429,
+            ErrorCode.QUEUE_FULL,
             f"model {model!r} is busy: this request would wait about {wait_s:.0f} s, longer than the request timeout of {timeout:g} s; retry later",
-            code="queue_full",
             headers={"Retry-After": _retry_after(wait_s - timeout)},
         )
 

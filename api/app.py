@@ -50,7 +50,10 @@ def create_app(settings: Settings) -> FastAPI:
     }
     # The docs pages load Swagger UI and ReDoc from the fastapi-offline package, not from a CDN, so
     # they work on an air-gapped host.
-    app = FastAPIOffline(**about, docs_url="/docs", redoc_url="/redoc", static_url=DOCS_ASSETS) if settings.docs_enabled else FastAPI(**about, docs_url=None, redoc_url=None, openapi_url=None)
+    if settings.docs_enabled:
+        app: FastAPI = FastAPIOffline(**about, docs_url="/docs", redoc_url="/redoc", static_url=DOCS_ASSETS)
+    else:
+        app = FastAPI(**about, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.include_router(embeddings.router)
@@ -61,6 +64,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v1)
     app.include_router(health.router)
     # Added last runs first: a refused oversize body is still counted, logged and given an id.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, budget=BodyBudget(settings.max_buffered_bytes), timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        budget=BodyBudget(settings.max_buffered_bytes),
+        timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(ObservabilityMiddleware)
     return app

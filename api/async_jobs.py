@@ -11,13 +11,13 @@ import orjson
 from redis.exceptions import RedisError
 
 from api import metrics
-from api.errors import ApiError
-from api.inputs import ParsedImage, parse_inputs
-from api.presenters import embedding_item, item_error_body
-from api.schemas import EmbeddingRequest
+from api.errors import ApiError, item_error, item_error_body
+from api.inputs import ParsedInput, parse_inputs
+from api.schemas import EmbeddingRequest, embedding_item
 from api.served_models import resolve_model, validate_dimensions
 from api.state import AppState
 from api.sync_requests import check_job_backpressure, publish, stash_images
+from shared.errors import ErrorCode
 from shared.protocol import ItemResult, JobChunkPayload
 from shared.queues import JOB_CHUNK_TASK
 from shared.store.jobs import JobRecord, job_created_at, new_job_id
@@ -56,7 +56,7 @@ async def create_job(state: AppState, body: EmbeddingRequest, request_id: str, o
     return await get_job(state, job.id, owner)
 
 
-async def _store_and_publish(state: AppState, job: JobRecord, images: list[ParsedImage], accepted: list[ParsedImage], request_id: str) -> None:
+async def _store_and_publish(state: AppState, job: JobRecord, images: list[ParsedInput], accepted: list[ParsedInput], request_id: str) -> None:
     # Order matters: image bytes, then the job record, then the tasks that need both.
     refs = await stash_images(state, state.jobs.keys.blobs(job.id), accepted, state.settings.job_result_ttl_s)
     await state.jobs.create(job)
@@ -86,9 +86,12 @@ def job_not_found(state: AppState, job_id: str) -> ApiError:
     created = job_created_at(job_id)
     ttl = state.settings.job_result_ttl_s
     if created is not None and time.time() - created > ttl:
-        message = f"job {job_id!r} has expired: jobs and their results are kept for {ttl} s after their last update"
-        return ApiError(404, message, code="job_expired", param="job_id")
-    return ApiError(404, f"no job with id {job_id!r}", code="job_not_found", param="job_id")
+        return ApiError(
+            ErrorCode.JOB_EXPIRED,
+            f"job {job_id!r} has expired: jobs and their results are kept for {ttl} s after their last update",
+            param="job_id",
+        )
+    return ApiError(ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id!r}", param="job_id")
 
 
 async def get_job(state: AppState, job_id: str, owner: str) -> JobRecord:
@@ -107,7 +110,7 @@ async def cancel_job(state: AppState, job_id: str, owner: str) -> JobRecord:
 async def _readable_job(state: AppState, job_id: str, owner: str) -> JobRecord:
     job = await get_job(state, job_id, owner)
     if job.results_deleted:
-        raise ApiError(404, f"the results of job {job_id!r} were deleted (the job was cancelled or deleted)", code="job_results_deleted", param="job_id")
+        raise ApiError(ErrorCode.JOB_RESULTS_DELETED, f"the results of job {job_id!r} were deleted (the job was cancelled or deleted)", param="job_id")
     return job
 
 
@@ -119,7 +122,7 @@ def _item(job: JobRecord, result: ItemResult) -> dict[str, object]:
     except ApiError as exc:
         # Vectors shorter than the job's dimensions, stored by a worker that did not check them
         # (before an upgrade): that item failed, the read does not.
-        return {"index": result.index, "error": {"message": exc.message, "type": exc.type, "code": exc.code}}
+        return item_error(result.index, exc.code, exc.message)
 
 
 async def item_results(state: AppState, job: JobRecord, start: int, stop: int) -> list[ItemResult]:

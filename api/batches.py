@@ -18,11 +18,11 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from api.async_jobs import cancel_job, create_job, get_job, item_results
-from api.errors import ApiError
+from api.errors import ApiError, error_body, first_failure
 from api.files import file_content, get_file, store_file
-from api.presenters import embedding_dim, embedding_item, first_failure
-from api.schemas import EmbeddingRequest
+from api.schemas import EmbeddingRequest, embedding_dim, embedding_item
 from api.state import AppState
+from shared.errors import ErrorCode
 
 ENDPOINT = "/v1/embeddings"
 COMPLETION_WINDOW = "24h"
@@ -83,7 +83,7 @@ def _owner_batches_key(state: AppState, owner: str) -> str:
     return f"{state.settings.redis_key_prefix}batches:{owner}"
 
 
-def _line_error(code: str, message: str) -> dict[str, str]:
+def _line_error(code: ErrorCode, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
 
 
@@ -91,25 +91,28 @@ async def _parse_line(state: AppState, owner: str, number: int, text: str, seen:
     try:
         request = json.loads(text)
     except ValueError as exc:
-        return BatchLine(custom_id=f"line-{number}", error=_line_error("invalid_json", f"line {number}: not JSON ({exc})"))
+        return BatchLine(custom_id=f"line-{number}", error=_line_error(ErrorCode.INVALID_JSON, f"line {number}: not JSON ({exc})"))
     if not isinstance(request, dict) or not isinstance(request.get("custom_id"), str) or not request["custom_id"]:
-        return BatchLine(custom_id=f"line-{number}", error=_line_error("invalid_request", f"line {number}: custom_id must be a non-empty string"))
+        return BatchLine(custom_id=f"line-{number}", error=_line_error(ErrorCode.INVALID_REQUEST, f"line {number}: custom_id must be a non-empty string"))
     custom_id = request["custom_id"]
     if custom_id in seen:
-        return BatchLine(custom_id=custom_id, error=_line_error("duplicate_custom_id", f"line {number}: custom_id {custom_id!r} is used by an earlier line"))
+        return BatchLine(
+            custom_id=custom_id,
+            error=_line_error(ErrorCode.DUPLICATE_CUSTOM_ID, f"line {number}: custom_id {custom_id!r} is used by an earlier line"),
+        )
     seen.add(custom_id)
     if request.get("method") != "POST" or request.get("url") != ENDPOINT:
-        return BatchLine(custom_id=custom_id, error=_line_error("invalid_request", f'line {number}: method must be "POST" and url "{ENDPOINT}"'))
+        return BatchLine(custom_id=custom_id, error=_line_error(ErrorCode.INVALID_REQUEST, f'line {number}: method must be "POST" and url "{ENDPOINT}"'))
     try:
         body = EmbeddingRequest.model_validate(request.get("body"))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = "".join(f".{part}" for part in first["loc"])
-        return BatchLine(custom_id=custom_id, error=_line_error("invalid_request", f"line {number}: body{where}: {first['msg']}"))
+        return BatchLine(custom_id=custom_id, error=_line_error(ErrorCode.INVALID_REQUEST, f"line {number}: body{where}: {first['msg']}"))
     try:
         job = await create_job(state, body, request_id, owner)
     except ApiError as exc:
-        return BatchLine(custom_id=custom_id, error=_line_error(exc.code or "invalid_request", f"line {number}: {exc.message}"))
+        return BatchLine(custom_id=custom_id, error=_line_error(exc.code, f"line {number}: {exc.message}"))
     return BatchLine(custom_id=custom_id, job_id=job.id)
 
 
@@ -117,21 +120,24 @@ async def create_batch(
     state: AppState, owner: str, input_file_id: str, endpoint: str, completion_window: str, metadata: dict[str, str] | None, request_id: str
 ) -> BatchObject:
     if endpoint != ENDPOINT:
-        raise ApiError(400, f"endpoint {endpoint!r} is not supported: this service batches only {ENDPOINT}", code="invalid_endpoint", param="endpoint")
+        raise ApiError(ErrorCode.INVALID_ENDPOINT, f"endpoint {endpoint!r} is not supported: this service batches only {ENDPOINT}", param="endpoint")
     if completion_window != COMPLETION_WINDOW:
-        raise ApiError(400, f"completion_window must be {COMPLETION_WINDOW!r}", code="invalid_completion_window", param="completion_window")
+        raise ApiError(ErrorCode.INVALID_COMPLETION_WINDOW, f"completion_window must be {COMPLETION_WINDOW!r}", param="completion_window")
     file = await get_file(state, owner, input_file_id)
     if file.purpose != "batch":
-        raise ApiError(400, f"file {input_file_id!r} has purpose {file.purpose!r}, not 'batch'", code="invalid_file", param="input_file_id")
+        raise ApiError(ErrorCode.INVALID_FILE, f"file {input_file_id!r} has purpose {file.purpose!r}, not 'batch'", param="input_file_id")
     try:
         texts = [text for text in (await file_content(state, owner, input_file_id)).decode("utf-8").splitlines() if text.strip()]
     except UnicodeDecodeError:
-        raise ApiError(400, f"file {input_file_id!r} is not UTF-8 JSONL", code="invalid_file", param="input_file_id") from None
+        raise ApiError(ErrorCode.INVALID_FILE, f"file {input_file_id!r} is not UTF-8 JSONL", param="input_file_id") from None
     if not texts:
-        raise ApiError(400, f"file {input_file_id!r} holds no requests", code="invalid_file", param="input_file_id")
+        raise ApiError(ErrorCode.INVALID_FILE, f"file {input_file_id!r} holds no requests", param="input_file_id")
     if len(texts) > MAX_BATCH_LINES:
-        message = f"file {input_file_id!r} holds {len(texts)} requests, over the limit of {MAX_BATCH_LINES} per batch"
-        raise ApiError(400, message, code="invalid_file", param="input_file_id")
+        raise ApiError(
+            ErrorCode.INVALID_FILE,
+            f"file {input_file_id!r} holds {len(texts)} requests, over the limit of {MAX_BATCH_LINES} per batch",
+            param="input_file_id",
+        )
     seen: set[str] = set()
     lines = [await _parse_line(state, owner, number, text, seen, request_id) for number, text in enumerate(texts, 1)]
     now = int(time.time())
@@ -155,7 +161,7 @@ async def _load(state: AppState, owner: str, batch_id: str) -> _Record:
     raw = await state.redis.hget(_batch_key(state, batch_id), "record")
     record = _Record.model_validate_json(raw) if raw is not None else None
     if record is None or record.owner != owner:
-        raise ApiError(404, f"no batch with id {batch_id!r}", code="batch_not_found", param="batch_id")
+        raise ApiError(ErrorCode.BATCH_NOT_FOUND, f"no batch with id {batch_id!r}", param="batch_id")
     return record
 
 
@@ -196,16 +202,15 @@ async def _outcome(state: AppState, owner: str, line: BatchLine, request_number:
     try:
         job = await get_job(state, line.job_id, owner)
     except ApiError as exc:
-        entry["error"] = _line_error(exc.code or "job_not_found", exc.message)
+        entry["error"] = _line_error(exc.code, exc.message)
         return entry, False
     if job.status != "completed" or job.results_deleted:
-        entry["error"] = _line_error("batch_cancelled", "the batch was cancelled before this request finished")
+        entry["error"] = _line_error(ErrorCode.BATCH_CANCELLED, "the batch was cancelled before this request finished")
         return entry, False
     results = await item_results(state, job, 0, job.total)
     failure = first_failure(results)
     if failure is not None:
-        error = {"message": failure.message, "type": failure.type, "param": failure.param, "code": failure.code}
-        entry["response"] = {"status_code": failure.status, "request_id": job.id, "body": {"error": error}}
+        entry["response"] = {"status_code": failure.status, "request_id": job.id, "body": {"error": error_body(failure.code, failure.message, failure.param)}}
         return entry, False
     tokens = sum(result.tokens or 0 for result in results)
     usage = {"prompt_tokens": tokens, "total_tokens": tokens, "input_images": len(results), "embedding_dim": job.dimensions or embedding_dim(results[0])}

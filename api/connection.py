@@ -15,10 +15,11 @@ import asyncio
 from asyncio import TimerHandle
 from typing import Any
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from api import metrics
+from api.errors import ERRORS, error_json
+from shared.errors import ErrorCode
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -60,7 +61,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
                 metrics.CONNECTIONS_REFUSED.labels("header_too_large").inc()
-                self._refuse(431, f"request line and headers are larger than the limit of {self.max_header_bytes} bytes", "headers_too_large")
+                self._refuse(ErrorCode.HEADERS_TOO_LARGE, f"request line and headers are larger than the limit of {self.max_header_bytes} bytes")
 
     def _start_head(self) -> None:
         self._reading_head = True
@@ -84,9 +85,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._end_head()
             self.transport.close()
             return
-        self._refuse(408, f"request headers did not arrive within {self.header_timeout_s:g} s", "header_timeout")
+        self._refuse(ErrorCode.HEADER_TIMEOUT, f"request headers did not arrive within {self.header_timeout_s:g} s")
 
-    def _refuse(self, status: int, message: str, code: str) -> None:
+    def _refuse(self, code: ErrorCode, message: str) -> None:
         self._end_head()
         if self.cycle is not None and not self.cycle.response_complete:
             # A response to an earlier request is still going out on this connection: let it finish,
@@ -94,9 +95,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
             self.flow.pause_reading()
             return
-        body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}})
+        body = error_json(code, message)
         head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-        self.transport.write(STATUS_LINE[status] + head + body)
+        self.transport.write(STATUS_LINE[ERRORS[code][0]] + head + body)
         self.transport.close()
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from api.errors import ApiError
 from api.state import AppState
+from shared.errors import ErrorCode
 
 FilePurpose = Literal["batch", "batch_output"]
 
@@ -50,7 +51,7 @@ async def store_file(state: AppState, owner: str, filename: str, purpose: FilePu
 
 
 def _not_found(file_id: str) -> ApiError:
-    return ApiError(404, f"no file with id {file_id!r} (files are kept as long as job results)", code="file_not_found", param="file_id")
+    return ApiError(ErrorCode.FILE_NOT_FOUND, f"no file with id {file_id!r} (files are kept as long as job results)", param="file_id")
 
 
 async def get_file(state: AppState, owner: str, file_id: str) -> FileObject:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import binascii
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from api.errors import ApiError
 from api.schemas import ImageObject
+from shared.errors import ErrorCode
 from shared.protocol import ItemError
+from shared.urls import InvalidUrl, split_http_url
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.IGNORECASE)
@@ -23,8 +24,10 @@ _URL_SAFE = str.maketrans("-_", "+/")
 
 
 @dataclass(frozen=True)
-class ParsedImage:
-    """One input: a URL for the worker to fetch, the image's bytes, or why it was refused."""
+class ParsedInput:
+    """The API's reading of one item of ``input``: a URL for the worker to fetch, the image's bytes,
+    or why it was refused (a job's lenient parse). ``api.sync_requests`` and ``api.async_jobs`` turn it
+    into the ``ImageRef`` that crosses the queue."""
 
     index: int
     url: str | None = None
@@ -32,8 +35,8 @@ class ParsedImage:
     error: ItemError | None = None
 
 
-def _bad(index: int, message: str, code: str = "invalid_image") -> ApiError:
-    return ApiError(400, f"input[{index}]: {message}", code=code, param=f"input[{index}]")
+def _bad(index: int, message: str, code: ErrorCode = ErrorCode.INVALID_IMAGE) -> ApiError:
+    return ApiError(code, f"input[{index}]: {message}", param=f"input[{index}]")
 
 
 def _standard_base64(payload: str) -> str:
@@ -46,22 +49,22 @@ def _standard_base64(payload: str) -> str:
     return payload + "=" * (-len(payload) % 4) if len(payload) % 4 != 1 else payload
 
 
-def _base64_ref(index: int, payload: str, max_image_bytes: int) -> ParsedImage:
+def _base64_ref(index: int, payload: str, max_image_bytes: int) -> ParsedInput:
     payload = "".join(payload.split())  # line-wrapped base64 is common; str.split is the fast way out
     if not payload:
         raise _bad(index, "image data is empty")
     if len(payload) // 4 * 3 > max_image_bytes + 3:
-        raise _bad(index, f"image is about {len(payload) // 4 * 3} bytes, over the limit of {max_image_bytes} bytes", "image_too_large")
+        raise _bad(index, f"image is about {len(payload) // 4 * 3} bytes, over the limit of {max_image_bytes} bytes", ErrorCode.IMAGE_TOO_LARGE)
     try:
         data = binascii.a2b_base64(_standard_base64(payload), strict_mode=True)
     except ValueError as exc:  # binascii.Error, or non-ASCII text
-        raise _bad(index, f"not a URL, data URI or valid base64 ({exc})", "invalid_base64") from None
+        raise _bad(index, f"not a URL, data URI or valid base64 ({exc})", ErrorCode.INVALID_BASE64) from None
     if len(data) > max_image_bytes:
-        raise _bad(index, f"image is {len(data)} bytes, over the limit of {max_image_bytes} bytes", "image_too_large")
-    return ParsedImage(index=index, data=data)
+        raise _bad(index, f"image is {len(data)} bytes, over the limit of {max_image_bytes} bytes", ErrorCode.IMAGE_TOO_LARGE)
+    return ParsedInput(index=index, data=data)
 
 
-def parse_one(index: int, value: str, max_image_bytes: int) -> ParsedImage:
+def parse_one(index: int, value: str, max_image_bytes: int) -> ParsedInput:
     text = value.strip()
     if not text:
         raise _bad(index, "input is empty")
@@ -71,47 +74,41 @@ def parse_one(index: int, value: str, max_image_bytes: int) -> ParsedImage:
             raise _bad(index, "malformed data URI (expected data:image/<type>;base64,<data>)")
         mime = (match.group("mime") or "").lower()
         if mime and not mime.startswith("image/"):
-            raise _bad(index, f"data URI media type {mime!r} is not an image", "unsupported_media_type")
+            raise _bad(index, f"data URI media type {mime!r} is not an image", ErrorCode.UNSUPPORTED_MEDIA_TYPE)
         if not match.group("b64"):
             raise _bad(index, "data URI must be base64-encoded (;base64,)")
         return _base64_ref(index, text[match.end():], max_image_bytes)
     if _SCHEME.match(text) and "://" in text[:16]:
         if len(text) > MAX_URL_LENGTH:
-            raise _bad(index, f"URL is longer than {MAX_URL_LENGTH} characters", "invalid_url")
+            raise _bad(index, f"URL is longer than {MAX_URL_LENGTH} characters", ErrorCode.INVALID_URL)
         try:
-            parts = urlsplit(text)
-            parts.port  # noqa: B018 - raises ValueError for a malformed port
-        except ValueError as exc:
-            raise _bad(index, f"malformed URL ({exc})", "invalid_url") from None
-        if parts.scheme.lower() not in ("http", "https"):
-            raise _bad(index, f"URL scheme {parts.scheme!r} is not allowed (only http and https)", "invalid_url")
-        if not parts.hostname:
-            raise _bad(index, "URL has no host", "invalid_url")
-        return ParsedImage(index=index, url=text)
+            split_http_url(text)
+        except InvalidUrl as exc:
+            raise _bad(index, str(exc), ErrorCode.INVALID_URL) from None
+        return ParsedInput(index=index, url=text)
     return _base64_ref(index, text, max_image_bytes)
 
 
-def parse_inputs(raw: str | list[str | ImageObject], max_inputs: int, max_image_bytes: int, offset: int = 0, strict: bool = True) -> list[ParsedImage]:
+def parse_inputs(raw: str | list[str | ImageObject], max_inputs: int, max_image_bytes: int, strict: bool = True) -> list[ParsedInput]:
     """Strict (a request): the first malformed input refuses the whole request with a 400.
     Lenient (a job): a malformed input becomes that item's error and the rest go ahead."""
     values = [raw] if isinstance(raw, str) else raw
     if not values:
-        raise ApiError(400, "input is empty: give at least one image", code="invalid_request", param="input")
+        raise ApiError(ErrorCode.INVALID_REQUEST, "input is empty: give at least one image", param="input")
     if len(values) > max_inputs:
-        raise ApiError(400, f"input has {len(values)} images, over the limit of {max_inputs} per request", code="too_many_inputs", param="input")
+        raise ApiError(ErrorCode.TOO_MANY_INPUTS, f"input has {len(values)} images, over the limit of {max_inputs} per request", param="input")
     images = []
-    for position, value in enumerate(values):
-        index = offset + position
+    for index, value in enumerate(values):
         try:
             images.append(_parse_value(index, value, max_image_bytes))
         except ApiError as exc:
             if strict:
                 raise
-            images.append(ParsedImage(index=index, error=ItemError(message=exc.message, code=exc.code or "invalid_image")))
+            images.append(ParsedInput(index=index, error=ItemError(message=exc.message, code=exc.code)))
     return images
 
 
-def _parse_value(index: int, value: str | ImageObject, max_image_bytes: int) -> ParsedImage:
+def _parse_value(index: int, value: str | ImageObject, max_image_bytes: int) -> ParsedInput:
     if not isinstance(value, ImageObject):
         return parse_one(index, value, max_image_bytes)
     if value.image_base64 is None:

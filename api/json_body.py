@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from api.errors import ApiError
 from api.state import get_state
+from shared.errors import ErrorCode
 from shared.settings import Settings
 
 # A request names each image in at most 10 JSON values and separators
@@ -82,18 +83,17 @@ def parse_request_json(body: bytes, max_inputs: int, model: type[BaseModel]) -> 
     values = JSON_VALUES_PER_INPUT * max_inputs + JSON_VALUES_BASE
     if json_values_over(body, values):
         raise ApiError(
-            400,
+            ErrorCode.TOO_MANY_JSON_VALUES,
             f"request body holds more than {values} JSON values, more than any request of at most {max_inputs} images needs",
-            code="too_many_json_values",
         )
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        raise ApiError(ErrorCode.INVALID_JSON, f"request body is not valid JSON: {exc}") from None
     if isinstance(document, dict):
         inputs = document.get("input")
         if isinstance(inputs, list) and len(inputs) > max_inputs:
-            raise ApiError(400, f"input has {len(inputs)} images, over the limit of {max_inputs} per request", code="too_many_inputs", param="input")
+            raise ApiError(ErrorCode.TOO_MANY_INPUTS, f"input has {len(inputs)} images, over the limit of {max_inputs} per request", param="input")
     try:
         return model.model_validate(document)
     except ValidationError as exc:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import redis.asyncio
 
 from api.errors import ApiError
-from api.inputs import ParsedImage
+from api.inputs import ParsedInput
+from shared.errors import ErrorCode
 from shared.keys import Keys
 from shared.protocol import ModelInfo
 
@@ -69,7 +70,7 @@ class MemoryBudget:
             return Budget(int(host * HOST_MEMORY_SHARE), f"{HOST_MEMORY_SHARE:.0%} of the {_mb(host)} of the host Redis runs on (Redis has no maxmemory)")
         return Budget(None, "none")
 
-    async def need(self, model: str, images: list[ParsedImage]) -> int:
+    async def need(self, model: str, images: list[ParsedInput]) -> int:
         """What storing these images and, later, their results adds to Redis."""
         raw = await self._redis.hget(self._keys.model_info(), model)
         dim = ModelInfo.model_validate_json(raw).dim if raw is not None else UNKNOWN_DIM
@@ -83,10 +84,9 @@ class MemoryBudget:
         used = int(info["used_memory"])
         if budget.limit is not None and used + self._in_flight + need > budget.limit:
             raise ApiError(
-                507,
+                ErrorCode.REDIS_FULL,
                 f"Redis has no room for this {what}: it holds {_mb(used + self._in_flight)} of its {_mb(budget.limit)} budget ({budget.source}), and it needs about {_mb(need)} more "
                 "(its images and results); retry once running work has finished, or send fewer or smaller images",
-                code="redis_full",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         self._in_flight += need

@@ -8,11 +8,12 @@ import time
 import uuid
 
 import anyio
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
 from api.body_budget import BodyBudget
+from api.errors import ERRORS, error_json
+from shared.errors import ErrorCode
 from shared.logs import request_id_var
 
 access_log = logging.getLogger("api.access")
@@ -65,7 +66,8 @@ class ObservabilityMiddleware:
             metrics.REQUESTS.labels(route, scope["method"], model, str(status), key).inc()
             metrics.LATENCY.labels(route, scope["method"]).observe(seconds)
             if route != "/metrics":
-                access_log.info("request", extra={"method": scope["method"], "path": scope["path"], "route": route, "status": status, "model": model, "key": key, "seconds": round(seconds, 4)})
+                line = {"method": scope["method"], "path": scope["path"], "route": route, "status": status, "model": model, "key": key}
+                access_log.info("request", extra={**line, "seconds": round(seconds, 4)})
             request_id_var.reset(token)
 
 
@@ -101,7 +103,9 @@ class BodyLimitMiddleware:
     ended and the connection closed. A 408 goes to a client too slow to be worth that wait.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, budget: BodyBudget, timeout_s: float, drain_bytes: int | None = None, drain_s: float = DRAIN_SECONDS) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, budget: BodyBudget, timeout_s: float, drain_bytes: int | None = None, drain_s: float = DRAIN_SECONDS
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.budget = budget
@@ -146,7 +150,7 @@ class BodyLimitMiddleware:
                         break
                     chunks.append(chunk)
             if deadline.cancelled_caught:
-                await self._refuse(send, 408, f"the request body did not arrive within {self.timeout_s:g} s of its headers", "body_timeout", {})
+                await self._refuse(send, ErrorCode.BODY_TIMEOUT, f"the request body did not arrive within {self.timeout_s:g} s of its headers", {})
                 return
             if refused == 413:
                 await self._too_large(receive, send, drain=more)
@@ -168,7 +172,7 @@ class BodyLimitMiddleware:
             await self.app(scope, replay, send)
 
     async def _too_large(self, receive: Receive, send: Send, drain: bool) -> None:
-        await self._refuse(send, 413, f"request body is larger than the limit of {self.max_bytes} bytes", "request_too_large", {}, more=drain)
+        await self._refuse(send, ErrorCode.REQUEST_TOO_LARGE, f"request body is larger than the limit of {self.max_bytes} bytes", {}, more=drain)
         if drain:
             await self._drain(receive)
             await send({"type": "http.response.body", "body": b""})
@@ -178,18 +182,18 @@ class BodyLimitMiddleware:
             f"the server is receiving too many request bodies at once ({self.budget.held} bytes held, limit {self.budget.limit}); "
             f"this one ({size} bytes so far or declared) does not fit now: retry after {BUSY_RETRY_AFTER_S} s"
         )
-        await self._refuse(send, 429, message, "too_many_bytes_in_flight", {"retry-after": str(BUSY_RETRY_AFTER_S)}, more=drain)
+        await self._refuse(send, ErrorCode.TOO_MANY_BYTES_IN_FLIGHT, message, {"retry-after": str(BUSY_RETRY_AFTER_S)}, more=drain)
         if drain:
             await self._drain(receive)
             await send({"type": "http.response.body", "body": b""})
 
     @staticmethod
-    async def _refuse(send: Send, status: int, message: str, code: str, headers: dict[str, str], more: bool = False) -> None:
+    async def _refuse(send: Send, code: ErrorCode, message: str, headers: dict[str, str], more: bool = False) -> None:
         """Send a whole error answer; with ``more``, the response stays open (for a drain) until an empty last body."""
-        body = orjson.dumps({"error": {"message": message, "type": "rate_limit_error" if status == 429 else "invalid_request_error", "param": None, "code": code}})
+        body = error_json(code, message)
         head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
         head += [(name.encode(), value.encode()) for name, value in headers.items()]
-        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send({"type": "http.response.start", "status": ERRORS[code][0], "headers": head})
         # The whole answer goes out now (its length is declared); with more, the response ends after the drain.
         await send({"type": "http.response.body", "body": body, "more_body": more})
 

@@ -7,6 +7,7 @@ import math
 
 from api.admission import AdmissionLedger
 from api.errors import ApiError
+from shared.errors import ErrorCode
 from shared.store.tenants import TenantLedger
 
 # Retry-After when the model's speed is not known yet (no worker has measured it).
@@ -24,9 +25,8 @@ class TenantQuota:
         400 when they alone exceed the limit, 429 when the key's unfinished work leaves no room."""
         if images > self.limit:
             raise ApiError(
-                400,
+                ErrorCode.EXCEEDS_KEY_QUOTA,
                 f"{images} images are more than this API key may have queued at once ({self.limit}); send them in parts of at most {self.limit}",
-                code="exceeds_key_quota",
                 param="input",
             )
         admitted, queued = await self._ledger.admit(key_id, work_id, images, self.limit, expires_at)
@@ -36,9 +36,8 @@ class TenantQuota:
         per_image = await self._speeds.seconds_per_image(model)
         retry = math.ceil((queued + images - self.limit) * per_image) if per_image > 0 else UNKNOWN_SPEED_RETRY_S
         raise ApiError(
-            429,
+            ErrorCode.KEY_QUOTA_EXCEEDED,
             f"this API key has {queued} images queued or in progress; {images} more would exceed its limit of {self.limit}; retry when some have finished",
-            code="key_quota_exceeded",
             headers={"Retry-After": str(max(1, retry))},
         )
 

@@ -1,13 +1,18 @@
-"""Request and response bodies of the HTTP API (OpenAI embeddings conventions)."""
+"""Request and response bodies of the HTTP API (OpenAI embeddings conventions), with the builders of
+the embedding items beside their schema. Error bodies live with their table in ``api.errors``."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from shared.vectors import EncodingFormat
+from api.errors import ApiError
+from shared.errors import ErrorCode, oversized_dimensions
+from shared.protocol import ItemResult
+from shared.vectors import EncodingFormat, decode_f32, encode_f32, l2_normalize, quantise
 
 Pooling = Literal["cls", "mean"]
 # Items of ``input`` reported when several are malformed.
@@ -31,7 +36,10 @@ class ImageObject(BaseModel):
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "facebook/dinov2-small", "input": "https://example.com/cat.jpg", "pooling": "cls"}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"model": "facebook/dinov2-small", "input": "https://example.com/cat.jpg", "pooling": "cls"}]},
+    )
 
     model: str | None = Field(None, description="Model id from /v1/models; the default model when absent.")
     input: str | list[str | ImageObject] = Field(description="One image (URL, data URI or base64) or a list of them.", min_length=1)
@@ -66,9 +74,12 @@ class EmbeddingRequest(BaseModel):
                 try:
                     ImageObject.model_validate(item)
                 except ValidationError as exc:
-                    errors += [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=(position, *e["loc"]), input=e["input"]) for e in exc.errors()]
+                    errors += [
+                        InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=(position, *e["loc"]), input=e["input"]) for e in exc.errors()
+                    ]
             elif not isinstance(item, str):
-                errors.append(InitErrorDetails(type=PydanticCustomError("image_input", "expected a URL, data URI or base64 string, or an image object"), loc=(position,), input=item))
+                reason = PydanticCustomError("image_input", "expected a URL, data URI or base64 string, or an image object")
+                errors.append(InitErrorDetails(type=reason, loc=(position,), input=item))
             if len(errors) >= MAX_REPORTED_INPUT_ERRORS:
                 break
         if errors:
@@ -88,6 +99,39 @@ class EmbeddingItem(BaseModel):
     embeddings: PooledVectors
 
 
+def _shape(vector: np.ndarray, dimensions: int | None) -> np.ndarray:
+    if dimensions is None:
+        return vector
+    if dimensions > vector.shape[0]:
+        raise ApiError(ErrorCode.INVALID_DIMENSIONS, oversized_dimensions(dimensions, vector.shape[0]), param="dimensions")
+    return l2_normalize(vector[:dimensions])
+
+
+def _encode(vector: np.ndarray, encoding_format: EncodingFormat) -> np.ndarray | str:
+    # Arrays go to orjson as they are: it writes each float32's shortest form, and integers as integers.
+    if encoding_format == "float":
+        return vector
+    if encoding_format == "base64":
+        return encode_f32(vector)
+    return quantise(vector, encoding_format)
+
+
+def embedding_item(result: ItemResult, pooling: Pooling, encoding_format: EncodingFormat, dimensions: int | None) -> dict[str, Any]:
+    """A worker's result as an ``EmbeddingItem``: pooling choice, truncation, then the encoding asked for.
+
+    A plain dict, not the model: orjson writes its numpy arrays directly."""
+    assert result.cls_b64 is not None and result.mean_b64 is not None
+    vectors = {"cls": _shape(decode_f32(result.cls_b64), dimensions), "mean": _shape(decode_f32(result.mean_b64), dimensions)}
+    encoded = {name: _encode(vector, encoding_format) for name, vector in vectors.items()}
+    return {"object": "embedding", "index": result.index, "embedding": encoded[pooling], "embeddings": encoded}
+
+
+def embedding_dim(result: ItemResult) -> int:
+    """``Usage.embedding_dim`` of an untruncated result."""
+    assert result.cls_b64 is not None
+    return int(decode_f32(result.cls_b64).shape[0])
+
+
 class Usage(BaseModel):
     prompt_tokens: int = Field(description="Vision Transformer tokens processed (CLS + registers + patches per image).")
     total_tokens: int
@@ -100,17 +144,6 @@ class EmbeddingResponse(BaseModel):
     model: str
     data: list[EmbeddingItem]
     usage: Usage
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
 
 
 class ModelCard(BaseModel):
@@ -133,19 +166,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorResponse, "description": text}
-    for status, text in {
-        400: "Bad request or bad image (the message names the input index)",
-        401: "Missing or wrong API key",
-        404: "Unknown model, or no such job for this key",
-        408: "The request body did not arrive in time",
-        413: "Request body too large",
-        429: "Queue full, the API key's quota of queued images used up, or too many request bodies in flight; retry after the Retry-After header",
-        503: "No worker serves the model, or Redis is unreachable",
-        504: "The wait for a worker ran out",
-        507: "Redis has no room for this work (its memory budget or maxmemory); retry after the Retry-After header",
-    }.items()
-}

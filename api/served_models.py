@@ -6,13 +6,14 @@ import time
 
 from api.errors import ApiError
 from api.state import AppState
+from shared.errors import ErrorCode, oversized_dimensions
 from shared.protocol import ModelInfo
 
 
 def resolve_model(state: AppState, requested: str | None) -> str:
     model = requested or state.settings.default_model
     if model not in state.allowed_models:
-        raise ApiError(404, f"model {model!r} is not supported here; GET /v1/models lists the models you can use", code="model_not_found", param="model")
+        raise ApiError(ErrorCode.MODEL_NOT_FOUND, f"model {model!r} is not supported here; GET /v1/models lists the models you can use", param="model")
     return model
 
 
@@ -31,9 +32,9 @@ async def validate_dimensions(state: AppState, model: str, dimensions: int | Non
         return
     raw = await state.redis.hget(state.keys.model_info(), model)
     if raw is not None and dimensions > (dim := ModelInfo.model_validate_json(raw).dim):
-        raise ApiError(400, f"dimensions={dimensions} is larger than the model's embedding size {dim}", code="invalid_dimensions", param="dimensions")
+        raise ApiError(ErrorCode.INVALID_DIMENSIONS, oversized_dimensions(dimensions, dim), param="dimensions")
 
 
 async def require_served(state: AppState, model: str) -> None:
     if await live_workers(state, model) == 0:
-        raise ApiError(503, f"no worker is serving model {model!r} right now; retry later", code="model_not_served", param="model", headers={"Retry-After": "5"})
+        raise ApiError(ErrorCode.MODEL_NOT_SERVED, f"no worker is serving model {model!r} right now; retry later", param="model", headers={"Retry-After": "5"})

@@ -13,8 +13,9 @@ from redis.asyncio.client import Pipeline
 
 from api.admission import Admission
 from api.errors import ApiError
-from api.inputs import ParsedImage
+from api.inputs import ParsedInput
 from api.state import AppState
+from shared.errors import ErrorCode
 from shared.protocol import EmbedPayload, ImageRef, ItemResult
 from shared.queues import EMBED_TASK, queue_for
 from shared.store.claims import HOLDER_LOST, NO_WORKER
@@ -30,10 +31,10 @@ async def check_job_backpressure(state: AppState, model: str) -> None:
     limit = state.settings.max_job_queue_depth
     depth = int(await state.redis.llen(queue_for(model, "bulk")))
     if depth >= limit:
-        raise ApiError(429, f"model {model!r} has {depth} job chunks queued (limit {limit}); retry later", code="queue_full", headers={"Retry-After": "30"})
+        raise ApiError(ErrorCode.QUEUE_FULL, f"model {model!r} has {depth} job chunks queued (limit {limit}); retry later", headers={"Retry-After": "30"})
 
 
-async def stash_images(state: AppState, blobs_key: str, images: list[ParsedImage], ttl_s: int) -> list[ImageRef]:
+async def stash_images(state: AppState, blobs_key: str, images: list[ParsedInput], ttl_s: int) -> list[ImageRef]:
     """Store image bytes in one Redis hash for the workers, and reference them; URLs pass as they are."""
     refs = []
     pipe = state.redis.pipeline(transaction=False)
@@ -65,7 +66,7 @@ class ClientGone(Exception):
     """The client closed its connection while its request waited."""
 
 
-async def embed_and_wait(state: AppState, key_id: str, model: str, images: list[ParsedImage], request_id: str, client_gone: Callable[[], Awaitable[None]]) -> list[ItemResult]:
+async def embed_and_wait(state: AppState, key_id: str, model: str, images: list[ParsedInput], request_id: str, client_gone: Callable[[], Awaitable[None]]) -> list[ItemResult]:
     """Enqueue the images and wait for their results until the request's deadline; they count
     against the key's quota until then.
 
@@ -94,7 +95,7 @@ async def embed_and_wait(state: AppState, key_id: str, model: str, images: list[
         # A request refused before it entered the ledger was never queued: nothing to withdraw.
         await asyncio.shield(_finish(state, key_id, work_id, admitted, admitted is not None and reply is None, reply_key, blobs_key, timeout))
     if reply is None:
-        raise ApiError(504, f"no worker answered within {timeout:g} s; the request was withdrawn", code="timeout")
+        raise ApiError(ErrorCode.TIMEOUT, f"no worker answered within {timeout:g} s; the request was withdrawn")
     return [ItemResult.model_validate(item) for item in orjson.loads(reply)]
 
 
@@ -140,7 +141,12 @@ async def _wait_for_reply(state: AppState, payload: EmbedPayload, client_gone: C
             holder = await _holder_state(state, payload)
             if holder == NO_WORKER:
                 # Waiting on could only end in 504; a worker that comes back later finds it withdrawn.
-                raise ApiError(503, f"no worker is serving model {payload.model!r} any more; retry later", code="model_not_served", param="model", headers={"Retry-After": "5"})
+                raise ApiError(
+                    ErrorCode.MODEL_NOT_SERVED,
+                    f"no worker is serving model {payload.model!r} any more; retry later",
+                    param="model",
+                    headers={"Retry-After": "5"},
+                )
             if holder == HOLDER_LOST and redispatched < MAX_REDISPATCHES:
                 redispatched += 1
                 log.warning("the worker holding a request stopped heartbeating; sending the request again", extra={"model": payload.model, "attempt": redispatched + 1})

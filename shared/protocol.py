@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.errors import ErrorCode
+
 
 class ImageRef(BaseModel):
     """One input image, already checked for form by the API.
@@ -44,17 +46,24 @@ class JobChunkPayload(BaseModel):
 
 
 class ItemError(BaseModel):
+    """Why one image failed; the API adds the status and type its code stands for."""
+
     message: str
-    type: str = "invalid_request_error"
-    code: str
+    code: ErrorCode
 
 
 class ItemResult(BaseModel):
-    """One image's outcome: both vectors (base64 float32, little-endian) or an error."""
+    """One image's outcome: both vectors or an error.
+
+    The vectors are base64 text (float32, little-endian); on the wire they keep the short names
+    ``cls`` and ``mean``, so results stored before the rename stay readable.
+    """
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
     index: int
-    cls: str | None = None
-    mean: str | None = None
+    cls_b64: str | None = Field(None, alias="cls")
+    mean_b64: str | None = Field(None, alias="mean")
     tokens: int | None = None
     error: ItemError | None = None
 

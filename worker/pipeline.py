@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from shared.errors import ErrorCode
 from shared.protocol import ItemError, ItemResult
 from shared.settings import Settings
 from shared.vectors import encode_f32
@@ -110,7 +111,7 @@ class ModelRuntime:
                 queued.append(exc)
                 continue
             except Exception as exc:  # whatever the fetcher trips over is still this URL's failure, never its batch's
-                queued.append(ImageInputError("url_fetch_failed", f"URL fetch failed: {type(exc).__name__}: {exc}"))
+                queued.append(ImageInputError(ErrorCode.URL_FETCH_FAILED, f"URL fetch failed: {type(exc).__name__}: {exc}"))
                 continue
             assert data is not None
             if not ticket.wanted():
@@ -140,7 +141,7 @@ class ModelRuntime:
         except DecodeAbandoned:
             raise WorkerStopping from None
         except Exception as exc:  # anything else a decoder or processor trips over is still the image's fault
-            raise ImageInputError("invalid_image", f"image could not be processed: {type(exc).__name__}: {exc}") from None
+            raise ImageInputError(ErrorCode.INVALID_IMAGE, f"image could not be processed: {type(exc).__name__}: {exc}") from None
         finally:
             if not queued:
                 release_slot()
@@ -158,9 +159,14 @@ class ModelRuntime:
             raise
         except Exception as exc:  # the model failed, not the input: reported, never swallowed silently
             metrics.IMAGES.labels(self.model.model_id, "failed").inc()
-            return ItemResult(index=index, error=ItemError(message=f"inference failed: {type(exc).__name__}: {exc}", type="server_error", code="inference_failed"))
+            return ItemResult(index=index, error=ItemError(message=f"inference failed: {type(exc).__name__}: {exc}", code=ErrorCode.INFERENCE_FAILED))
         metrics.IMAGES.labels(self.model.model_id, "embedded").inc()
-        return ItemResult(index=index, cls=encode_f32(embedding.cls.numpy()), mean=encode_f32(embedding.mean.numpy()), tokens=self.model.info.tokens_per_image)
+        return ItemResult(
+            index=index,
+            cls_b64=encode_f32(embedding.cls.numpy()),
+            mean_b64=encode_f32(embedding.mean.numpy()),
+            tokens=self.model.info.tokens_per_image,
+        )
 
     def stop(self) -> None:
         self._batcher.stop()

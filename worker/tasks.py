@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.errors import ErrorCode, oversized_dimensions
 from shared.keys import Keys
 from shared.logs import request_id_var
 from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult, JobChunkPayload
@@ -70,7 +71,7 @@ def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef], bulk: b
     """Every ref's result, in order: a vector or an in-place error."""
     runtime = context.runtime.models.get(model)
     if runtime is None:
-        error = ItemError(message=f"this worker does not serve model {model!r}", type="server_error", code="model_not_served")
+        error = ItemError(message=f"this worker does not serve model {model!r}", code=ErrorCode.MODEL_NOT_SERVED)
         return [ItemResult(index=ref.index, error=error) for ref in refs]
     loaded = load_inputs(context.redis, refs)
     embedded = iter(runtime.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk, ticket=ticket))
@@ -86,7 +87,7 @@ def unsatisfiable_dimensions(context: WorkerContext, chunk: JobChunkPayload) -> 
     runtime = context.runtime.models.get(chunk.model)
     if chunk.dimensions is None or runtime is None or chunk.dimensions <= (dim := runtime.model.info.dim):
         return None
-    return ItemError(message=f"dimensions={chunk.dimensions} is larger than the model's embedding size {dim}", code="invalid_dimensions")
+    return ItemError(message=oversized_dimensions(chunk.dimensions, dim), code=ErrorCode.INVALID_DIMENSIONS)
 
 
 @contextmanager
@@ -106,8 +107,8 @@ def _message(kind: str, schema: type[Message], payload: dict) -> Iterator[Messag
         request_id_var.reset(token)
 
 
-def _failed(refs: list[ImageRef], message: str, code: str) -> list[ItemResult]:
-    return [ItemResult(index=ref.index, error=ItemError(message=message, type="server_error", code=code)) for ref in refs]
+def _failed(refs: list[ImageRef], message: str, code: ErrorCode) -> list[ItemResult]:
+    return [ItemResult(index=ref.index, error=ItemError(message=message, code=code)) for ref in refs]
 
 
 @shared_task(name=EMBED_TASK, ignore_result=True)
@@ -133,7 +134,7 @@ def embed(payload: dict) -> None:
             return
         except Exception as exc:  # the client waits for an answer: a failure it can read, not a timeout
             log.exception("request failed in the worker; its images are answered with errors", extra={"model": request.model})
-            results = _failed(request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", "worker_error")
+            results = _failed(request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", ErrorCode.WORKER_ERROR)
         delivered = context.store.reply(request, results)
         metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
         log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
@@ -175,7 +176,7 @@ def embed_job_chunk(self: Task, payload: dict) -> None:
             log.exception("job chunk failed on every try; its unfinished items fail in place", extra={"job_id": chunk.job_id, "attempts": attempt})
             message = f"the worker failed on this item's chunk {attempt} times: {type(exc).__name__}: {exc}"
             try:
-                context.store.store_chunk(chunk, _failed(chunk.items, message, "chunk_failed"), now=int(time.time()))
+                context.store.store_chunk(chunk, _failed(chunk.items, message, ErrorCode.CHUNK_FAILED), now=int(time.time()))
             except REDIS_UNAVAILABLE:
                 raise Reject("redis unavailable", requeue=True) from None
             except Exception:  # the job's own keys are broken: nothing more this chunk can do

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shared.errors import ErrorCode
 from worker.errors import ImageInputError
 
 
@@ -42,7 +43,7 @@ WithdrawalCheck = Callable[[list[Ticket]], None]
 class Withdrawn(ImageInputError):
     """The image's request was withdrawn (client gone, deadline passed) before the model took it."""
 
-    CODE = "request_withdrawn"  # the fetch stage reports its withdrawn URLs with it too
+    CODE = ErrorCode.REQUEST_WITHDRAWN  # the fetch stage reports its withdrawn URLs with it too
 
     def __init__(self) -> None:
         super().__init__(self.CODE, "the request was withdrawn before this image was embedded")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import KeyId
 from api.batches import BatchObject, cancel_batch, create_batch, get_batch, list_batches
-from api.schemas import ERROR_RESPONSES
-from api.state import AppState, get_state
+from api.deps import KeyIdDep, StateDep
+from api.errors import ERROR_RESPONSES
 
 router = APIRouter()
 
@@ -25,20 +24,20 @@ class BatchCreate(BaseModel):
 
 
 @router.post("/batches", response_model=BatchObject, responses=ERROR_RESPONSES, summary="Run every request of an uploaded file as a batch")
-async def submit_batch(body: BatchCreate, request: Request, key_id: KeyId, state: AppState = Depends(get_state)) -> BatchObject:
+async def submit_batch(body: BatchCreate, request: Request, key_id: KeyIdDep, state: StateDep) -> BatchObject:
     return await create_batch(state, key_id, body.input_file_id, body.endpoint, body.completion_window, body.metadata, request.state.request_id)
 
 
 @router.get("/batches/{batch_id}", response_model=BatchObject, responses=ERROR_RESPONSES, summary="A batch's status and request counts")
-async def batch_status(batch_id: str, key_id: KeyId, state: AppState = Depends(get_state)) -> BatchObject:
+async def batch_status(batch_id: str, key_id: KeyIdDep, state: StateDep) -> BatchObject:
     return await get_batch(state, key_id, batch_id)
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject, responses=ERROR_RESPONSES, summary="Cancel a batch (finished requests are kept)")
-async def batch_cancel(batch_id: str, key_id: KeyId, state: AppState = Depends(get_state)) -> BatchObject:
+async def batch_cancel(batch_id: str, key_id: KeyIdDep, state: StateDep) -> BatchObject:
     return await cancel_batch(state, key_id, batch_id)
 
 
 @router.get("/batches", responses=ERROR_RESPONSES, summary="The caller's batches, newest first")
-async def batches(key_id: KeyId, after: str | None = None, limit: int = Query(20, ge=1, le=100), state: AppState = Depends(get_state)) -> dict[str, Any]:
+async def batches(key_id: KeyIdDep, state: StateDep, after: str | None = None, limit: int = Query(20, ge=1, le=100)) -> dict[str, Any]:
     return await list_batches(state, key_id, after, limit)

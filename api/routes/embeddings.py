@@ -6,19 +6,18 @@ from functools import partial
 from operator import attrgetter
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from api import metrics
-from api.auth import KeyId
-from api.errors import ApiError
+from api.deps import KeyIdDep, StateDep
+from api.errors import ERROR_RESPONSES, ApiError, first_failure
 from api.inputs import parse_inputs
 from api.json_body import bounded_json_route
-from api.presenters import embedding_dim, embedding_item, first_failure
 from api.responses import JSONBytesResponse
-from api.schemas import ERROR_RESPONSES, EmbeddingRequest, EmbeddingResponse
+from api.schemas import EmbeddingRequest, EmbeddingResponse, embedding_dim, embedding_item
 from api.served_models import require_served, resolve_model, validate_dimensions
-from api.state import AppState, get_state
 from api.sync_requests import ClientGone, embed_and_wait
+from shared.errors import ErrorCode
 
 router = APIRouter(route_class=bounded_json_route(attrgetter("max_inputs_per_request")))
 
@@ -30,7 +29,7 @@ async def _disconnected(request: Request) -> None:
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES, summary="Embed images (waits for the result)")
-async def create_embeddings(body: EmbeddingRequest, request: Request, key_id: KeyId, state: AppState = Depends(get_state)) -> JSONBytesResponse:
+async def create_embeddings(body: EmbeddingRequest, request: Request, key_id: KeyIdDep, state: StateDep) -> JSONBytesResponse:
     settings = state.settings
     model = resolve_model(state, body.model)
     request.state.model = model
@@ -42,7 +41,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, key_id: Ke
         results = await embed_and_wait(state, key_id, model, images, request.state.request_id, partial(_disconnected, request))
     except ClientGone:
         # Nobody reads this answer; its status tells the logs and metrics what happened.
-        raise ApiError(499, "the client closed the connection; the request was withdrawn", code="client_closed_request") from None
+        raise ApiError(ErrorCode.CLIENT_CLOSED_REQUEST, "the client closed the connection; the request was withdrawn") from None
     failure = first_failure(results)
     if failure is not None:
         raise failure

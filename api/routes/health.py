@@ -13,9 +13,9 @@ from redis.exceptions import RedisError
 
 from api import metrics
 from api.auth import require_api_key
+from api.deps import StateDep
 from api.responses import JSONBytesResponse
 from api.served_models import live_workers
-from api.state import AppState, get_state
 
 router = APIRouter()
 
@@ -26,23 +26,26 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", summary="Redis is reachable and a worker serves the default model")
-async def ready(state: AppState = Depends(get_state)) -> JSONBytesResponse:
+async def ready(state: StateDep) -> JSONBytesResponse:
     model = state.settings.default_model
     try:
         await state.redis.ping()
         workers = await live_workers(state, model)
     except RedisError as exc:
-        return JSONBytesResponse({"status": "unavailable", "redis": f"unreachable ({type(exc).__name__})", "default_model": model, "workers": 0}, status_code=503)
+        return JSONBytesResponse(
+            {"status": "unavailable", "redis": f"unreachable ({type(exc).__name__})", "default_model": model, "workers": 0},
+            status_code=503,
+        )
     body = {"status": "ready" if workers else "unavailable", "redis": "ok", "default_model": model, "workers": workers}
     return JSONBytesResponse(body, status_code=200 if workers else 503)
 
 
 @router.get("/info", summary="Effective limits and settings (no secrets)", dependencies=[Depends(require_api_key)])
-async def info(state: AppState = Depends(get_state)) -> dict[str, object]:
+async def info(state: StateDep) -> dict[str, object]:
     return {"settings": state.settings.public_view(), "allowed_models": state.allowed_models}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def prometheus_metrics(state: AppState = Depends(get_state)) -> Response:
+async def prometheus_metrics(state: StateDep) -> Response:
     body, content_type = await metrics.render(state)
     return Response(body, media_type=content_type)

@@ -10,17 +10,17 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from api.async_jobs import cancel_job, create_job, get_job, job_not_found, result_lines, result_page
-from api.auth import KeyId
+from api.deps import KeyIdDep, StateDep
+from api.errors import ERROR_RESPONSES
 from api.json_body import bounded_json_route
 from api.responses import JSONBytesResponse
-from api.schemas import ERROR_RESPONSES, EmbeddingRequest
-from api.state import AppState, get_state
+from api.schemas import EmbeddingRequest
 from shared.store.jobs import JobView, is_job_id
 
 router = APIRouter(route_class=bounded_json_route(attrgetter("max_job_inputs")))
 
 
-def valid_job_id(job_id: Annotated[str, Path(description="A job id as POST /v1/jobs returned it: job_ and 24 hex digits.")], state: AppState = Depends(get_state)) -> str:
+def valid_job_id(job_id: Annotated[str, Path(description="A job id as POST /v1/jobs returned it: job_ and 24 hex digits.")], state: StateDep) -> str:
     """The id, when it has the shape of one; 404 otherwise, before it comes near a Redis key name."""
     if not is_job_id(job_id):
         raise job_not_found(state, job_id)
@@ -38,28 +38,31 @@ class JobResultsPage(BaseModel):
 
 # The routes return the stored JobRecord; response_model=JobView keeps the answer to what clients see.
 @router.post("/jobs", status_code=202, response_model=JobView, responses=ERROR_RESPONSES, summary="Submit an embedding job (large inputs allowed)")
-async def submit_job(body: EmbeddingRequest, request: Request, key_id: KeyId, state: AppState = Depends(get_state)) -> JobView:
+async def submit_job(body: EmbeddingRequest, request: Request, key_id: KeyIdDep, state: StateDep) -> JobView:
     job = await create_job(state, body, request.state.request_id, key_id)
     request.state.model = job.model
     return job
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="A job's status and progress")
-async def job_status(job_id: JobId, key_id: KeyId, state: AppState = Depends(get_state)) -> JobView:
+async def job_status(job_id: JobId, key_id: KeyIdDep, state: StateDep) -> JobView:
     return await get_job(state, job_id, key_id)
 
 
 @router.get("/jobs/{job_id}/results", response_model=JobResultsPage, responses=ERROR_RESPONSES, summary="A page of a job's results, in index order")
-async def job_results(job_id: JobId, key_id: KeyId, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000), state: AppState = Depends(get_state)) -> JSONBytesResponse:
+async def job_results(job_id: JobId, key_id: KeyIdDep, state: StateDep, offset: int = Query(
+    0,
+    ge=0,
+), limit: int = Query(100, ge=1, le=1000)) -> JSONBytesResponse:
     return JSONBytesResponse(await result_page(state, job_id, key_id, offset, limit))
 
 
 @router.get("/jobs/{job_id}/results.jsonl", responses={200: {"content": {"application/x-ndjson": {}}}, **ERROR_RESPONSES}, summary="All of a job's results as JSON lines")
-async def job_results_jsonl(job_id: JobId, key_id: KeyId, state: AppState = Depends(get_state)) -> StreamingResponse:
+async def job_results_jsonl(job_id: JobId, key_id: KeyIdDep, state: StateDep) -> StreamingResponse:
     job, lines = await result_lines(state, job_id, key_id)
     return StreamingResponse(lines, media_type="application/x-ndjson", headers={"X-Job-Status": job.status})
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="Cancel a job and delete its results")
-async def delete_job(job_id: JobId, key_id: KeyId, state: AppState = Depends(get_state)) -> JobView:
+async def delete_job(job_id: JobId, key_id: KeyIdDep, state: StateDep) -> JobView:
     return await cancel_job(state, job_id, key_id)

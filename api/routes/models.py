@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from api.errors import ApiError
-from api.schemas import ERROR_RESPONSES, ModelCard, ModelList
+from api.deps import StateDep
+from api.errors import ERROR_RESPONSES, ApiError
+from api.schemas import ModelCard, ModelList
 from api.served_models import live_workers, model_infos
-from api.state import AppState, get_state
+from api.state import AppState
+from shared.errors import ErrorCode
 
 router = APIRouter()
 
@@ -20,13 +22,13 @@ async def _card(state: AppState, model: str, infos: dict) -> ModelCard:
 
 
 @router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="Models that may be requested")
-async def list_models(state: AppState = Depends(get_state)) -> ModelList:
+async def list_models(state: StateDep) -> ModelList:
     infos = await model_infos(state)
     return ModelList(data=[await _card(state, model, infos) for model in state.allowed_models])
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES, summary="One model")
-async def get_model(model_id: str, state: AppState = Depends(get_state)) -> ModelCard:
+async def get_model(model_id: str, state: StateDep) -> ModelCard:
     if model_id not in state.allowed_models:
-        raise ApiError(404, f"model {model_id!r} is not supported here", code="model_not_found", param="model")
+        raise ApiError(ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} is not supported here", param="model")
     return await _card(state, model_id, await model_infos(state))

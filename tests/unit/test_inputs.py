@@ -53,9 +53,9 @@ def test_size_and_count_limits() -> None:
         parse_inputs([PNG, PNG, PNG], max_inputs=2, max_image_bytes=1000)
 
 
-def test_objects_and_offsets() -> None:
-    refs = parse_inputs([ImageObject(image_base64=PNG), ImageObject(image_url="https://x.test/a.png")], 10, 1000, offset=100)
-    assert [(r.index, r.data is not None, r.url) for r in refs] == [(100, True, None), (101, False, "https://x.test/a.png")]
+def test_objects_are_parsed_in_order() -> None:
+    refs = parse_inputs([ImageObject(image_base64=PNG), ImageObject(image_url="https://x.test/a.png")], 10, 1000)
+    assert [(r.index, r.data is not None, r.url) for r in refs] == [(0, True, None), (1, False, "https://x.test/a.png")]
 
 
 def test_url_safe_and_unpadded_base64_are_accepted() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from shared.errors import ErrorCode
 from worker.errors import ImageInputError
 from worker.images.structure import StructureLimits, check_structure
 
@@ -75,9 +76,9 @@ class DecodeLimits:
 
 def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     if not data:
-        raise ImageInputError("invalid_image", "image data is empty")
+        raise ImageInputError(ErrorCode.INVALID_IMAGE, "image data is empty")
     if len(data) > limits.max_bytes:
-        raise ImageInputError("image_too_large", f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
+        raise ImageInputError(ErrorCode.IMAGE_TOO_LARGE, f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
     if limits.structure is not None:
         check_structure(data, limits.structure)
     try:
@@ -91,35 +92,35 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     except ImageInputError:
         raise
     except UnidentifiedImageError:
-        raise ImageInputError("invalid_image", "not a supported image (JPEG, PNG, WebP, GIF, BMP or TIFF)") from None
+        raise ImageInputError(ErrorCode.INVALID_IMAGE, "not a supported image (JPEG, PNG, WebP, GIF, BMP or TIFF)") from None
     except MemoryError:
         raise _out_of_memory(limits) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
         if "memory" in str(exc).lower():  # libjpeg/libtiff report a failed allocation as an error
             raise _out_of_memory(limits) from None
-        raise ImageInputError("invalid_image", f"image data is corrupt or truncated: {exc}") from None
+        raise ImageInputError(ErrorCode.INVALID_IMAGE, f"image data is corrupt or truncated: {exc}") from None
     try:
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
     except MemoryError:
         raise _out_of_memory(limits) from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageInputError("invalid_image", f"image cannot be converted to RGB: {exc}") from None
+        raise ImageInputError(ErrorCode.INVALID_IMAGE, f"image cannot be converted to RGB: {exc}") from None
 
 
 def _out_of_memory(limits: DecodeLimits) -> ImageInputError:
     budget = f" of {limits.max_decoded_bytes} bytes (IMBEDDINGS_DECODE_MAX_BYTES)" if limits.max_decoded_bytes else ""
-    return ImageInputError("image_too_large", f"decoding the image needs more memory than its budget{budget}")
+    return ImageInputError(ErrorCode.IMAGE_TOO_LARGE, f"decoding the image needs more memory than its budget{budget}")
 
 
 def _check_dimensions(size: tuple[int, int], limits: DecodeLimits) -> None:
     width, height = size
     if width <= 0 or height <= 0:
-        raise ImageInputError("invalid_image", f"image has no pixels ({width}x{height})")
+        raise ImageInputError(ErrorCode.INVALID_IMAGE, f"image has no pixels ({width}x{height})")
     if max(width, height) > limits.max_side:
-        raise ImageInputError("image_too_large", f"image is {width}x{height}, a side over the limit of {limits.max_side} px")
+        raise ImageInputError(ErrorCode.IMAGE_TOO_LARGE, f"image is {width}x{height}, a side over the limit of {limits.max_side} px")
     if width * height > limits.max_pixels:
-        raise ImageInputError("image_too_large", f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}")
+        raise ImageInputError(ErrorCode.IMAGE_TOO_LARGE, f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}")
 
 
 def decoded_bytes(image: Image.Image, frame_size: tuple[int, int]) -> int:
@@ -152,7 +153,7 @@ def _check_memory(image: Image.Image, frame_size: tuple[int, int], limits: Decod
     needed = decoded_bytes(image, frame_size)
     if needed > limits.max_decoded_bytes:
         raise ImageInputError(
-            "image_too_large",
+            ErrorCode.IMAGE_TOO_LARGE,
             f"image is {width}x{height} {image.mode}: decoding it needs about {needed} bytes, over the budget of {limits.max_decoded_bytes} (IMBEDDINGS_DECODE_MAX_BYTES)",
         )
     if limits.resize is None:
@@ -163,7 +164,7 @@ def _check_memory(image: Image.Image, frame_size: tuple[int, int], limits: Decod
     resized = new_width * new_height * 3 * 4
     if resized > limits.max_decoded_bytes:
         raise ImageInputError(
-            "image_too_large",
+            ErrorCode.IMAGE_TOO_LARGE,
             f"image is {width}x{height}: the model's resize makes it {new_width}x{new_height}, {resized} bytes as float32, over the budget of {limits.max_decoded_bytes} (IMBEDDINGS_DECODE_MAX_BYTES); its aspect ratio is too extreme",
         )
 

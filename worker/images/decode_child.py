@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 
 from PIL import Image, ImageFile
 
+from shared.errors import ErrorCode
 from worker.errors import ImageInputError
 from worker.images.decode import DecodeLimits, decode_image
 from worker.images.decode_pool import READY
@@ -52,9 +53,10 @@ def _decode(data: bytes, limits: DecodeLimits, replies: socket.socket, pixels: i
     except ImageInputError as exc:
         reply = {"ok": False, "code": exc.code, "message": exc.message}
     except MemoryError:
-        reply = {"ok": False, "code": "image_too_large", "message": "decoding the image needs more memory than its budget (IMBEDDINGS_DECODE_MAX_BYTES)"}
+        message = "decoding the image needs more memory than its budget (IMBEDDINGS_DECODE_MAX_BYTES)"
+        reply = {"ok": False, "code": ErrorCode.IMAGE_TOO_LARGE, "message": message}
     except Exception as exc:  # a decoder's unexpected error is still this image's fault
-        reply = {"ok": False, "code": "invalid_image", "message": f"image could not be decoded: {type(exc).__name__}: {exc}"}
+        reply = {"ok": False, "code": ErrorCode.INVALID_IMAGE, "message": f"image could not be decoded: {type(exc).__name__}: {exc}"}
     replies.sendall(json.dumps(reply).encode())
 
 

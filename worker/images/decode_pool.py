@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.errors import ErrorCode
 from worker.errors import ImageInputError
 from worker.images.decode import DecodeLimits
 
@@ -91,7 +92,7 @@ class _DecodeProcess:
             if message == READY and fds:
                 self.pixels = fds[0]
                 return
-        raise ImageInputError("decoder_unavailable", f"the image decoder process did not start ({_describe_exit(self)})")
+        raise ImageInputError(ErrorCode.DECODER_UNAVAILABLE, f"the image decoder process did not start ({_describe_exit(self)})")
 
     def cpu_seconds(self) -> float:
         try:
@@ -191,18 +192,19 @@ class DecodePool:
             if used > self.cpu_seconds:
                 log.warning("decode abandoned past its CPU budget", extra={"cpu_seconds": round(used, 2), "image_bytes": len(data)})
                 raise ImageInputError(
-                    "decode_budget_exceeded", f"decoding the image took more than {self.cpu_seconds:g} CPU seconds (IMBEDDINGS_DECODE_CPU_SECONDS) and was abandoned"
+                    ErrorCode.DECODE_BUDGET_EXCEEDED,
+                    f"decoding the image took more than {self.cpu_seconds:g} CPU seconds (IMBEDDINGS_DECODE_CPU_SECONDS) and was abandoned",
                 )
             if deadline is not None and time.time() > deadline:
-                raise ImageInputError("deadline_exceeded", "the request's deadline passed while the image was being decoded")
+                raise ImageInputError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed while the image was being decoded")
         payload = child.replies.recv(65536)
         if not payload and self._closed:
             raise DecodeAbandoned
         if not payload:
-            raise ImageInputError("invalid_image", f"the image decoder died on this image ({_describe_exit(child)})")
+            raise ImageInputError(ErrorCode.INVALID_IMAGE, f"the image decoder died on this image ({_describe_exit(child)})")
         reply = json.loads(payload)
         if not reply["ok"]:
-            return ImageInputError(reply["code"], reply["message"])
+            return ImageInputError(ErrorCode(reply["code"]), reply["message"])
         return _read_rgb(child.pixels, reply["width"], reply["height"])
 
     def stop_after(self, grace_s: float) -> None:
@@ -219,7 +221,7 @@ class DecodePool:
 def _read_rgb(pixels: int, width: int, height: int) -> np.ndarray:
     array = np.empty((height, width, 3), dtype=np.uint8)
     if os.preadv(pixels, [array], 0) != array.nbytes:
-        raise ImageInputError("invalid_image", "the image decoder returned fewer pixels than the image has")
+        raise ImageInputError(ErrorCode.INVALID_IMAGE, "the image decoder returned fewer pixels than the image has")
     return array
 
 

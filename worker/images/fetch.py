@@ -18,11 +18,13 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin
 
 import h11
 import idna
 
+from shared.errors import ErrorCode
+from shared.urls import InvalidUrl, split_http_url
 from worker import metrics
 from worker.errors import ImageInputError
 from worker.images.connections import Connection, ConnectionPool, PoolKey
@@ -123,16 +125,10 @@ class Target:
 def parse_target(url: str) -> Target:
     """The URL's scheme, ASCII host, port and request path; ``invalid_url`` for anything else."""
     try:
-        parts = urlsplit(url)
-        port = parts.port
-        hostname = parts.hostname
-    except ValueError as exc:
-        raise ImageInputError("invalid_url", f"malformed URL: {exc}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise ImageInputError("invalid_url", f"URL scheme {parts.scheme!r} is not allowed (only http and https)")
-    if not hostname:
-        raise ImageInputError("invalid_url", "URL has no host")
+        parts = split_http_url(url)
+    except InvalidUrl as exc:
+        raise ImageInputError(ErrorCode.INVALID_URL, str(exc)) from None
+    scheme, hostname, port = parts.scheme.lower(), parts.hostname, parts.port
     # Characters a request line cannot carry are percent-encoded, as browsers do; '%' stays as sent.
     path = quote(parts.path or "/", safe="/%!$&'()*+,;=:@~-._")
     if parts.query:
@@ -146,21 +142,24 @@ def ascii_host(host: str) -> str:
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ImageInputError("invalid_url", f"host [{host}] is not a valid IPv6 address") from None
+            raise ImageInputError(ErrorCode.INVALID_URL, f"host [{host}] is not a valid IPv6 address") from None
         return host
     if not host.isascii():
         try:
             host = idna.encode(host, uts46=True).decode("ascii")
         except (idna.IDNAError, UnicodeError) as exc:
-            raise ImageInputError("invalid_url", f"host {host!r} is not a valid internationalized domain name: {exc}") from None
+            raise ImageInputError(ErrorCode.INVALID_URL, f"host {host!r} is not a valid internationalized domain name: {exc}") from None
     name = host.removesuffix(".")
     if len(name) > 253:
-        raise ImageInputError("invalid_url", f"host name is {len(name)} characters long (at most 253)")
+        raise ImageInputError(ErrorCode.INVALID_URL, f"host name is {len(name)} characters long (at most 253)")
     for label in name.split("."):
         if len(label) > 63:
-            raise ImageInputError("invalid_url", f"host {host!r} has a label of {len(label)} characters (at most 63)")
+            raise ImageInputError(ErrorCode.INVALID_URL, f"host {host!r} has a label of {len(label)} characters (at most 63)")
         if not _LABEL.fullmatch(label):
-            raise ImageInputError("invalid_url", f"host {host!r} is not a valid host name (empty label or a character other than letters, digits, '-', '_')")
+            raise ImageInputError(
+                ErrorCode.INVALID_URL,
+                f"host {host!r} is not a valid host name (empty label or a character other than letters, digits, '-', '_')",
+            )
     return host
 
 
@@ -190,16 +189,16 @@ class Fetcher:
                 if isinstance(location, bytes):
                     return location
                 url = urljoin(url, location)
-            raise ImageInputError("url_too_many_redirects", f"more than {self.limits.max_redirects} redirects")
+            raise ImageInputError(ErrorCode.URL_TOO_MANY_REDIRECTS, f"more than {self.limits.max_redirects} redirects")
         except ImageInputError:
             raise
         except TimeoutError:
             raise self._timed_out() from None
         except (OSError, h11.ProtocolError) as exc:
-            raise ImageInputError("url_fetch_failed", f"URL fetch failed: {type(exc).__name__}: {exc}") from None
+            raise ImageInputError(ErrorCode.URL_FETCH_FAILED, f"URL fetch failed: {type(exc).__name__}: {exc}") from None
 
     def _timed_out(self) -> ImageInputError:
-        return ImageInputError("url_fetch_timeout", f"URL fetch took longer than {self.limits.timeout_s:g} s")
+        return ImageInputError(ErrorCode.URL_FETCH_TIMEOUT, f"URL fetch took longer than {self.limits.timeout_s:g} s")
 
     def _get(self, target: Target, deadline: float, withdrawn: Callable[[], bool]) -> bytes | str:
         addresses = self._checked_addresses(target)
@@ -215,23 +214,26 @@ class Fetcher:
         try:
             return self._exchange(connection, target, deadline, withdrawn)
         except _StaleConnection:
-            raise ImageInputError("url_fetch_failed", "the server closed the connection without answering") from None
+            raise ImageInputError(ErrorCode.URL_FETCH_FAILED, "the server closed the connection without answering") from None
 
     def _checked_addresses(self, target: Target) -> list[tuple[str, tuple]]:
         """Every address the host resolves to that may be fetched, with its socket address."""
         try:
             infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise ImageInputError("url_fetch_failed", f"cannot resolve host {target.host!r}: {exc.strerror}") from None
+            raise ImageInputError(ErrorCode.URL_FETCH_FAILED, f"cannot resolve host {target.host!r}: {exc.strerror}") from None
         except UnicodeError as exc:
-            raise ImageInputError("invalid_url", f"host {target.host!r} cannot be looked up: {exc}") from None
+            raise ImageInputError(ErrorCode.INVALID_URL, f"host {target.host!r} cannot be looked up: {exc}") from None
         allowed: dict[str, tuple] = {}
         for _family, _type, _proto, _name, sockaddr in infos:
             address = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
             if not is_forbidden(address, self.limits.allowed_networks):
                 allowed.setdefault(sockaddr[0], sockaddr)
         if not allowed:
-            raise ImageInputError("url_forbidden_address", f"host {target.host!r} resolves only to addresses that may not be fetched (private, loopback, link-local, multicast or reserved)")
+            raise ImageInputError(
+                ErrorCode.URL_FORBIDDEN_ADDRESS,
+                f"host {target.host!r} resolves only to addresses that may not be fetched (private, loopback, link-local, multicast or reserved)",
+            )
         return list(allowed.items())
 
     def _connect(self, target: Target, addresses: list[tuple[str, tuple]], deadline: float) -> Connection:
@@ -246,7 +248,7 @@ class Fetcher:
                 sock.connect(sockaddr)
                 peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
                 if is_forbidden(peer, self.limits.allowed_networks):
-                    raise ImageInputError("url_forbidden_address", f"connection to {target.host!r} reached a forbidden address")
+                    raise ImageInputError(ErrorCode.URL_FORBIDDEN_ADDRESS, f"connection to {target.host!r} reached a forbidden address")
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if target.scheme == "https":
                     sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -256,7 +258,7 @@ class Fetcher:
                 raise
             except ssl.SSLError as exc:
                 sock.close()
-                raise ImageInputError("url_fetch_failed", f"TLS with {target.host!r} failed: {exc}") from None
+                raise ImageInputError(ErrorCode.URL_FETCH_FAILED, f"TLS with {target.host!r} failed: {exc}") from None
             except OSError as exc:
                 sock.close()
                 if time.monotonic() >= deadline:
@@ -264,7 +266,7 @@ class Fetcher:
                 last_error = exc
                 continue
             return Connection(PoolKey(target.scheme, target.host, target.port, address), sock)
-        raise ImageInputError("url_fetch_failed", f"cannot connect to {target.host!r}: {last_error}")
+        raise ImageInputError(ErrorCode.URL_FETCH_FAILED, f"cannot connect to {target.host!r}: {last_error}")
 
     def _exchange(self, connection: Connection, target: Target, deadline: float, withdrawn: Callable[[], bool]) -> bytes | str:
         """One GET on ``connection``: the body, or a redirect's Location. The connection goes back to
@@ -299,11 +301,11 @@ class Fetcher:
                 elif isinstance(event, h11.Data):
                     body += event.data
                     if len(body) > self.limits.max_bytes:
-                        raise ImageInputError("image_too_large", f"URL body exceeds the limit of {self.limits.max_bytes} bytes")
+                        raise ImageInputError(ErrorCode.IMAGE_TOO_LARGE, f"URL body exceeds the limit of {self.limits.max_bytes} bytes")
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 else:  # h11.ConnectionClosed before the message ended
-                    raise ImageInputError("url_fetch_failed", "the server closed the connection before the body was complete")
+                    raise ImageInputError(ErrorCode.URL_FETCH_FAILED, "the server closed the connection before the body was complete")
             # Bytes after the response would be read as the next answer: such a connection is not kept.
             if connection.http.our_state is h11.DONE and connection.http.their_state is h11.DONE and not connection.http.trailing_data[0]:
                 connection.http.start_next_cycle()
@@ -336,13 +338,13 @@ class Fetcher:
         if response.status_code in _REDIRECTS:
             location = _header(response.headers, b"location")
             if not location:
-                raise ImageInputError("url_fetch_failed", f"redirect ({response.status_code}) without a Location header")
+                raise ImageInputError(ErrorCode.URL_FETCH_FAILED, f"redirect ({response.status_code}) without a Location header")
             return location
         if response.status_code >= 400:
-            raise ImageInputError("url_http_error", f"URL answered HTTP {response.status_code}")
+            raise ImageInputError(ErrorCode.URL_HTTP_ERROR, f"URL answered HTTP {response.status_code}")
         declared = _header(response.headers, b"content-length")
         if declared and declared.isdigit() and int(declared) > self.limits.max_bytes:
-            raise ImageInputError("image_too_large", f"URL body is {int(declared)} bytes, over the limit of {self.limits.max_bytes}")
+            raise ImageInputError(ErrorCode.IMAGE_TOO_LARGE, f"URL body is {int(declared)} bytes, over the limit of {self.limits.max_bytes}")
         return None
 
 

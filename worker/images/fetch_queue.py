@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from shared.errors import ErrorCode
 from worker.errors import ImageInputError
 from worker.images.fetch import Fetcher
 from worker.tickets import Withdrawn
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # A withdrawal check is a Redis round trip; fetches of one request share its answer for this long.
 WITHDRAWAL_CHECK_INTERVAL_S = 0.5
-_STOPPING = ImageInputError("worker_stopping", "the worker stopped before this URL was fetched")
+_STOPPING = ImageInputError(ErrorCode.WORKER_STOPPING, "the worker stopped before this URL was fetched")
 
 
 class Withdrawal:
@@ -113,7 +114,7 @@ class RequestFetches:
         except ImageInputError as exc:
             future.set_exception(exc)
         except Exception as exc:  # whatever a URL trips over is that URL's error, never the request's
-            future.set_exception(ImageInputError("url_fetch_failed", f"URL fetch failed: {type(exc).__name__}: {exc}"))
+            future.set_exception(ImageInputError(ErrorCode.URL_FETCH_FAILED, f"URL fetch failed: {type(exc).__name__}: {exc}"))
 
     def _fail_pending(self, error: ImageInputError, current: int) -> None:
         with self._lock:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 
+from shared.errors import ErrorCode
 from shared.protocol import ImageRef, ItemError, ItemResult
 
 
@@ -34,7 +35,7 @@ def load_inputs(redis: Redis, refs: list[ImageRef]) -> list[ImageInput | ItemRes
             continue
         data = blobs[(ref.data, str(ref.index))]
         if data is None:
-            error = ItemError(message="the image's stored bytes expired before a worker reached them; submit it again", type="server_error", code="input_expired")
+            error = ItemError(message="the image's stored bytes expired before a worker reached them; submit it again", code=ErrorCode.INPUT_EXPIRED)
             loaded.append(ItemResult(index=ref.index, error=error))
         else:
             loaded.append(ImageInput(ref.index, data=data))

@@ -13,6 +13,7 @@ import re
 import struct
 from dataclasses import dataclass
 
+from shared.errors import ErrorCode
 from worker.errors import ImageInputError
 
 
@@ -60,19 +61,26 @@ def _check_jpeg(data: bytes, limits: StructureLimits) -> None:
             continue
         segments += 1
         if segments > limits.max_segments:
-            raise ImageInputError("too_many_segments", f"JPEG has more than {limits.max_segments} marker segments (limit IMBEDDINGS_MAX_IMAGE_SEGMENTS)")
+            raise ImageInputError(
+                ErrorCode.TOO_MANY_SEGMENTS,
+                f"JPEG has more than {limits.max_segments} marker segments (limit IMBEDDINGS_MAX_IMAGE_SEGMENTS)",
+            )
         length = struct.unpack_from(">H", data, position + 2)[0]
         if 0xE0 <= marker <= 0xEF or marker == 0xFE:
             metadata += length - 2
             if metadata > limits.max_metadata_bytes:
                 raise ImageInputError(
-                    "metadata_too_large", f"JPEG has more than {limits.max_metadata_bytes} bytes of APPn/COM metadata (limit IMBEDDINGS_MAX_METADATA_BYTES)"
+                    ErrorCode.METADATA_TOO_LARGE,
+                    f"JPEG has more than {limits.max_metadata_bytes} bytes of APPn/COM metadata (limit IMBEDDINGS_MAX_METADATA_BYTES)",
                 )
         position += 2 + length
         if marker == 0xDA:  # SOS: its entropy-coded data runs to the next marker
             scans += 1
             if scans > limits.jpeg_max_scans:
-                raise ImageInputError("too_many_scans", f"progressive JPEG has more than {limits.jpeg_max_scans} scans (limit IMBEDDINGS_JPEG_MAX_SCANS)")
+                raise ImageInputError(
+                    ErrorCode.TOO_MANY_SCANS,
+                    f"progressive JPEG has more than {limits.jpeg_max_scans} scans (limit IMBEDDINGS_JPEG_MAX_SCANS)",
+                )
             found = _JPEG_MARKER_IN_SCAN.search(data, position)
             if found is None:
                 return
@@ -90,12 +98,13 @@ def _check_png(data: bytes, limits: StructureLimits) -> None:
         length, kind = struct.unpack_from(">I4s", data, position)
         segments += 1
         if segments > limits.max_segments:
-            raise ImageInputError("too_many_segments", f"PNG has more than {limits.max_segments} chunks (limit IMBEDDINGS_MAX_IMAGE_SEGMENTS)")
+            raise ImageInputError(ErrorCode.TOO_MANY_SEGMENTS, f"PNG has more than {limits.max_segments} chunks (limit IMBEDDINGS_MAX_IMAGE_SEGMENTS)")
         if kind[0] & 0x20 and kind not in _PNG_FRAME_CHUNKS:  # lower-case first letter: ancillary (text, ICC, unknown, ...)
             metadata += length
             if metadata > limits.max_metadata_bytes:
                 raise ImageInputError(
-                    "metadata_too_large", f"PNG has more than {limits.max_metadata_bytes} bytes of ancillary chunks (limit IMBEDDINGS_MAX_METADATA_BYTES)"
+                    ErrorCode.METADATA_TOO_LARGE,
+                    f"PNG has more than {limits.max_metadata_bytes} bytes of ancillary chunks (limit IMBEDDINGS_MAX_METADATA_BYTES)",
                 )
         if kind == b"IEND":
             return
@@ -111,7 +120,7 @@ def _check_bmp(data: bytes) -> None:
     header_size, compression = struct.unpack_from("<I", data, 14)[0], struct.unpack_from("<I", data, 30)[0]
     # Pillow decodes RLE bitmaps in pure Python (seconds of CPU for a few MB); photos are not sent that way.
     if header_size >= 40 and compression in _BMP_RLE:
-        raise ImageInputError("unsupported_image", f"{_BMP_RLE[compression]}-compressed BMP is not accepted; send the image as PNG or uncompressed BMP")
+        raise ImageInputError(ErrorCode.UNSUPPORTED_IMAGE, f"{_BMP_RLE[compression]}-compressed BMP is not accepted; send the image as PNG or uncompressed BMP")
 
 
 _TIFF_WIDTH, _TIFF_LENGTH, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 256, 257, 322, 323
@@ -124,7 +133,10 @@ def _check_tiff(data: bytes, limits: StructureLimits) -> None:
         return
     count = struct.unpack_from(order + "H", data, directory)[0]
     if count > limits.max_segments:
-        raise ImageInputError("too_many_segments", f"TIFF directory has {count} entries, over the limit of {limits.max_segments} (IMBEDDINGS_MAX_IMAGE_SEGMENTS)")
+        raise ImageInputError(
+            ErrorCode.TOO_MANY_SEGMENTS,
+            f"TIFF directory has {count} entries, over the limit of {limits.max_segments} (IMBEDDINGS_MAX_IMAGE_SEGMENTS)",
+        )
     values: dict[int, int] = {}
     for entry in range(count):
         base = directory + 2 + 12 * entry
@@ -140,7 +152,7 @@ def _check_tiff(data: bytes, limits: StructureLimits) -> None:
     # Tiles are multiples of 16 and may overhang the image, but by less than one tile step; a
     # decoder allocates a whole tile whatever the image size.
     if tile_width > _round16(width) or tile_length > _round16(length):
-        raise ImageInputError("invalid_image", f"TIFF tile is {tile_width}x{tile_length}, larger than its {width}x{length} image")
+        raise ImageInputError(ErrorCode.INVALID_IMAGE, f"TIFF tile is {tile_width}x{tile_length}, larger than its {width}x{length} image")
 
 
 def _round16(value: int) -> int:
