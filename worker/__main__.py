@@ -111,7 +111,7 @@ def main() -> None:
     heartbeat_redis = sync_client(settings.redis_url, retries=1, sentinel_master=settings.redis_sentinel_master)
     node = f"worker-{os.getpid()}@{socket.gethostname()}"
     tasks.install_context(tasks.WorkerContext(runtime, store, redis, keys, node))
-    heartbeat = Heartbeat(heartbeat_redis, keys, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s, runtime.speeds)
+    heartbeat = Heartbeat(heartbeat_redis, settings.redis_key_prefix, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s, runtime.speeds)
 
     @worker_ready.connect(weak=False)
     def _announce(**_: object) -> None:
