@@ -122,7 +122,7 @@ def embed(payload: dict) -> None:
             return
         # Named as the request's holder, so the waiting API sends it again should this worker stop
         # heartbeating: the broker would redeliver it only after the visibility timeout, past its deadline.
-        claim(context.redis, context.keys, request.reply_key, context.node, request.deadline)
+        claim(context.redis, context.keys.prefix, request.reply_key, context.node, request.deadline)
         started = time.perf_counter()
         try:
             results = embed_refs(context, request.model, request.items, ticket=Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key)))

@@ -6,22 +6,23 @@ from fastapi import APIRouter, Depends
 
 from api.errors import ApiError
 from api.schemas import ERROR_RESPONSES, ModelCard, ModelList
-from api.served_models import live_workers, model_infos
+from api.served_models import live_workers
 from api.state import AppState, get_state
+from shared.protocol import ModelInfo, ModelShape
 
 router = APIRouter()
 
 
-async def _card(state: AppState, model: str, infos: dict) -> ModelCard:
+async def _card(state: AppState, model: str, infos: dict[str, ModelInfo]) -> ModelCard:
     workers = await live_workers(state, model)
     info = infos.get(model)
-    details = info.model_dump(exclude={"id"}) if info else {}
-    return ModelCard(id=model, served=workers > 0, workers=workers, **details)
+    shape = info.model_dump(include=set(ModelShape.model_fields)) if info else {}
+    return ModelCard(id=model, served=workers > 0, workers=workers, **shape)
 
 
 @router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="Models that may be requested")
 async def list_models(state: AppState = Depends(get_state)) -> ModelList:
-    infos = await model_infos(state)
+    infos = await state.registry.model_infos()
     return ModelList(data=[await _card(state, model, infos) for model in state.allowed_models])
 
 
@@ -29,4 +30,4 @@ async def list_models(state: AppState = Depends(get_state)) -> ModelList:
 async def get_model(model_id: str, state: AppState = Depends(get_state)) -> ModelCard:
     if model_id not in state.allowed_models:
         raise ApiError(404, f"model {model_id!r} is not supported here", code="model_not_found", param="model")
-    return await _card(state, model_id, await model_infos(state))
+    return await _card(state, model_id, await state.registry.model_infos())
