@@ -6,7 +6,7 @@ in the same hash. Entries leave when the request is answered or withdrawn, and a
 process died is purged once its deadline has passed, so the ledger heals itself.
 
 The expected wait of a new request is the images ahead of it (and its own) times the seconds the
-model's workers need per image, which the workers measure and publish (``Keys.model_speed``).
+model's workers need per image, which the workers measure and publish (``shared.store.registry``).
 When that exceeds the request timeout, the answer is 429 with a ``Retry-After`` computed from the
 excess, rather than a request accepted only to end in 504.
 """
@@ -21,6 +21,7 @@ import redis.asyncio
 
 from api.errors import ApiError
 from shared.keys import Keys
+from shared.store.registry import ModelRegistry
 
 # KEYS: ledger (zset id -> deadline), images (hash id -> count, plus 'total').
 # ARGV: now, id, deadline, images, seconds per image (0: unknown), timeout s, max requests, key ttl s.
@@ -74,9 +75,10 @@ class Admission:
 
 
 class AdmissionLedger:
-    def __init__(self, redis: redis.asyncio.Redis, keys: Keys, request_timeout_s: float, max_requests: int) -> None:
+    def __init__(self, redis: redis.asyncio.Redis, keys: Keys, registry: ModelRegistry, request_timeout_s: float, max_requests: int) -> None:
         self._redis = redis
         self._keys = keys
+        self._registry = registry
         self._timeout_s = request_timeout_s
         self._max_requests = max_requests
         self._admit = redis.register_script(ADMIT)
@@ -87,15 +89,7 @@ class AdmissionLedger:
 
         Workers run in parallel, so their rates add up: 1 / sum(1 / s_w).
         """
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zrangebyscore(self._keys.model_workers(model), time.time(), "+inf")
-        pipe.hgetall(self._keys.model_speed(model))
-        live, speeds = await pipe.execute()
-        rate = 0.0
-        for name in live:
-            value = speeds.get(name)
-            if value is not None and float(value) > 0:
-                rate += 1.0 / float(value)
+        rate = sum(1.0 / seconds for seconds in await self._registry.live_speeds(model))
         return 1.0 / rate if rate > 0 else 0.0
 
     async def admit(self, model: str, work_id: str, images: int, deadline: float) -> Admission:

@@ -23,8 +23,7 @@ import redis.asyncio
 
 from api.errors import ApiError
 from api.inputs import ParsedImage
-from shared.keys import Keys
-from shared.protocol import ModelInfo
+from shared.store.registry import ModelRegistry
 
 MAXMEMORY_SHARE = 0.8
 HOST_MEMORY_SHARE = 0.5
@@ -50,9 +49,9 @@ class Budget:
 
 
 class MemoryBudget:
-    def __init__(self, redis: redis.asyncio.Redis, keys: Keys, configured_bytes: int | None) -> None:
+    def __init__(self, redis: redis.asyncio.Redis, registry: ModelRegistry, configured_bytes: int | None) -> None:
         self._redis = redis
-        self._keys = keys
+        self._registry = registry
         self._configured = configured_bytes
         # Bytes this process is storing right now, not yet in used_memory: concurrent submissions
         # must not each see the same room.
@@ -71,8 +70,8 @@ class MemoryBudget:
 
     async def need(self, model: str, images: list[ParsedImage]) -> int:
         """What storing these images and, later, their results adds to Redis."""
-        raw = await self._redis.hget(self._keys.model_info(), model)
-        dim = ModelInfo.model_validate_json(raw).dim if raw is not None else UNKNOWN_DIM
+        info = await self._registry.model_info(model)
+        dim = info.dim if info is not None else UNKNOWN_DIM
         return sum(len(image.data) for image in images if image.data is not None) + len(images) * result_bytes(dim)
 
     @asynccontextmanager

@@ -11,7 +11,7 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from api.state import AppState
-from shared.queues import queue_for
+from shared.queues import QUEUE_KINDS, count_queued
 
 REGISTRY = CollectorRegistry()
 
@@ -42,21 +42,22 @@ async def render(state: AppState) -> tuple[bytes, str]:
     Per-model series cover the models a live worker serves and those with work waiting in their
     queues (so an autoscaler can start the first worker), not the whole allow-list.
     """
+    now = time.time()
     pipe = state.redis.pipeline(transaction=False)
     for model in state.allowed_models:
-        pipe.llen(queue_for(model, "interactive"))
-        pipe.llen(queue_for(model, "bulk"))
-        pipe.zcount(state.keys.model_workers(model), time.time(), "+inf")
+        count_queued(pipe, model)
+        state.registry.count_live_workers(pipe, model, now)
     pipe.hgetall(state.keys.job_counts())
     *per_model, counts = await pipe.execute()
     QUEUE_DEPTH.clear()
     SERVED_BY.clear()
+    stride = len(QUEUE_KINDS) + 1
     for position, model in enumerate(state.allowed_models):
-        interactive, bulk, workers = per_model[3 * position : 3 * position + 3]
-        if not (workers or interactive or bulk):
+        *depths, workers = per_model[stride * position : stride * (position + 1)]
+        if not (workers or any(depths)):
             continue
-        QUEUE_DEPTH.labels(model, "interactive").set(interactive)
-        QUEUE_DEPTH.labels(model, "bulk").set(bulk)
+        for kind, depth in zip(QUEUE_KINDS, depths):
+            QUEUE_DEPTH.labels(model, kind).set(depth)
         SERVED_BY.labels(model).set(workers)
     for status in ("queued", "running", "completed", "cancelled"):
         JOBS.labels(status).set(int(counts.get(status.encode(), 0)))

@@ -8,6 +8,7 @@ import numpy as np
 
 from api.errors import ApiError
 from api.schemas import Pooling
+from api.served_models import check_dimensions
 from shared.protocol import ItemResult
 from shared.vectors import EncodingFormat, decode_f32, encode_f32, l2_normalize, quantise
 
@@ -15,8 +16,7 @@ from shared.vectors import EncodingFormat, decode_f32, encode_f32, l2_normalize,
 def _shape(vector: np.ndarray, dimensions: int | None) -> np.ndarray:
     if dimensions is None:
         return vector
-    if dimensions > vector.shape[0]:
-        raise ApiError(400, f"dimensions={dimensions} is larger than the model's embedding size {vector.shape[0]}", code="invalid_dimensions", param="dimensions")
+    check_dimensions(dimensions, vector.shape[0])
     return l2_normalize(vector[:dimensions])
 
 

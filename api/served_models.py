@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 from api.errors import ApiError
 from api.state import AppState
-from shared.protocol import ModelInfo
 
 
 def resolve_model(state: AppState, requested: str | None) -> str:
@@ -17,21 +14,22 @@ def resolve_model(state: AppState, requested: str | None) -> str:
 
 
 async def live_workers(state: AppState, model: str) -> int:
-    return int(await state.redis.zcount(state.keys.model_workers(model), time.time(), "+inf"))
+    return await state.registry.live_workers(model)
 
 
-async def model_infos(state: AppState) -> dict[str, ModelInfo]:
-    raw = await state.redis.hgetall(state.keys.model_info())
-    return {key.decode(): ModelInfo.model_validate_json(value) for key, value in raw.items()}
+def check_dimensions(dimensions: int | None, dim: int) -> None:
+    """Refuse a truncation longer than the model's vectors of ``dim`` components."""
+    if dimensions is not None and dimensions > dim:
+        raise ApiError(400, f"dimensions={dimensions} is larger than the model's embedding size {dim}", code="invalid_dimensions", param="dimensions")
 
 
 async def validate_dimensions(state: AppState, model: str, dimensions: int | None) -> None:
     """Refuse a truncation longer than the vectors, when a worker has told us how long they are."""
     if dimensions is None:
         return
-    raw = await state.redis.hget(state.keys.model_info(), model)
-    if raw is not None and dimensions > (dim := ModelInfo.model_validate_json(raw).dim):
-        raise ApiError(400, f"dimensions={dimensions} is larger than the model's embedding size {dim}", code="invalid_dimensions", param="dimensions")
+    info = await state.registry.model_info(model)
+    if info is not None:
+        check_dimensions(dimensions, info.dim)
 
 
 async def require_served(state: AppState, model: str) -> None:

@@ -15,8 +15,10 @@ from api.publisher import TaskPublisher
 from api.quotas import TenantQuota
 from shared.keys import Keys
 from shared.settings import Settings
-from shared.store.claims import HOLDER_STATE
+from shared.store.claims import ClaimWatch
 from shared.store.jobs import CANCEL, CREATE, DISCARD, STORE_RESULTS
+from shared.store.registry import ModelRegistry
+from shared.store.requests import RequestExchange
 
 
 @dataclass
@@ -34,7 +36,9 @@ class AppState:
     store_results_script: AsyncScript = field(init=False)
     cancel_script: AsyncScript = field(init=False)
     discard_script: AsyncScript = field(init=False)
-    holder_state_script: AsyncScript = field(init=False)
+    registry: ModelRegistry = field(init=False)
+    requests: RequestExchange = field(init=False)
+    claims: ClaimWatch = field(init=False)
     ledger: AdmissionLedger = field(init=False)
     memory: MemoryBudget = field(init=False)
     quotas: TenantQuota = field(init=False)
@@ -45,9 +49,12 @@ class AppState:
         self.store_results_script = self.redis.register_script(STORE_RESULTS)
         self.cancel_script = self.redis.register_script(CANCEL)
         self.discard_script = self.redis.register_script(DISCARD)
-        self.holder_state_script = self.redis.register_script(HOLDER_STATE)
-        self.memory = MemoryBudget(self.redis, self.keys, self.settings.redis_max_bytes)
-        self.ledger = AdmissionLedger(self.redis, self.keys, self.settings.request_timeout_s, self.settings.max_queue_depth)
+        prefix = self.settings.redis_key_prefix
+        self.registry = ModelRegistry(self.redis, prefix)
+        self.requests = RequestExchange(self.redis, self.waits, prefix)
+        self.claims = ClaimWatch(self.redis, prefix)
+        self.memory = MemoryBudget(self.redis, self.registry, self.settings.redis_max_bytes)
+        self.ledger = AdmissionLedger(self.redis, self.keys, self.registry, self.settings.request_timeout_s, self.settings.max_queue_depth)
         self.quotas = TenantQuota(self.redis, self.keys, self.settings.key_max_queued_images, self.ledger)
         self.tasks = TaskPublisher(self.celery, self.redis)
 
