@@ -54,7 +54,7 @@ class AppState:
         self.requests = RequestExchange(self.redis, self.waits, prefix)
         self.claims = ClaimWatch(self.redis, prefix)
         self.memory = MemoryBudget(self.redis, self.registry, self.settings.redis_max_bytes)
-        self.ledger = AdmissionLedger(self.redis, self.keys, self.registry, self.settings.request_timeout_s, self.settings.max_queue_depth)
+        self.ledger = AdmissionLedger(self.redis, prefix, self.registry, self.settings.request_timeout_s, self.settings.max_queue_depth)
         self.quotas = TenantQuota(self.redis, self.keys, self.settings.key_max_queued_images, self.ledger)
         self.tasks = TaskPublisher(self.celery, self.redis)
 
