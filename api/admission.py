@@ -59,7 +59,12 @@ class AdmissionLedger:
             return Admission(model, work_id)
         if refusal.reason == "depth":
             retry = _retry_after(per_image * images) if per_image > 0 else "2"
-            raise ApiError(429, f"model {model!r} has {refusal.value} requests waiting (limit {self._max_requests}); retry later", code="queue_full", headers={"Retry-After": retry})
+            raise ApiError(
+                429,
+                f"model {model!r} has {refusal.value} requests waiting (limit {self._max_requests}); retry later",
+                code="queue_full",
+                headers={"Retry-After": retry},
+            )
         wait_s = refusal.value / 1000
         raise ApiError(
             429,

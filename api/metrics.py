@@ -16,7 +16,10 @@ from shared.queues import QUEUE_KINDS, count_queued
 REGISTRY = CollectorRegistry()
 
 REQUESTS = Counter(
-    "imbeddings_http_requests_total", "HTTP requests, by route, method, model, status and API key id ('' before or without a key).", ["route", "method", "model", "status", "key"], registry=REGISTRY
+    "imbeddings_http_requests_total",
+    "HTTP requests, by route, method, model, status and API key id ('' before or without a key).",
+    ["route", "method", "model", "status", "key"],
+    registry=REGISTRY,
 )
 LATENCY = Histogram(
     "imbeddings_http_request_duration_seconds",
@@ -26,12 +29,17 @@ LATENCY = Histogram(
     registry=REGISTRY,
 )
 CONNECTIONS_REFUSED = Counter(
-    "imbeddings_http_connections_refused_total", "Connections closed before their request's head was read, by reason (header_timeout, header_too_large).", ["reason"], registry=REGISTRY
+    "imbeddings_http_connections_refused_total",
+    "Connections closed before their request's head was read, by reason (header_timeout, header_too_large).",
+    ["reason"],
+    registry=REGISTRY,
 )
 BUFFERED_BODY_BYTES = Gauge("imbeddings_http_buffered_body_bytes", "Request body bytes the API holds now, across all requests in flight.", registry=REGISTRY)
 IMAGES_EMBEDDED = Counter("imbeddings_images_embedded_total", "Images answered with vectors by /v1/embeddings, by model.", ["model"], registry=REGISTRY)
 JOB_IMAGES = Counter("imbeddings_job_images_submitted_total", "Images submitted in jobs, by model.", ["model"], registry=REGISTRY)
-QUEUE_DEPTH = Gauge("imbeddings_queue_depth", "Tasks waiting in a model's queue (interactive: requests; bulk: job chunks).", ["model", "queue"], registry=REGISTRY)
+QUEUE_DEPTH = Gauge(
+    "imbeddings_queue_depth", "Tasks waiting in a model's queue (interactive: requests; bulk: job chunks).", ["model", "queue"], registry=REGISTRY
+)
 JOBS = Gauge("imbeddings_jobs", "Jobs by status: queued and running now; completed and cancelled so far.", ["status"], registry=REGISTRY)
 SERVED_BY = Gauge("imbeddings_model_workers", "Live workers serving each model.", ["model"], registry=REGISTRY)
 

@@ -34,4 +34,6 @@ async def validate_dimensions(state: AppState, model: str, dimensions: int | Non
 
 async def require_served(state: AppState, model: str) -> None:
     if await live_workers(state, model) == 0:
-        raise ApiError(503, f"no worker is serving model {model!r} right now; retry later", code="model_not_served", param="model", headers={"Retry-After": "5"})
+        raise ApiError(
+            503, f"no worker is serving model {model!r} right now; retry later", code="model_not_served", param="model", headers={"Retry-After": "5"}
+        )

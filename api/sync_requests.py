@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # kills every worker it reaches must not take the fleet down one worker at a time.
 MAX_REDISPATCHES = 2
 
+
 async def check_job_backpressure(state: AppState, model: str) -> None:
     """429 while the model's job queue is full, so Redis does not grow without bound."""
     limit = state.settings.max_job_queue_depth
@@ -54,7 +55,9 @@ class ClientGone(Exception):
     """The client closed its connection while its request waited."""
 
 
-async def embed_and_wait(state: AppState, key_id: str, model: str, images: list[ParsedImage], request_id: str, client_gone: Callable[[], Awaitable[None]]) -> list[ItemResult]:
+async def embed_and_wait(
+    state: AppState, key_id: str, model: str, images: list[ParsedImage], request_id: str, client_gone: Callable[[], Awaitable[None]]
+) -> list[ItemResult]:
     """Enqueue the images and wait for their results until the request's deadline; they count
     against the key's quota until then.
 
@@ -124,10 +127,18 @@ async def _wait_for_reply(state: AppState, exchange: SyncRequest, payload: Embed
             holder = await state.claims.holder_state(payload.reply_key, payload.model)
             if holder == HolderState.NO_WORKER:
                 # Waiting on could only end in 504; a worker that comes back later finds it withdrawn.
-                raise ApiError(503, f"no worker is serving model {payload.model!r} any more; retry later", code="model_not_served", param="model", headers={"Retry-After": "5"})
+                raise ApiError(
+                    503,
+                    f"no worker is serving model {payload.model!r} any more; retry later",
+                    code="model_not_served",
+                    param="model",
+                    headers={"Retry-After": "5"},
+                )
             if holder == HolderState.HOLDER_LOST and redispatched < MAX_REDISPATCHES:
                 redispatched += 1
-                log.warning("the worker holding a request stopped heartbeating; sending the request again", extra={"model": payload.model, "attempt": redispatched + 1})
+                log.warning(
+                    "the worker holding a request stopped heartbeating; sending the request again", extra={"model": payload.model, "attempt": redispatched + 1}
+                )
                 await publish(state, EMBED_TASK, [payload.model_dump()])
         return None
     finally:

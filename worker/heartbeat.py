@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, redis: Redis, prefix: str, worker_name: str, models: list[ModelInfo], interval_s: float, ttl_s: float, speeds: SpeedMeter | None = None) -> None:
+    def __init__(
+        self, redis: Redis, prefix: str, worker_name: str, models: list[ModelInfo], interval_s: float, ttl_s: float, speeds: SpeedMeter | None = None
+    ) -> None:
         self._registry = WorkerRegistry(redis, prefix)
         self._speeds = speeds or SpeedMeter()
         self._name = worker_name

@@ -88,7 +88,9 @@ class AdmissionStore:
     def _ledger(self, model: str) -> list[str]:
         return [self._keys.admitted(model), self._keys.admitted_images(model)]
 
-    async def admit(self, model: str, work_id: str, images: int, deadline: float, seconds_per_image: float, timeout_s: float, max_requests: int) -> Refusal | None:
+    async def admit(
+        self, model: str, work_id: str, images: int, deadline: float, seconds_per_image: float, timeout_s: float, max_requests: int
+    ) -> Refusal | None:
         """Enter the request in the model's ledger, or say why not (None: admitted)."""
         args = [time.time(), work_id, deadline, images, seconds_per_image, timeout_s, max_requests, math.ceil(timeout_s) + 60]
         verdict = await self._admit(keys=self._ledger(model), args=args)

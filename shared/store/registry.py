@@ -122,4 +122,3 @@ class ModelRegistry:
     async def model_infos(self) -> dict[str, ModelInfo]:
         raw = await self._redis.hgetall(self._keys.model_info())
         return {key.decode(): ModelInfo.model_validate_json(value) for key, value in raw.items()}
-

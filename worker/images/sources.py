@@ -28,7 +28,9 @@ def load_inputs(redis: Redis, refs: list[ImageRef]) -> list[ImageInput | ItemRes
         if isinstance(ref, UrlRef):
             loaded.append(ImageInput(ref.index, url=ref.url))
         elif (data := next(stored)) is None:
-            error = ItemError(message="the image's stored bytes expired before a worker reached them; submit it again", type="server_error", code="input_expired")
+            error = ItemError(
+                message="the image's stored bytes expired before a worker reached them; submit it again", type="server_error", code="input_expired"
+            )
             loaded.append(ItemResult(index=ref.index, error=error))
         else:
             loaded.append(ImageInput(ref.index, data=data))
