@@ -15,7 +15,6 @@ from api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
 from api.routes import batches, embeddings, files, health, jobs, models
 from api.state import AppState
 from shared.celery_app import create_celery_app
-from shared.keys import Keys
 from shared.model_catalog import allowed_models
 from shared.redis_client import API_COMMAND_TIMEOUT_S, async_client
 from shared.settings import Settings
@@ -34,7 +33,7 @@ def create_app(settings: Settings) -> FastAPI:
         redis = async_client(settings.redis_url, sentinel_master=settings.redis_sentinel_master)
         waits = async_client(settings.redis_url, socket_timeout=WAIT_SLICE_S + API_COMMAND_TIMEOUT_S, sentinel_master=settings.redis_sentinel_master)
         celery = create_celery_app(settings)
-        app.state.imbeddings = AppState(settings, redis, waits, WAIT_SLICE_S, celery, Keys(settings.redis_key_prefix), allowed)
+        app.state.imbeddings = AppState(settings, redis, waits, WAIT_SLICE_S, celery, allowed)
         try:
             yield
         finally:

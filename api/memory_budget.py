@@ -24,8 +24,7 @@ import redis.asyncio
 from api.errors import ApiError
 from api.inputs import ParsedInput
 from shared.errors import ErrorCode
-from shared.keys import Keys
-from shared.protocol import ModelInfo
+from shared.store.registry import ModelRegistry
 
 MAXMEMORY_SHARE = 0.8
 HOST_MEMORY_SHARE = 0.5
@@ -51,9 +50,9 @@ class Budget:
 
 
 class MemoryBudget:
-    def __init__(self, redis: redis.asyncio.Redis, keys: Keys, configured_bytes: int | None) -> None:
+    def __init__(self, redis: redis.asyncio.Redis, registry: ModelRegistry, configured_bytes: int | None) -> None:
         self._redis = redis
-        self._keys = keys
+        self._registry = registry
         self._configured = configured_bytes
         # Bytes this process is storing right now, not yet in used_memory: concurrent submissions
         # must not each see the same room.
@@ -72,8 +71,8 @@ class MemoryBudget:
 
     async def need(self, model: str, images: list[ParsedInput]) -> int:
         """What storing these images and, later, their results adds to Redis."""
-        raw = await self._redis.hget(self._keys.model_info(), model)
-        dim = ModelInfo.model_validate_json(raw).dim if raw is not None else UNKNOWN_DIM
+        info = await self._registry.model_info(model)
+        dim = info.dim if info is not None else UNKNOWN_DIM
         return sum(len(image.data) for image in images if image.data is not None) + len(images) * result_bytes(dim)
 
     @asynccontextmanager
@@ -84,8 +83,8 @@ class MemoryBudget:
         used = int(info["used_memory"])
         if budget.limit is not None and used + self._in_flight + need > budget.limit:
             raise ApiError(
-                ErrorCode.REDIS_FULL,
-                f"Redis has no room for this {what}: it holds {_mb(used + self._in_flight)} of its {_mb(budget.limit)} budget ({budget.source}), and it needs about {_mb(need)} more "
+                ErrorCode.REDIS_FULL, f"Redis has no room for this {what}: it holds {_mb(used + self._in_flight)} of its {_mb(budget.limit)} budget ({budget.source}), "
+                f"and it needs about {_mb(need)} more "
                 "(its images and results); retry once running work has finished, or send fewer or smaller images",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )

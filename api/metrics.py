@@ -11,12 +11,15 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from api.state import AppState
-from shared.queues import queue_for
+from shared.queues import QUEUE_KINDS, count_queued
 
 REGISTRY = CollectorRegistry()
 
 REQUESTS = Counter(
-    "imbeddings_http_requests_total", "HTTP requests, by route, method, model, status and API key id ('' before or without a key).", ["route", "method", "model", "status", "key"], registry=REGISTRY
+    "imbeddings_http_requests_total",
+    "HTTP requests, by route, method, model, status and API key id ('' before or without a key).",
+    ["route", "method", "model", "status", "key"],
+    registry=REGISTRY,
 )
 LATENCY = Histogram(
     "imbeddings_http_request_duration_seconds",
@@ -26,12 +29,17 @@ LATENCY = Histogram(
     registry=REGISTRY,
 )
 CONNECTIONS_REFUSED = Counter(
-    "imbeddings_http_connections_refused_total", "Connections closed before their request's head was read, by reason (header_timeout, header_too_large).", ["reason"], registry=REGISTRY
+    "imbeddings_http_connections_refused_total",
+    "Connections closed before their request's head was read, by reason (header_timeout, header_too_large).",
+    ["reason"],
+    registry=REGISTRY,
 )
 BUFFERED_BODY_BYTES = Gauge("imbeddings_http_buffered_body_bytes", "Request body bytes the API holds now, across all requests in flight.", registry=REGISTRY)
 IMAGES_EMBEDDED = Counter("imbeddings_images_embedded_total", "Images answered with vectors by /v1/embeddings, by model.", ["model"], registry=REGISTRY)
 JOB_IMAGES = Counter("imbeddings_job_images_submitted_total", "Images submitted in jobs, by model.", ["model"], registry=REGISTRY)
-QUEUE_DEPTH = Gauge("imbeddings_queue_depth", "Tasks waiting in a model's queue (interactive: requests; bulk: job chunks).", ["model", "queue"], registry=REGISTRY)
+QUEUE_DEPTH = Gauge(
+    "imbeddings_queue_depth", "Tasks waiting in a model's queue (interactive: requests; bulk: job chunks).", ["model", "queue"], registry=REGISTRY
+)
 JOBS = Gauge("imbeddings_jobs", "Jobs by status: queued and running now; completed and cancelled so far.", ["status"], registry=REGISTRY)
 SERVED_BY = Gauge("imbeddings_model_workers", "Live workers serving each model.", ["model"], registry=REGISTRY)
 
@@ -42,21 +50,22 @@ async def render(state: AppState) -> tuple[bytes, str]:
     Per-model series cover the models a live worker serves and those with work waiting in their
     queues (so an autoscaler can start the first worker), not the whole allow-list.
     """
+    now = time.time()
     pipe = state.redis.pipeline(transaction=False)
     for model in state.allowed_models:
-        pipe.llen(queue_for(model, "interactive"))
-        pipe.llen(queue_for(model, "bulk"))
-        pipe.zcount(state.keys.model_workers(model), time.time(), "+inf")
+        count_queued(pipe, model)
+        state.registry.count_live_workers(pipe, model, now)
     per_model = await pipe.execute()
     counts = await state.jobs.counts()
     QUEUE_DEPTH.clear()
     SERVED_BY.clear()
+    stride = len(QUEUE_KINDS) + 1
     for position, model in enumerate(state.allowed_models):
-        interactive, bulk, workers = per_model[3 * position : 3 * position + 3]
-        if not (workers or interactive or bulk):
+        *depths, workers = per_model[stride * position : stride * (position + 1)]
+        if not (workers or any(depths)):
             continue
-        QUEUE_DEPTH.labels(model, "interactive").set(interactive)
-        QUEUE_DEPTH.labels(model, "bulk").set(bulk)
+        for kind, depth in zip(QUEUE_KINDS, depths):
+            QUEUE_DEPTH.labels(model, kind).set(depth)
         SERVED_BY.labels(model).set(workers)
     for status in ("queued", "running", "completed", "cancelled"):
         JOBS.labels(status).set(counts.get(status, 0))

@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, create_model, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from api.errors import ApiError
 from shared.errors import ErrorCode, oversized_dimensions
-from shared.protocol import ItemResult
+from shared.protocol import ItemResult, ModelShape
 from shared.vectors import EncodingFormat, decode_f32, encode_f32, l2_normalize, quantise
 
 Pooling = Literal["cls", "mean"]
@@ -146,21 +146,22 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
-class ModelCard(BaseModel):
+class _ModelCardHead(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "imbeddings"
     served: bool
     workers: int
-    dim: int | None = None
-    patch_size: int | None = None
-    image_size: tuple[int, int] | None = None
-    num_register_tokens: int | None = None
-    tokens_per_image: int | None = None
-    model_type: str | None = None
-    dtype: str | None = None
-    device: str | None = None
+
+
+# The model's shape follows the card's head, each field null until a worker has described the model.
+ModelCard = create_model(
+    "ModelCard",
+    __base__=_ModelCardHead,
+    __doc__="One model of the allow-list: whether it is served now, and what it looks like.",
+    **{name: (field.annotation | None, None) for name, field in ModelShape.model_fields.items()},
+)
 
 
 class ModelList(BaseModel):

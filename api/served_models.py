@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 from api.errors import ApiError
 from api.state import AppState
 from shared.errors import ErrorCode, oversized_dimensions
-from shared.protocol import ModelInfo
 
 
 def resolve_model(state: AppState, requested: str | None) -> str:
@@ -18,23 +15,20 @@ def resolve_model(state: AppState, requested: str | None) -> str:
 
 
 async def live_workers(state: AppState, model: str) -> int:
-    return int(await state.redis.zcount(state.keys.model_workers(model), time.time(), "+inf"))
-
-
-async def model_infos(state: AppState) -> dict[str, ModelInfo]:
-    raw = await state.redis.hgetall(state.keys.model_info())
-    return {key.decode(): ModelInfo.model_validate_json(value) for key, value in raw.items()}
+    return await state.registry.live_workers(model)
 
 
 async def validate_dimensions(state: AppState, model: str, dimensions: int | None) -> None:
     """Refuse a truncation longer than the vectors, when a worker has told us how long they are."""
     if dimensions is None:
         return
-    raw = await state.redis.hget(state.keys.model_info(), model)
-    if raw is not None and dimensions > (dim := ModelInfo.model_validate_json(raw).dim):
-        raise ApiError(ErrorCode.INVALID_DIMENSIONS, oversized_dimensions(dimensions, dim), param="dimensions")
+    info = await state.registry.model_info(model)
+    if info is not None and dimensions > info.dim:
+        raise ApiError(ErrorCode.INVALID_DIMENSIONS, oversized_dimensions(dimensions, info.dim), param="dimensions")
 
 
 async def require_served(state: AppState, model: str) -> None:
     if await live_workers(state, model) == 0:
-        raise ApiError(ErrorCode.MODEL_NOT_SERVED, f"no worker is serving model {model!r} right now; retry later", param="model", headers={"Retry-After": "5"})
+        raise ApiError(
+            ErrorCode.MODEL_NOT_SERVED, f"no worker is serving model {model!r} right now; retry later", param="model", headers={"Retry-After": "5"}
+        )

@@ -7,16 +7,16 @@ from dataclasses import dataclass, field
 import redis.asyncio
 from celery import Celery
 from fastapi import Request
-from redis.commands.core import AsyncScript
 
 from api.admission import AdmissionLedger
 from api.memory_budget import MemoryBudget
 from api.publisher import TaskPublisher
 from api.quotas import TenantQuota
-from shared.keys import Keys
 from shared.settings import Settings
-from shared.store.claims import HOLDER_STATE
+from shared.store.claims import ClaimWatch
 from shared.store.jobs import AsyncJobStore
+from shared.store.registry import ModelRegistry
+from shared.store.requests import RequestExchange
 from shared.store.tenants import TenantLedger
 
 
@@ -29,9 +29,10 @@ class AppState:
     waits: redis.asyncio.Redis
     wait_slice_s: float
     celery: Celery
-    keys: Keys
     allowed_models: list[str]
-    holder_state_script: AsyncScript = field(init=False)
+    registry: ModelRegistry = field(init=False)
+    requests: RequestExchange = field(init=False)
+    claims: ClaimWatch = field(init=False)
     ledger: AdmissionLedger = field(init=False)
     memory: MemoryBudget = field(init=False)
     quotas: TenantQuota = field(init=False)
@@ -39,11 +40,14 @@ class AppState:
     tasks: TaskPublisher = field(init=False)
 
     def __post_init__(self) -> None:
-        self.holder_state_script = self.redis.register_script(HOLDER_STATE)
-        self.memory = MemoryBudget(self.redis, self.keys, self.settings.redis_max_bytes)
-        self.ledger = AdmissionLedger(self.redis, self.keys, self.settings.request_timeout_s, self.settings.max_queue_depth)
-        self.quotas = TenantQuota(TenantLedger(self.redis, self.settings.redis_key_prefix), self.settings.key_max_queued_images, self.ledger)
-        self.jobs = AsyncJobStore(self.redis, self.settings.redis_key_prefix, self.settings.job_result_ttl_s)
+        prefix = self.settings.redis_key_prefix
+        self.registry = ModelRegistry(self.redis, prefix)
+        self.requests = RequestExchange(self.redis, self.waits, prefix)
+        self.claims = ClaimWatch(self.redis, prefix)
+        self.memory = MemoryBudget(self.redis, self.registry, self.settings.redis_max_bytes)
+        self.ledger = AdmissionLedger(self.redis, prefix, self.registry, self.settings.request_timeout_s, self.settings.max_queue_depth)
+        self.quotas = TenantQuota(TenantLedger(self.redis, prefix), self.settings.key_max_queued_images, self.ledger)
+        self.jobs = AsyncJobStore(self.redis, prefix, self.settings.job_result_ttl_s)
         self.tasks = TaskPublisher(self.celery, self.redis)
 
 

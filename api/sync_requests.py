@@ -9,16 +9,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import orjson
-from redis.asyncio.client import Pipeline
 
 from api.admission import Admission
 from api.errors import ApiError
 from api.inputs import ParsedInput
 from api.state import AppState
 from shared.errors import ErrorCode
-from shared.protocol import EmbedPayload, ImageRef, ItemResult
-from shared.queues import EMBED_TASK, queue_for
-from shared.store.claims import HOLDER_LOST, NO_WORKER
+from shared.protocol import BlobRef, EmbedPayload, ImageRef, ItemResult, UrlRef
+from shared.queues import EMBED_TASK, queue_depth
+from shared.store.claims import HolderState
+from shared.store.requests import SyncRequest, store_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -26,35 +26,25 @@ log = logging.getLogger(__name__)
 # kills every worker it reaches must not take the fleet down one worker at a time.
 MAX_REDISPATCHES = 2
 
+
 async def check_job_backpressure(state: AppState, model: str) -> None:
     """429 while the model's job queue is full, so Redis does not grow without bound."""
     limit = state.settings.max_job_queue_depth
-    depth = int(await state.redis.llen(queue_for(model, "bulk")))
+    depth = await queue_depth(state.redis, model, "bulk")
     if depth >= limit:
         raise ApiError(ErrorCode.QUEUE_FULL, f"model {model!r} has {depth} job chunks queued (limit {limit}); retry later", headers={"Retry-After": "30"})
 
 
 async def stash_images(state: AppState, blobs_key: str, images: list[ParsedInput], ttl_s: int) -> list[ImageRef]:
     """Store image bytes in one Redis hash for the workers, and reference them; URLs pass as they are."""
-    refs = []
-    pipe = state.redis.pipeline(transaction=False)
+    refs: list[ImageRef] = []
     for image in images:
         if image.data is not None:
-            pipe.hset(blobs_key, str(image.index), image.data)
-            refs.append(ImageRef(index=image.index, kind="blob", data=blobs_key))
+            refs.append(BlobRef(index=image.index, blob_key=blobs_key))
         elif image.url is not None:
-            refs.append(ImageRef(index=image.index, kind="url", data=image.url))
-        if len(pipe) >= 256:  # bounded pipelines: a 100,000-image job is not one giant command buffer
-            await _flush_with_expiry(pipe, blobs_key, ttl_s)
-    if len(pipe):
-        await _flush_with_expiry(pipe, blobs_key, ttl_s)
+            refs.append(UrlRef(index=image.index, url=image.url))
+    await store_image_bytes(state.redis, blobs_key, ((image.index, image.data) for image in images if image.data is not None), ttl_s)
     return refs
-
-
-async def _flush_with_expiry(pipe: Pipeline, blobs_key: str, ttl_s: int) -> None:
-    # Every flush sets the expiry, so a submission that fails part-way never leaves bytes without one.
-    pipe.expire(blobs_key, ttl_s)
-    await pipe.execute()
 
 
 async def publish(state: AppState, name: str, payloads: list[dict[str, object]]) -> None:
@@ -66,7 +56,9 @@ class ClientGone(Exception):
     """The client closed its connection while its request waited."""
 
 
-async def embed_and_wait(state: AppState, key_id: str, model: str, images: list[ParsedInput], request_id: str, client_gone: Callable[[], Awaitable[None]]) -> list[ItemResult]:
+async def embed_and_wait(
+    state: AppState, key_id: str, model: str, images: list[ParsedInput], request_id: str, client_gone: Callable[[], Awaitable[None]]
+) -> list[ItemResult]:
     """Enqueue the images and wait for their results until the request's deadline; they count
     against the key's quota until then.
 
@@ -78,39 +70,34 @@ async def embed_and_wait(state: AppState, key_id: str, model: str, images: list[
     # Keys are per dispatch, not per request id: clients choose X-Request-ID and may reuse it.
     work_id = uuid.uuid4().hex
     await state.quotas.admit(key_id, model, work_id, len(images), deadline)
-    blobs_key = state.keys.blobs(work_id)
-    reply_key = state.keys.reply(work_id)
+    exchange = state.requests.open(work_id)
     admitted: Admission | None = None
     reply: bytes | None = None
     try:
         # The images' bytes are held against the memory budget until Redis counts them itself.
         async with state.memory.reserve(await state.memory.need(model, images), "request"):
             admitted = await state.ledger.admit(model, work_id, len(images), deadline)
-            refs = await stash_images(state, blobs_key, images, ttl_s=int(timeout) + 60)
-        payload = EmbedPayload(request_id=request_id, model=model, items=refs, reply_key=reply_key, deadline=deadline)
+            refs = await stash_images(state, exchange.blobs_key, images, ttl_s=int(timeout) + 60)
+        payload = EmbedPayload(request_id=request_id, model=model, items=refs, reply_key=exchange.reply_key, deadline=deadline)
         await publish(state, EMBED_TASK, [payload.model_dump()])
-        reply = await _wait_for_reply(state, payload, client_gone)
+        reply = await _wait_for_reply(state, exchange, payload, client_gone)
     finally:
         # Shielded: a cancelled request (its client left) must still withdraw and leave the ledger.
         # A request refused before it entered the ledger was never queued: nothing to withdraw.
-        await asyncio.shield(_finish(state, key_id, work_id, admitted, admitted is not None and reply is None, reply_key, blobs_key, timeout))
+        await asyncio.shield(_finish(state, key_id, work_id, admitted, admitted is not None and reply is None, exchange, timeout))
     if reply is None:
         raise ApiError(ErrorCode.TIMEOUT, f"no worker answered within {timeout:g} s; the request was withdrawn")
     return [ItemResult.model_validate(item) for item in orjson.loads(reply)]
 
 
-async def _finish(state: AppState, key_id: str, work_id: str, admitted: Admission | None, withdrawn: bool, reply_key: str, blobs_key: str, timeout: float) -> None:
+async def _finish(state: AppState, key_id: str, work_id: str, admitted: Admission | None, withdrawn: bool, exchange: SyncRequest, timeout: float) -> None:
     """Withdraw the request if it had no answer, and release what it held (``admitted`` is None
     when it was refused before it entered the ledger)."""
     try:
         if withdrawn:
-            # Workers skip a withdrawn request at task start and drop its images from batches;
-            # a result that still arrives expires unread, and the image bytes go now. A full
-            # Redis refuses the flag but not the deletion, and the ledger is still released.
-            pipe = state.redis.pipeline(transaction=False)
-            pipe.delete(blobs_key)
-            pipe.set(state.keys.abandoned(reply_key), b"1", ex=int(timeout) + 60)
-            await pipe.execute(raise_on_error=False)
+            # Workers skip a withdrawn request at task start and drop its images from batches; the
+            # ledger is released even when a full Redis refused the flag.
+            await state.requests.withdraw(exchange, ttl_s=int(timeout) + 60)
         if admitted is not None:
             await state.ledger.release(admitted)
         await state.quotas.release(key_id, work_id)
@@ -118,7 +105,7 @@ async def _finish(state: AppState, key_id: str, work_id: str, admitted: Admissio
         log.warning("could not withdraw a request", extra={"error": type(exc).__name__})
 
 
-async def _wait_for_reply(state: AppState, payload: EmbedPayload, client_gone: Callable[[], Awaitable[None]]) -> bytes | None:
+async def _wait_for_reply(state: AppState, exchange: SyncRequest, payload: EmbedPayload, client_gone: Callable[[], Awaitable[None]]) -> bytes | None:
     """The reply, or None at the deadline; raises ClientGone when the client disconnects.
 
     The wait is cut into slices: between slices the API checks that the worker that started the
@@ -130,32 +117,28 @@ async def _wait_for_reply(state: AppState, payload: EmbedPayload, client_gone: C
     redispatched = 0
     try:
         while (remaining := payload.deadline - time.time()) > 0:
-            pop = asyncio.ensure_future(state.waits.blpop([payload.reply_key], timeout=min(state.wait_slice_s, remaining)))
+            pop = asyncio.ensure_future(state.requests.next_reply(exchange, min(state.wait_slice_s, remaining)))
             await asyncio.wait({pop, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not pop.done():
                 pop.cancel()
                 raise ClientGone
-            popped = pop.result()
-            if popped is not None:
-                return popped[1]
-            holder = await _holder_state(state, payload)
-            if holder == NO_WORKER:
+            reply = pop.result()
+            if reply is not None:
+                return reply
+            holder = await state.claims.holder_state(payload.reply_key, payload.model)
+            if holder == HolderState.NO_WORKER:
                 # Waiting on could only end in 504; a worker that comes back later finds it withdrawn.
                 raise ApiError(
-                    ErrorCode.MODEL_NOT_SERVED,
-                    f"no worker is serving model {payload.model!r} any more; retry later",
+                    ErrorCode.MODEL_NOT_SERVED, f"no worker is serving model {payload.model!r} any more; retry later",
                     param="model",
                     headers={"Retry-After": "5"},
                 )
-            if holder == HOLDER_LOST and redispatched < MAX_REDISPATCHES:
+            if holder == HolderState.HOLDER_LOST and redispatched < MAX_REDISPATCHES:
                 redispatched += 1
-                log.warning("the worker holding a request stopped heartbeating; sending the request again", extra={"model": payload.model, "attempt": redispatched + 1})
+                log.warning(
+                    "the worker holding a request stopped heartbeating; sending the request again", extra={"model": payload.model, "attempt": redispatched + 1}
+                )
                 await publish(state, EMBED_TASK, [payload.model_dump()])
         return None
     finally:
         gone.cancel()
-
-
-async def _holder_state(state: AppState, payload: EmbedPayload) -> int:
-    keys = [state.keys.claim(payload.reply_key), state.keys.model_workers(payload.model)]
-    return int(await state.holder_state_script(keys=keys, args=[time.time()]))

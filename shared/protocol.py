@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import ErrorCode
 
 
-class ImageRef(BaseModel):
-    """One input image, already checked for form by the API.
+class UrlRef(BaseModel):
+    """An input image the worker fetches itself."""
 
-    Image bytes do not ride in the task message: the API stores them in the Redis hash named by
-    ``data``, under the item's index (a claim check), so messages stay small and no image is
-    base64-encoded twice on its way.
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["url"] = "url"
+    index: int = Field(ge=0, description="Position in the request, or in the whole job.")
+    url: str = Field(description="The http(s) URL to fetch, already checked for form by the API.")
+
+
+class BlobRef(BaseModel):
+    """An input image whose bytes the API stored in Redis.
+
+    Image bytes do not ride in the task message: the API stores them in a Redis hash under the
+    item's index (a claim check), so messages stay small and no image is base64-encoded twice on
+    its way.
     """
 
     model_config = ConfigDict(frozen=True)
 
+    kind: Literal["blob"] = "blob"
     index: int = Field(ge=0, description="Position in the request, or in the whole job.")
-    kind: Literal["url", "blob"]
-    data: str = Field(description="The URL to fetch, or the Redis hash holding the image bytes.")
+    blob_key: str = Field(description="The Redis hash holding the image bytes, under the item's index.")
+
+
+# One input image, already checked for form by the API.
+ImageRef = Annotated[UrlRef | BlobRef, Field(discriminator="kind")]
 
 
 class EmbedPayload(BaseModel):
@@ -68,16 +82,21 @@ class ItemResult(BaseModel):
     error: ItemError | None = None
 
 
-class ModelInfo(BaseModel):
-    """What a worker learnt about a model when it loaded it (shown by ``/v1/models``)."""
+class ModelShape(BaseModel):
+    """What a model looks like, as a worker learnt it when it loaded the model (``/v1/models`` shows it)."""
 
-    id: str
-    model_type: str
     dim: int
     patch_size: int
     image_size: tuple[int, int]
     num_register_tokens: int
     tokens_per_image: int
+    model_type: str
     dtype: str
     device: str
+
+
+class ModelInfo(ModelShape):
+    """A worker's announcement of a model it serves (the worker registry's ``model-info``)."""
+
+    id: str
     backend: str = "torch"

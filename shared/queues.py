@@ -1,4 +1,7 @@
-"""Celery queue and task names, derived from model ids the same way on both sides."""
+"""Celery queue and task names, derived from model ids the same way on both sides.
+
+The one module that knows a queue is a Redis list (kombu's layout): depths are read here.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,14 @@ import json
 import re
 from typing import Any, Literal
 
+import redis.asyncio
+from redis.asyncio.client import Pipeline as AsyncPipeline
+
 EMBED_TASK = "imbeddings.embed"
 JOB_CHUNK_TASK = "imbeddings.embed_job_chunk"
 
 QueueKind = Literal["interactive", "bulk"]
+QUEUE_KINDS: tuple[QueueKind, ...] = ("interactive", "bulk")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -29,6 +36,17 @@ def model_slug(model_id: str) -> str:
 def queue_for(model_id: str, kind: QueueKind) -> str:
     base = f"imbeddings.{model_slug(model_id)}"
     return base if kind == "interactive" else f"{base}.bulk"
+
+
+async def queue_depth(redis: redis.asyncio.Redis, model_id: str, kind: QueueKind) -> int:
+    """Tasks waiting in one of the model's queues."""
+    return int(await redis.llen(queue_for(model_id, kind)))
+
+
+def count_queued(pipe: AsyncPipeline, model_id: str) -> None:
+    """Queue the depth of each of the model's queues on ``pipe``, in ``QUEUE_KINDS`` order."""
+    for kind in QUEUE_KINDS:
+        pipe.llen(queue_for(model_id, kind))
 
 
 def route_by_model(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any], task: Any = None, **_: Any) -> dict[str, str] | None:

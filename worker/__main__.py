@@ -12,7 +12,6 @@ from celery.signals import worker_ready, worker_shutting_down
 
 from shared.celery_app import create_celery_app
 from shared.cpus import available_cpus, format_cpu_list
-from shared.keys import Keys
 from shared.logs import configure_logging
 from shared.model_catalog import CatalogError, allowed_models
 from shared.queues import queue_for
@@ -97,8 +96,7 @@ def main() -> None:
         log.info("worker thread budget", extra={"cpu_list": format_cpu_list(cpus), **budget.as_dict()})
         configure_torch(settings, budget, device)
         redis = sync_client(settings.redis_url, sentinel_master=settings.redis_sentinel_master)
-        keys = Keys(settings.redis_key_prefix)
-        store = ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5, job_ttl_s=settings.job_result_ttl_s)
+        store = ResultStore(redis, settings.redis_key_prefix, reply_ttl_s=int(settings.request_timeout_s) + 5, job_ttl_s=settings.job_result_ttl_s)
         runtime = WorkerRuntime(settings, budget, store.mark_withdrawn)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         for model_id in settings.worker_models:
@@ -110,8 +108,8 @@ def main() -> None:
     # wait a minute on an unreachable Redis to withdraw.
     heartbeat_redis = sync_client(settings.redis_url, retries=1, sentinel_master=settings.redis_sentinel_master)
     node = f"worker-{os.getpid()}@{socket.gethostname()}"
-    tasks.install_context(tasks.WorkerContext(runtime, store, redis, keys, node))
-    heartbeat = Heartbeat(heartbeat_redis, keys, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s, runtime.speeds)
+    tasks.install_context(tasks.WorkerContext(runtime, store, redis, settings.redis_key_prefix, node))
+    heartbeat = Heartbeat(heartbeat_redis, settings.redis_key_prefix, node, [m.model.info for m in runtime.models.values()], settings.heartbeat_interval_s, settings.heartbeat_ttl_s, runtime.speeds)
 
     @worker_ready.connect(weak=False)
     def _announce(**_: object) -> None:

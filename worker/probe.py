@@ -20,21 +20,19 @@ import socket
 import sys
 import time
 
-from redis import Redis
 from redis.exceptions import RedisError
 
-from shared.keys import Keys
 from shared.redis_client import sync_client
 from shared.settings import get_settings
+from shared.store.registry import WorkerRegistry
 
 
-def missing_models(redis: Redis, keys: Keys, models: list[str], host: str, now: float) -> list[str]:
+def missing_models(registry: WorkerRegistry, models: list[str], host: str, now: float) -> list[str]:
     """The models for which no worker on ``host`` holds an unexpired announcement."""
     missing = []
     for model in models:
-        # Worker names are "worker-<pid>@<host>" (worker/__main__.py); scores are expiry times.
-        members = redis.zrangebyscore(keys.model_workers(model), now, "+inf")
-        if not any(member.decode().endswith(f"@{host}") for member in members):
+        # Worker names are "worker-<pid>@<host>" (worker/__main__.py).
+        if not any(name.endswith(f"@{host}") for name in registry.live_workers(model, now)):
             missing.append(model)
     return missing
 
@@ -47,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     redis = sync_client(settings.redis_url, retries=0, sentinel_master=settings.redis_sentinel_master)
     host = socket.gethostname()
     try:
-        missing = missing_models(redis, Keys(settings.redis_key_prefix), settings.worker_models, host, time.time())
+        missing = missing_models(WorkerRegistry(redis, settings.redis_key_prefix), settings.worker_models, host, time.time())
     except RedisError as exc:
         if args.check == "alive":
             return 0

@@ -1,8 +1,8 @@
 """How long this worker's model takes per image, as the API's admission needs it.
 
 The batch thread reports every forward pass (images, seconds); the heartbeat publishes the smoothed
-seconds per image under ``Keys.model_speed`` with each beat, and the API turns the images queued
-ahead of a request into an expected wait with it (``api/admission.py``).
+seconds per image in the worker registry (``shared.store.registry``) with each beat, and the API
+turns the images queued ahead of a request into an expected wait with it (``api/admission.py``).
 """
 
 from __future__ import annotations

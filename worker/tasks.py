@@ -19,7 +19,6 @@ from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.errors import ErrorCode, oversized_dimensions
-from shared.keys import Keys
 from shared.logs import request_id_var
 from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult, JobChunkPayload
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
@@ -48,7 +47,7 @@ class WorkerContext:
     runtime: WorkerRuntime
     store: ResultStore
     redis: Redis
-    keys: Keys
+    key_prefix: str
     node: str  # this worker's name in the served-models registry (its heartbeat)
 
 
@@ -123,7 +122,7 @@ def embed(payload: dict) -> None:
             return
         # Named as the request's holder, so the waiting API sends it again should this worker stop
         # heartbeating: the broker would redeliver it only after the visibility timeout, past its deadline.
-        claim(context.redis, context.keys, request.reply_key, context.node, request.deadline)
+        claim(context.redis, context.key_prefix, request.reply_key, context.node, request.deadline)
         started = time.perf_counter()
         try:
             results = embed_refs(context, request.model, request.items, ticket=Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key)))

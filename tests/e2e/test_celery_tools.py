@@ -26,9 +26,9 @@ import yaml
 from devtools.photos import EXAMPLES
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer, free_port
-from shared.keys import Keys
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK, queue_for
 from shared.settings import REPO_ROOT
+from shared.store.registry import WorkerRegistry
 from tests.conftest import ImageServer, data_uri, service_env, start_api, start_worker, wait_served
 from tests.support.jobs import submit, wait_done
 from worker.probe import missing_models
@@ -210,8 +210,8 @@ def test_worker_probe_follows_the_workers_announcement(stack: Stack) -> None:
     assert (ready.returncode, alive.returncode) == (0, 0), ready.stderr + alive.stderr
     # The probe looks for a worker on its own host (pod): another pod's worker does not make it ready.
     store = redis.Redis.from_url(stack.redis.url)
-    assert missing_models(store, Keys("imb:"), [stack.model], socket.gethostname(), time.time()) == []
-    assert missing_models(store, Keys("imb:"), [stack.model], "another-pod", time.time()) == [stack.model]
+    assert missing_models(WorkerRegistry(store, "imb:"), [stack.model], socket.gethostname(), time.time()) == []
+    assert missing_models(WorkerRegistry(store, "imb:"), [stack.model], "another-pod", time.time()) == [stack.model]
     stack.worker.stop()  # warm shutdown withdraws the announcement at once
     for check in ("ready", "alive"):
         gone = _probe(stack.env, check)

@@ -20,15 +20,14 @@ from pydantic import ValidationError
 from devtools.photos import BENCH
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
-from shared.keys import Keys
 from shared.settings import Settings, describe_errors
+from shared.store.admission import LedgerKeys
 from shared.store.jobs import JobKeys
 from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served, wait_worker_ready
 from tests.support.jobs import all_results, elapsed, submit, wait_done
 
 MAXMEMORY = 32 * 2**20
 COFFEE = (BENCH / "coffee_1600x1200.jpg").read_bytes()  # 282 kB
-KEYS = Keys("imb:")
 JOB_KEYS = JobKeys("imb:")
 FILLER = "test-filler:"
 
@@ -156,7 +155,7 @@ def test_redis_refusal_is_507_and_a_refused_job_leaves_nothing(tmp_path: Path, f
             sync = client.post("/v1/embeddings", json={"input": [data_uri(COFFEE)] * 150})
             assert sync.status_code == 507 and sync.json()["error"]["code"] == "redis_full", sync.text[:300]
             assert _job_keys(store) == []
-            ledger = store.hget(KEYS.admitted_images(env["IMBEDDINGS_DEFAULT_MODEL"]), "total")
+            ledger = store.hget(LedgerKeys("imb:").admitted_images(env["IMBEDDINGS_DEFAULT_MODEL"]), "total")
             assert ledger in (None, b"0")
             print(f"after two refused 42 MB submissions: used_memory {_used(store)} bytes (baseline {baseline}), keys {store.dbsize()}")
             assert _used(store) < baseline + 2**20

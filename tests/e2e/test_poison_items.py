@@ -17,11 +17,11 @@ import pytest
 import redis
 
 from shared.celery_app import create_celery_app
-from shared.keys import Keys
-from shared.protocol import EmbedPayload, ImageRef, JobChunkPayload
+from shared.protocol import BlobRef, EmbedPayload, JobChunkPayload
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
 from shared.settings import Settings
 from shared.store.jobs import CREATE, JobKeys, JobRecord, new_job_id
+from shared.store.requests import RequestKeys
 from tests.conftest import IMAGE_HOST, ImageServer, Service
 from tests.support.jobs import all_results, submit, wait_done
 
@@ -33,7 +33,6 @@ POISON_URLS = [
     f"http://bücher.{LONG_LABEL}.example/x.png",
     "http://a..b/x.png",
 ]
-KEYS = Keys("imb:")
 JOB_KEYS = JobKeys("imb:")
 
 
@@ -112,7 +111,7 @@ def test_a_chunk_that_always_fails_is_tried_a_bounded_number_of_times_then_its_i
     store.register_script(CREATE)(keys=[JOB_KEYS.job(job.id), JOB_KEYS.counts()], args=[600, *fields])
     broken = f"imb:test-broken-blobs:{job.id}"
     store.set(broken, b"not a hash", ex=600)
-    refs = [ImageRef(index=i, kind="blob", data=broken) for i in range(4)]
+    refs = [BlobRef(index=i, blob_key=broken) for i in range(4)]
     _publish(service, JOB_CHUNK_TASK, JobChunkPayload(request_id=f"poison-{job.id}", job_id=job.id, model=model, items=refs).model_dump())
 
     with service.client() as client:
@@ -139,8 +138,9 @@ def test_a_request_whose_task_fails_still_gets_an_answer(service: Service) -> No
     work = new_job_id()
     broken = f"imb:test-broken-blobs:{work}"
     store.set(broken, b"not a hash", ex=600)
-    reply_key = KEYS.reply(work)
-    payload = EmbedPayload(request_id=f"poison-{work}", model=model, items=[ImageRef(index=i, kind="blob", data=broken) for i in range(2)], reply_key=reply_key, deadline=time.time() + 60)
+    reply_key = RequestKeys("imb:").reply(work)
+    items = [BlobRef(index=i, blob_key=broken) for i in range(2)]
+    payload = EmbedPayload(request_id=f"poison-{work}", model=model, items=items, reply_key=reply_key, deadline=time.time() + 60)
     _publish(service, EMBED_TASK, payload.model_dump())
     popped = store.blpop([reply_key], timeout=60)
     assert popped is not None

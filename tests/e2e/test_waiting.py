@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from devtools.processes import wait_until
-from shared.keys import Keys
+from shared.store.admission import LedgerKeys
 from tests.conftest import Service, serve_photos
 
 MiB = 2**20
@@ -42,7 +42,7 @@ def test_a_wait_longer_than_five_seconds_is_answered(service: Service) -> None:
 
 def test_a_client_that_hangs_up_withdraws_its_request(service: Service) -> None:
     store = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
-    keys = Keys("imb:")
+    keys = LedgerKeys("imb:")
     model = service.model("dinov2-tiny")
     with serve_photos(delay_s=6) as slow:
         with httpx.Client(base_url=service.base_url, timeout=1.0) as client, pytest.raises(httpx.ReadTimeout):

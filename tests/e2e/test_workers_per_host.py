@@ -22,10 +22,10 @@ from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer, free_port
 from devtools.run_local import split_cpus
 from shared.cpus import available_cpus, format_cpu_list, parse_cpu_list
-from shared.keys import Keys
 from shared.protocol import ModelInfo
 from shared.redis_client import sync_client
 from shared.settings import REPO_ROOT, Settings
+from shared.store.registry import RegistryKeys
 from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served
 from worker.cpu_budget import FETCH_THREADS, ThreadBudget
 from worker.heartbeat import Heartbeat
@@ -147,16 +147,16 @@ def test_invalid_worker_cpus_stop_the_worker_naming_the_variable(value: str) -> 
 
 def test_heartbeat_starts_while_redis_is_away_and_announces_once_it_is_back(tmp_path: Path) -> None:
     port = free_port()
-    keys = Keys("imb:")
+    keys = RegistryKeys("imb:")
     info = ModelInfo(id="m", model_type="vit", dim=8, patch_size=16, image_size=(32, 32), num_register_tokens=0, tokens_per_image=5, dtype="float32", device="cpu")
-    heartbeat = Heartbeat(sync_client(f"redis://127.0.0.1:{port}/0", retries=1), keys, "worker-1@host", [info], interval_s=0.2, ttl_s=2)
+    heartbeat = Heartbeat(sync_client(f"redis://127.0.0.1:{port}/0", retries=1), keys.prefix, "worker-1@host", [info], interval_s=0.2, ttl_s=2)
     heartbeat.start()  # Redis is not there yet: must not raise
     server = RedisServer(tmp_path / "redis", port).start()
     try:
         client = sync_client(server.url)
-        wait_until(lambda: client.zscore(keys.model_workers("m"), "worker-1@host") is not None, 15, what="the first beat")
+        wait_until(lambda: client.zscore(keys.workers("m"), "worker-1@host") is not None, 15, what="the first beat")
         heartbeat.stop()
-        assert client.zscore(keys.model_workers("m"), "worker-1@host") is None
+        assert client.zscore(keys.workers("m"), "worker-1@host") is None
     finally:
         heartbeat.stop()
         server.stop(graceful=False)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from redis import Redis
 
 from shared.errors import ErrorCode
-from shared.protocol import ImageRef, ItemError, ItemResult
+from shared.protocol import BlobRef, ImageRef, ItemError, ItemResult, UrlRef
+from shared.store.requests import read_image_bytes
 
 
 @dataclass(frozen=True)
@@ -21,20 +22,13 @@ class ImageInput:
 
 def load_inputs(redis: Redis, refs: list[ImageRef]) -> list[ImageInput | ItemResult]:
     """Read a task's stored images (one round trip per hash); a missing one is reported in place."""
-    fields: dict[str, list[str]] = {}
-    for ref in refs:
-        if ref.kind == "blob":
-            fields.setdefault(ref.data, []).append(str(ref.index))
-    blobs: dict[tuple[str, str], bytes | None] = {}
-    for key, names in fields.items():
-        blobs.update(zip(((key, name) for name in names), redis.hmget(key, names)))
+    blobs = [ref for ref in refs if isinstance(ref, BlobRef)]
+    stored = iter(read_image_bytes(redis, blobs))  # in the order of ``blobs``
     loaded: list[ImageInput | ItemResult] = []
     for ref in refs:
-        if ref.kind == "url":
-            loaded.append(ImageInput(ref.index, url=ref.data))
-            continue
-        data = blobs[(ref.data, str(ref.index))]
-        if data is None:
+        if isinstance(ref, UrlRef):
+            loaded.append(ImageInput(ref.index, url=ref.url))
+        elif (data := next(stored)) is None:
             error = ItemError(message="the image's stored bytes expired before a worker reached them; submit it again", code=ErrorCode.INPUT_EXPIRED)
             loaded.append(ItemResult(index=ref.index, error=error))
         else:

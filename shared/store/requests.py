@@ -1,0 +1,146 @@
+"""A synchronous request's exchange between the API and a worker, and the image-bytes hashes.
+
+Three structures per request, all owned here:
+
+- ``blobs:<work>``: hash, input index -> image bytes, stored by the API for the worker (a claim
+  check: bytes do not ride in task messages); deleted with the reply, or when the API withdraws;
+- ``reply:<work>``: list the worker pushes the request's results onto, and the API blocks on;
+- ``abandoned:<reply>``: set by the API when it stopped waiting (deadline, client gone), so workers
+  skip the work and its reply is not pushed.
+
+A job's image bytes live in a hash of the same layout named by the jobs store; ``store_image_bytes``
+and ``read_image_bytes`` serve both, the hash being named in each ``BlobRef``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis.asyncio
+from redis import Redis
+from redis.asyncio.client import Pipeline as AsyncPipeline
+
+from shared.protocol import BlobRef, EmbedPayload
+
+# Commands per pipeline when storing image bytes: a 100,000-image job is not one giant command buffer.
+PIPELINE_COMMANDS = 256
+
+# KEYS: reply list, the request's "abandoned" flag, then its image-bytes hashes. ARGV: results JSON,
+# ttl seconds. Returns 1 when pushed, 0 when the API had stopped waiting. The image bytes go first:
+# a full Redis then lets the (smaller) answer in (see STORE_RESULTS in shared.store.jobs).
+REPLY = """
+if #KEYS > 2 then
+  redis.call('DEL', unpack(KEYS, 3))
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class RequestKeys:
+    prefix: str
+
+    def blobs(self, work_id: str) -> str:
+        """Hash: input index -> image bytes of one request."""
+        return f"{self.prefix}blobs:{work_id}"
+
+    def reply(self, work_id: str) -> str:
+        """List the worker pushes one request's results onto."""
+        return f"{self.prefix}reply:{work_id}"
+
+    def abandoned(self, reply_key: str) -> str:
+        """Set when the API stopped waiting for the reply on ``reply_key``."""
+        return f"{self.prefix}abandoned:{reply_key}"
+
+
+async def store_image_bytes(redis: redis.asyncio.Redis, blob_key: str, images: Iterable[tuple[int, bytes]], ttl_s: int) -> None:
+    """Store images under their index in the hash ``blob_key``, which expires after ``ttl_s``."""
+    pipe = redis.pipeline(transaction=False)
+    for index, data in images:
+        pipe.hset(blob_key, str(index), data)
+        if len(pipe) >= PIPELINE_COMMANDS:
+            await _flush_with_expiry(pipe, blob_key, ttl_s)
+    if len(pipe):
+        await _flush_with_expiry(pipe, blob_key, ttl_s)
+
+
+async def _flush_with_expiry(pipe: AsyncPipeline, blob_key: str, ttl_s: int) -> None:
+    # Every flush sets the expiry, so a submission that fails part-way never leaves bytes without one.
+    pipe.expire(blob_key, ttl_s)
+    await pipe.execute()
+
+
+def read_image_bytes(redis: Redis, refs: list[BlobRef]) -> list[bytes | None]:
+    """Each ref's image bytes (None where they expired), one round trip per hash."""
+    fields: dict[str, list[str]] = {}
+    for ref in refs:
+        fields.setdefault(ref.blob_key, []).append(str(ref.index))
+    found: dict[tuple[str, str], bytes | None] = {}
+    for key, names in fields.items():
+        found.update(zip(((key, name) for name in names), redis.hmget(key, names)))
+    return [found[(ref.blob_key, str(ref.index))] for ref in refs]
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    """The keys of one dispatch of a synchronous request."""
+
+    blobs_key: str
+    reply_key: str
+
+
+class RequestExchange:
+    """The API's side (asyncio clients): store the images, wait for the reply, withdraw."""
+
+    def __init__(self, redis: redis.asyncio.Redis, waits: redis.asyncio.Redis, prefix: str) -> None:
+        self._redis = redis
+        # Blocking waits for replies have their own connections, whose read timeout covers one slice of a wait.
+        self._waits = waits
+        self._keys = RequestKeys(prefix)
+
+    def open(self, work_id: str) -> SyncRequest:
+        return SyncRequest(blobs_key=self._keys.blobs(work_id), reply_key=self._keys.reply(work_id))
+
+    async def next_reply(self, request: SyncRequest, timeout_s: float) -> bytes | None:
+        """The reply, or None when none came within ``timeout_s``."""
+        popped = await self._waits.blpop([request.reply_key], timeout=timeout_s)
+        return popped[1] if popped is not None else None
+
+    async def withdraw(self, request: SyncRequest, ttl_s: int) -> None:
+        """Tell workers to skip the request, and drop its image bytes now.
+
+        A result that still arrives expires unread. A full Redis refuses the flag but not the deletion.
+        """
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(request.blobs_key)
+        pipe.set(self._keys.abandoned(request.reply_key), b"1", ex=ttl_s)
+        await pipe.execute(raise_on_error=False)
+
+
+class RequestReplies:
+    """The worker's side (synchronous client): whether a request is still wanted, and its reply."""
+
+    def __init__(self, redis: Redis, prefix: str, reply_ttl_s: int) -> None:
+        self._redis = redis
+        self._keys = RequestKeys(prefix)
+        self._ttl_s = reply_ttl_s
+        self._reply = redis.register_script(REPLY)
+
+    def abandoned(self, reply_key: str) -> bool:
+        return bool(self._redis.exists(self._keys.abandoned(reply_key)))
+
+    def abandoned_among(self, reply_keys: list[str]) -> list[bool]:
+        """Whether each request was abandoned, in one round trip for them all."""
+        return [flag is not None for flag in self._redis.mget([self._keys.abandoned(key) for key in reply_keys])]
+
+    def push(self, payload: EmbedPayload, results_json: str) -> bool:
+        """Push the results and drop the request's image bytes; False when the API had stopped waiting."""
+        blobs = sorted({ref.blob_key for ref in payload.items if isinstance(ref, BlobRef)})
+        keys = [payload.reply_key, self._keys.abandoned(payload.reply_key), *blobs]
+        return bool(self._reply(keys=keys, args=[results_json, self._ttl_s]))
