@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
@@ -25,7 +26,7 @@ from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
 from shared.store.claims import claim
 from worker import metrics
 from worker.images.sources import ImageInput, load_inputs
-from worker.pipeline import WorkerRuntime, WorkerStopping
+from worker.pipeline import ModelPipeline, WorkerStopping
 from worker.result_store import ResultStore
 from worker.tickets import Ticket
 
@@ -43,48 +44,53 @@ CHUNK_RETRY_DELAY_S = 2
 
 
 @dataclass
-class WorkerContext:
-    runtime: WorkerRuntime
+class WorkerResources:
+    """What every task of this process uses; built once by ``python -m worker`` (``worker.process``)."""
+
+    pipelines: dict[str, ModelPipeline]  # by model id
+    stopping: threading.Event  # set at warm shutdown: job chunks still waiting for a turn go back to the queue
     store: ResultStore
     redis: Redis
     keys: Keys
     node: str  # this worker's name in the served-models registry (its heartbeat)
 
 
-_context: WorkerContext | None = None
+class WorkerTask(Task):
+    """Base of this worker's tasks: the per-process resources, installed once before tasks are consumed."""
+
+    _resources: ClassVar[WorkerResources | None] = None
+
+    @classmethod
+    def install(cls, resources: WorkerResources) -> None:
+        """Called once by ``python -m worker`` after the models are loaded, before tasks are consumed."""
+        WorkerTask._resources = resources
+
+    @property
+    def resources(self) -> WorkerResources:
+        if WorkerTask._resources is None:
+            raise RuntimeError("worker resources not installed: start workers with `python -m worker`")
+        return WorkerTask._resources
 
 
-def install_context(context: WorkerContext) -> None:
-    """Called once by ``python -m worker`` after the models are loaded, before tasks are consumed."""
-    global _context
-    _context = context
-
-
-def _ctx() -> WorkerContext:
-    if _context is None:
-        raise RuntimeError("worker context not installed: start workers with `python -m worker`")
-    return _context
-
-
-def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef], bulk: bool = False, ticket: Ticket | None = None) -> list[ItemResult]:
+def embed_refs(context: WorkerResources, model: str, refs: list[ImageRef], bulk: bool = False, ticket: Ticket | None = None) -> list[ItemResult]:
     """Every ref's result, in order: a vector or an in-place error."""
-    runtime = context.runtime.models.get(model)
-    if runtime is None:
+    pipeline = context.pipelines.get(model)
+    if pipeline is None:
         error = ItemError(message=f"this worker does not serve model {model!r}", type="server_error", code="model_not_served")
         return [ItemResult(index=ref.index, error=error) for ref in refs]
     loaded = load_inputs(context.redis, refs)
-    embedded = iter(runtime.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk, ticket=ticket))
+    embedded = iter(pipeline.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk, ticket=ticket))
     return [next(embedded) if isinstance(item, ImageInput) else item for item in loaded]
 
 
-def unsatisfiable_dimensions(context: WorkerContext, chunk: JobChunkPayload) -> ItemError | None:
+def unsatisfiable_dimensions(context: WorkerResources, chunk: JobChunkPayload) -> ItemError | None:
     """The error every item of a job gets when its ``dimensions`` exceed the model's vectors.
 
     The API checks this at submit when a worker has already described the model; a job submitted
     before that is checked here, before anything is computed, so its results stay readable.
     """
-    runtime = context.runtime.models.get(chunk.model)
-    if chunk.dimensions is None or runtime is None or chunk.dimensions <= (dim := runtime.model.info.dim):
+    pipeline = context.pipelines.get(chunk.model)
+    if chunk.dimensions is None or pipeline is None or chunk.dimensions <= (dim := pipeline.model.info.dim):
         return None
     return ItemError(message=f"dimensions={chunk.dimensions} is larger than the model's embedding size {dim}", code="invalid_dimensions")
 
@@ -110,12 +116,12 @@ def _failed(refs: list[ImageRef], message: str, code: str) -> list[ItemResult]:
     return [ItemResult(index=ref.index, error=ItemError(message=message, type="server_error", code=code)) for ref in refs]
 
 
-@shared_task(name=EMBED_TASK, ignore_result=True)
-def embed(payload: dict) -> None:
+@shared_task(name=EMBED_TASK, base=WorkerTask, bind=True, ignore_result=True)
+def embed(self: WorkerTask, payload: dict) -> None:
     with _message("embed", EmbedPayload, payload) as request:
         if request is None:
             return
-        context = _ctx()
+        context = self.resources
         if time.time() > request.deadline or context.store.is_abandoned(request.reply_key):
             log.info("skipping request the API stopped waiting for", extra={"model": request.model, "images": len(request.items)})
             metrics.TASKS.labels("embed", "skipped").inc()
@@ -139,8 +145,8 @@ def embed(payload: dict) -> None:
         log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
 
 
-@shared_task(name=JOB_CHUNK_TASK, bind=True, ignore_result=True, max_retries=MAX_CHUNK_RETRIES)
-def embed_job_chunk(self: Task, payload: dict) -> None:
+@shared_task(name=JOB_CHUNK_TASK, base=WorkerTask, bind=True, ignore_result=True, max_retries=MAX_CHUNK_RETRIES)
+def embed_job_chunk(self: WorkerTask, payload: dict) -> None:
     """One slice of a job. Safe to run twice: results are stored per index, once.
 
     The message is acknowledged only once the chunk's results are stored. When Redis refuses or
@@ -152,7 +158,7 @@ def embed_job_chunk(self: Task, payload: dict) -> None:
     with _message("job_chunk", JobChunkPayload, payload) as chunk:
         if chunk is None:
             return
-        context = _ctx()
+        context = self.resources
         try:
             _run_chunk(context, chunk)
         except WorkerStopping:
@@ -185,7 +191,18 @@ def embed_job_chunk(self: Task, payload: dict) -> None:
             metrics.TASKS.labels("job_chunk", "failed").inc()
 
 
-def _run_chunk(context: WorkerContext, chunk: JobChunkPayload) -> None:
+@contextmanager
+def _chunk_turn(context: WorkerResources, model: str) -> Iterator[None]:
+    """A turn among the job chunks of ``model``'s pipeline (none to take for a model not served here)."""
+    pipeline = context.pipelines.get(model)
+    if pipeline is None:
+        yield
+        return
+    with pipeline.chunk_turn(context.stopping):
+        yield
+
+
+def _run_chunk(context: WorkerResources, chunk: JobChunkPayload) -> None:
     status, done = context.store.start_chunk(chunk)
     if status in ("gone", "cancelled"):
         context.store.drop_blobs(chunk)
@@ -199,7 +216,7 @@ def _run_chunk(context: WorkerContext, chunk: JobChunkPayload) -> None:
         metrics.TASKS.labels("job_chunk", "refused").inc()
         log.info("job chunk refused: dimensions larger than the model's", extra={"job_id": chunk.job_id, "model": chunk.model, "dimensions": chunk.dimensions, "job_status": status})
         return
-    with context.runtime.bulk_slot(chunk.model):
+    with _chunk_turn(context, chunk.model):
         results = embed_refs(context, chunk.model, todo, bulk=True, ticket=Ticket(lookup=partial(context.store.job_withdrawn, chunk.job_id)))
     status = context.store.store_chunk(chunk, results, now=int(time.time()))
     metrics.TASKS.labels("job_chunk", "done").inc()

@@ -45,3 +45,11 @@ def _loaded_openmp() -> ctypes.CDLL | None:
         if Path(path).name.startswith(("libgomp", "libiomp")) and ".so" in path:
             return ctypes.CDLL(path)
     return None
+
+
+def configure_torch(threads: int, device: torch.device, cuda_memory_fraction: float | None) -> None:
+    """Process-wide torch settings, before any model loads: its thread count, and its share of the GPU."""
+    torch.set_num_threads(threads)
+    if device.type == "cuda" and cuda_memory_fraction is not None:
+        # A cap for this process, so several workers (or other programs) can share one GPU.
+        torch.cuda.set_per_process_memory_fraction(cuda_memory_fraction, device)
