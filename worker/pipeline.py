@@ -80,30 +80,18 @@ class ModelPipeline:
         speeds: SpeedMeter,
     ) -> ModelPipeline:
         """Load, check and warm up a model on the compute thread, where it will run."""
-        return pools.compute.submit(cls._load, model_id, settings, pools, limits, torch_threads, device, dtype, token, check_withdrawn, speeds).result()
 
-    @classmethod
-    def _load(
-        cls,
-        model_id: str,
-        settings: Settings,
-        pools: WorkerPools,
-        limits: InputLimits,
-        torch_threads: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        token: str | None,
-        check_withdrawn: WithdrawalCheck | None,
-        speeds: SpeedMeter,
-    ) -> ModelPipeline:
-        backend = resolve_backend(settings.backend, device)
-        model = load_model(model_id, device, dtype, token, settings.max_batch_size, backend, torch_threads, settings.openvino_cache_dir)
-        metrics.MODEL_LOAD_SECONDS.labels(model.model_id).set(model.load_seconds)
-        decode_limits = replace(limits.decode, resize=resize_rule(model.processor))
-        if settings.jpeg_draft:
-            decode_limits = decode_limits.with_jpeg_draft(model.info.image_size)
-        preprocess = choose_preprocessor(model.processor, settings.preprocessing, probe_image())
-        return cls(model, preprocess, decode_limits, pools, settings, check_withdrawn, speeds)
+        def on_compute_thread() -> ModelPipeline:
+            backend = resolve_backend(settings.backend, device)
+            model = load_model(model_id, device, dtype, token, settings.max_batch_size, backend, torch_threads, settings.openvino_cache_dir)
+            metrics.MODEL_LOAD_SECONDS.labels(model.model_id).set(model.load_seconds)
+            decode_limits = replace(limits.decode, resize=resize_rule(model.processor))
+            if settings.jpeg_draft:
+                decode_limits = decode_limits.with_jpeg_draft(model.info.image_size)
+            preprocess = choose_preprocessor(model.processor, settings.preprocessing, probe_image())
+            return cls(model, preprocess, decode_limits, pools, settings, check_withdrawn, speeds)
+
+        return pools.compute.submit(on_compute_thread).result()
 
     def _observe_batch(self, images: int, seconds: float) -> None:
         metrics.observe_batch(self.model.model_id, images, seconds)

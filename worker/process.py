@@ -45,7 +45,7 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
     glibc gives busy threads arenas of their own (up to 8 per core). With task, decode and torch
     threads all freeing large tensors, memory fragments across arenas and RSS creeps up; with two
-    arenas it stays flat after warm-up, at no cost in speed (README, "Performance"). Must run before
+    arenas it stays flat after warm-up, at no cost in speed (README, "Throughput"). Must run before
     the worker starts its threads.
     """
     if "MALLOC_ARENA_MAX" in os.environ:

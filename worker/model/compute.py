@@ -3,11 +3,10 @@
 PyTorch's CPU kernels run on OpenMP (libgomp on Linux), which gives every thread that starts a
 parallel op a team of helper threads of its own. Once a process holds more OpenMP threads than
 there are CPUs, libgomp stops letting idle helpers spin and parks them instead, so each of the
-hundreds of small ops in a forward pass pays a wake-up. Measured on 2 cores: a batch-1 DINOv2-S
-forward took 49 ms on a lone thread and 62 ms once the main thread (model loading) and the
-preprocessing threads had teams too. So models are loaded and run on one compute thread, and the
-threads that decode and preprocess images run torch single-threaded: they get their parallelism
-from each other, and leave the cores to the model.
+hundreds of small ops in a forward pass pays a wake-up (the README's "Throughput" section has the
+cost measured). So models are loaded and run on one compute thread, and the threads that decode and
+preprocess images run torch single-threaded: they get their parallelism from each other, and leave
+the cores to the model.
 """
 
 from __future__ import annotations
