@@ -63,7 +63,8 @@ class ModelPipeline:
         # other chunks are not starved.
         self._chunk_turns = threading.BoundedSemaphore(settings.bulk_concurrency)
         self._admission = Admission(settings.max_batch_size)
-        self._batcher = Batcher(self._admission, model.embedder, pools.compute, model.info, settings.max_batch_wait_ms / 1000, self._observe_batch, check_withdrawn)
+        max_wait_s = settings.max_batch_wait_ms / 1000
+        self._batcher = Batcher(self._admission, model.embedder, pools.compute, model.info, max_wait_s, self._observe_batch, check_withdrawn)
 
     @classmethod
     def load(
@@ -160,7 +161,8 @@ class ModelPipeline:
             raise
         except Exception as exc:  # the model failed, not the input: reported, never swallowed silently
             metrics.IMAGES.labels(self.model.model_id, "failed").inc()
-            return ItemResult(index=index, error=ItemError(message=f"inference failed: {type(exc).__name__}: {exc}", type="server_error", code="inference_failed"))
+            error = ItemError(message=f"inference failed: {type(exc).__name__}: {exc}", type="server_error", code="inference_failed")
+            return ItemResult(index=index, error=error)
         metrics.IMAGES.labels(self.model.model_id, "embedded").inc()
         return ItemResult(index=index, cls=encode_f32(embedding.cls.numpy()), mean=encode_f32(embedding.mean.numpy()), tokens=self.model.info.tokens_per_image)
 

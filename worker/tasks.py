@@ -131,7 +131,8 @@ def embed(self: WorkerTask, payload: dict) -> None:
         claim(context.redis, context.keys, request.reply_key, context.node, request.deadline)
         started = time.perf_counter()
         try:
-            results = embed_refs(context, request.model, request.items, ticket=Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key)))
+            ticket = Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key))
+            results = embed_refs(context, request.model, request.items, ticket=ticket)
         except WorkerStopping:
             # Not answered: the API sees this worker withdrawn and sends the request to another one.
             log.info("worker stopping: request left unanswered for the API to re-send", extra={"model": request.model})
@@ -142,7 +143,9 @@ def embed(self: WorkerTask, payload: dict) -> None:
             results = _failed(request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", "worker_error")
         delivered = context.store.reply(request, results)
         metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
-        log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
+        failed = sum(r.error is not None for r in results)
+        extra = {"model": request.model, "images": len(results), "failed": failed, "seconds": round(time.perf_counter() - started, 4)}
+        log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra=extra)
 
 
 @shared_task(name=JOB_CHUNK_TASK, base=WorkerTask, bind=True, ignore_result=True, max_retries=MAX_CHUNK_RETRIES)
@@ -166,7 +169,8 @@ def embed_job_chunk(self: WorkerTask, payload: dict) -> None:
             metrics.TASKS.labels("job_chunk", "requeued").inc()
             raise Reject("worker stopping", requeue=True) from None
         except REDIS_UNAVAILABLE as exc:
-            log.warning("Redis refused or lost a job chunk's write; the chunk goes back to the queue", extra={"job_id": chunk.job_id, "error": f"{type(exc).__name__}: {exc}"})
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("Redis refused or lost a job chunk's write; the chunk goes back to the queue", extra={"job_id": chunk.job_id, "error": error})
             metrics.TASKS.labels("job_chunk", "requeued").inc()
             raise Reject("redis unavailable", requeue=True) from None
         except Exception as exc:
@@ -214,10 +218,12 @@ def _run_chunk(context: WorkerResources, chunk: JobChunkPayload) -> None:
     if (error := unsatisfiable_dimensions(context, chunk)) is not None:
         status = context.store.store_chunk(chunk, [ItemResult(index=ref.index, error=error) for ref in todo], now=int(time.time()))
         metrics.TASKS.labels("job_chunk", "refused").inc()
-        log.info("job chunk refused: dimensions larger than the model's", extra={"job_id": chunk.job_id, "model": chunk.model, "dimensions": chunk.dimensions, "job_status": status})
+        extra = {"job_id": chunk.job_id, "model": chunk.model, "dimensions": chunk.dimensions, "job_status": status}
+        log.info("job chunk refused: dimensions larger than the model's", extra=extra)
         return
     with _chunk_turn(context, chunk.model):
         results = embed_refs(context, chunk.model, todo, bulk=True, ticket=Ticket(lookup=partial(context.store.job_withdrawn, chunk.job_id)))
     status = context.store.store_chunk(chunk, results, now=int(time.time()))
     metrics.TASKS.labels("job_chunk", "done").inc()
-    log.info("job chunk embedded", extra={"job_id": chunk.job_id, "model": chunk.model, "images": len(results), "already_done": len(done), "job_status": status, "seconds": round(time.perf_counter() - started, 4)})
+    extra = {"job_id": chunk.job_id, "model": chunk.model, "images": len(results), "already_done": len(done), "job_status": status}
+    log.info("job chunk embedded", extra={**extra, "seconds": round(time.perf_counter() - started, 4)})

@@ -50,12 +50,18 @@ def check_token_contract(model_id: str, hidden: torch.Tensor, pixel_size: torch.
     return expected
 
 
-def check_precision(model_id: str, embedder: VisionEmbedder, pixel_values: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> None:
+def check_precision(
+    model_id: str, embedder: VisionEmbedder, pixel_values: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype
+) -> None:
     """The embedder's vectors for ``pixel_values`` against the float32 Transformers ``reference``."""
     if embedder.backend == "torch" and dtype == torch.float32:
         return  # the reference itself
     cls_cos, mean_cos = (float((a.cpu() * b).sum()) for a, b in zip(reference, embedder.embed(pixel_values)))
-    extra = {"model": model_id, "backend": embedder.backend, "dtype": str(dtype), "cosine_cls_vs_float32": round(cls_cos, 6), "cosine_mean_vs_float32": round(mean_cos, 6)}
+    extra = {"model": model_id, "backend": embedder.backend, "dtype": str(dtype)}
+    extra |= {"cosine_cls_vs_float32": round(cls_cos, 6), "cosine_mean_vs_float32": round(mean_cos, 6)}
     if min(cls_cos, mean_cos) < MIN_COSINE:
-        raise ModelRefused(f"model {model_id!r} refused: with backend {embedder.backend} and {dtype} its vectors have cosine {min(cls_cos, mean_cos):.4f} to float32 Transformers")
+        raise ModelRefused(
+            f"model {model_id!r} refused: with backend {embedder.backend} and {dtype} its vectors have cosine "
+            f"{min(cls_cos, mean_cos):.4f} to float32 Transformers"
+        )
     log.info("reduced precision checked" if dtype != torch.float32 else "backend checked against float32", extra=extra)

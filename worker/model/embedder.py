@@ -88,7 +88,9 @@ def resolve_backend(setting: str, device: torch.device) -> Backend:
         return "torch"
     if device.type != "cpu":
         if setting == "openvino":
-            raise BackendUnavailable(f"IMBEDDINGS_BACKEND=openvino runs on the CPU, but the device is {device}; set IMBEDDINGS_DEVICE=cpu or IMBEDDINGS_BACKEND=torch")
+            raise BackendUnavailable(
+                f"IMBEDDINGS_BACKEND=openvino runs on the CPU, but the device is {device}; set IMBEDDINGS_DEVICE=cpu or IMBEDDINGS_BACKEND=torch"
+            )
         return "torch"
     try:
         import openvino  # noqa: F401
@@ -154,7 +156,9 @@ def _converted(module: PreTrainedModel, image_size: tuple[int, int], cache_dir: 
     return converted
 
 
-def openvino_embedder(module: PreTrainedModel, image_size: tuple[int, int], dtype: torch.dtype, threads: int, num_register_tokens: int, cache_dir: Path) -> OpenVINOEmbedder:
+def openvino_embedder(
+    module: PreTrainedModel, image_size: tuple[int, int], dtype: torch.dtype, threads: int, num_register_tokens: int, cache_dir: Path
+) -> OpenVINOEmbedder:
     import openvino as ov
 
     if dtype not in _OPENVINO_PRECISION:
