@@ -191,7 +191,8 @@ class DecodePool:
             if used > self.cpu_seconds:
                 log.warning("decode abandoned past its CPU budget", extra={"cpu_seconds": round(used, 2), "image_bytes": len(data)})
                 raise ImageInputError(
-                    "decode_budget_exceeded", f"decoding the image took more than {self.cpu_seconds:g} CPU seconds (IMBEDDINGS_DECODE_CPU_SECONDS) and was abandoned"
+                    "decode_budget_exceeded",
+                    f"decoding the image took more than {self.cpu_seconds:g} CPU seconds (IMBEDDINGS_DECODE_CPU_SECONDS) and was abandoned",
                 )
             if deadline is not None and time.time() > deadline:
                 raise ImageInputError("deadline_exceeded", "the request's deadline passed while the image was being decoded")

@@ -231,7 +231,10 @@ class Fetcher:
             if not is_forbidden(address, self.limits.allowed_networks):
                 allowed.setdefault(sockaddr[0], sockaddr)
         if not allowed:
-            raise ImageInputError("url_forbidden_address", f"host {target.host!r} resolves only to addresses that may not be fetched (private, loopback, link-local, multicast or reserved)")
+            raise ImageInputError(
+                "url_forbidden_address",
+                f"host {target.host!r} resolves only to addresses that may not be fetched (private, loopback, link-local, multicast or reserved)",
+            )
         return list(allowed.items())
 
     def _connect(self, target: Target, addresses: list[tuple[str, tuple]], deadline: float) -> Connection:

@@ -124,7 +124,9 @@ def _check_tiff(data: bytes, limits: StructureLimits) -> None:
         return
     count = struct.unpack_from(order + "H", data, directory)[0]
     if count > limits.max_segments:
-        raise ImageInputError("too_many_segments", f"TIFF directory has {count} entries, over the limit of {limits.max_segments} (IMBEDDINGS_MAX_IMAGE_SEGMENTS)")
+        raise ImageInputError(
+            "too_many_segments", f"TIFF directory has {count} entries, over the limit of {limits.max_segments} (IMBEDDINGS_MAX_IMAGE_SEGMENTS)"
+        )
     values: dict[int, int] = {}
     for entry in range(count):
         base = directory + 2 + 12 * entry
