@@ -142,6 +142,9 @@ class ModelPipeline:
             self._admission.cancel(reservation, WorkerStopping())
         except Exception as exc:  # anything else a decoder or processor trips over is still the image's fault
             self._admission.cancel(reservation, ImageInputError("invalid_image", f"image could not be processed: {type(exc).__name__}: {exc}"))
+        except BaseException as exc:  # the task waits on this reservation: it is answered whatever happens
+            self._admission.cancel(reservation, exc)
+            raise
         else:
             self._admission.submit(reservation, pixel_values)
 

@@ -63,6 +63,7 @@ class WorkerTask(Task):
     @classmethod
     def install(cls, resources: WorkerResources) -> None:
         """Called once by ``python -m worker`` after the models are loaded, before tasks are consumed."""
+        # On this class, not ``cls``: each task is a subclass of it, and all of them share one set.
         WorkerTask._resources = resources
 
     @property
