@@ -103,7 +103,11 @@ def load_model(
     tokens = check_token_contract(model_id, hidden, pixel_values.shape[-2:], patch, num_registers)
     image_size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
     embedder = build_embedder(module, device, dtype, num_registers, image_size, backend, threads, openvino_cache_dir)
-    check_precision(model_id, embedder, pixel_values, pool_cls_mean(hidden, num_registers), dtype)
+    cosines = check_precision(model_id, embedder, pixel_values, pool_cls_mean(hidden, num_registers), dtype)
+    if cosines is not None:
+        extra = {"model": model_id, "backend": embedder.backend, "dtype": str(dtype)}
+        extra |= {"cosine_cls_vs_float32": round(cosines[0], 6), "cosine_mean_vs_float32": round(cosines[1], 6)}
+        log.info("reduced precision checked" if dtype != torch.float32 else "backend checked against float32", extra=extra)
     warm_up(embedder, pixel_values, warmup_batch, device)
     info = ModelInfo(
         id=model_id,
