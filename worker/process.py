@@ -28,10 +28,13 @@ from worker import metrics
 from worker.cpu_budget import ThreadBudget
 
 if TYPE_CHECKING:
+    import torch
     from celery import Celery
 
     from worker.heartbeat import Heartbeat
+    from worker.pipeline import ModelPipeline
     from worker.pools import WorkerPools
+    from worker.result_store import ResultStore
     from worker.speed import SpeedMeter
     from worker.tasks import WorkerResources
 
@@ -116,12 +119,9 @@ def load_worker(settings: Settings, node: str) -> Worker:
     # Heavy imports after the configuration is known to be valid, so mistakes are reported fast.
     import transformers
 
-    from worker.images.limits import InputLimits
     from worker.model.compute import configure_torch
     from worker.model.embedder import BackendUnavailable
     from worker.model.loader import ModelRefused, resolve_device, resolve_dtype
-    from worker.pipeline import ModelPipeline
-    from worker.pools import WorkerPools
     from worker.result_store import ResultStore
     from worker.speed import SpeedMeter
     from worker.tasks import WorkerResources
@@ -130,24 +130,42 @@ def load_worker(settings: Settings, node: str) -> Worker:
     try:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        cpus = available_cpus()
-        budget = ThreadBudget.for_cpus(len(cpus), device.type, settings, os.environ.get("OMP_NUM_THREADS"))
-        log.info("worker thread budget", extra={"cpu_list": format_cpu_list(cpus), **budget.as_dict()})
+        cpus, budget = plan_threads(settings, device.type)
         configure_torch(budget.torch_threads, device, settings.cuda_memory_fraction)
         redis = sync_client(settings.redis_url, sentinel_master=settings.redis_sentinel_master)
         keys = Keys(settings.redis_key_prefix)
         store = ResultStore(redis, keys, reply_ttl_s=int(settings.request_timeout_s) + 5, job_ttl_s=settings.job_result_ttl_s)
         speeds = SpeedMeter()
-        limits = InputLimits.from_settings(settings)
-        pools = WorkerPools(settings, budget, limits)
-        token = settings.hf_token.get_secret_value() if settings.hf_token else None
-        pipelines: dict[str, ModelPipeline] = {}
-        for model_id in settings.worker_models:
-            pipeline = ModelPipeline.load(model_id, settings, pools, limits, budget.torch_threads, device, dtype, token, store.mark_withdrawn, speeds)
-            pipelines[pipeline.model.model_id] = pipeline
+        pools, pipelines = load_pipelines(settings, budget, device, dtype, store, speeds)
     except (ModelRefused, BackendUnavailable) as exc:
         sys.exit(f"worker cannot start: {exc}")
     return Worker(WorkerResources(pipelines, threading.Event(), store, redis, keys, node), pools, speeds, budget, cpus)
+
+
+def plan_threads(settings: Settings, device_type: str) -> tuple[list[int], ThreadBudget]:
+    """The CPUs this process may use, and how its threads share them."""
+    cpus = available_cpus()
+    budget = ThreadBudget.for_cpus(len(cpus), device_type, settings, os.environ.get("OMP_NUM_THREADS"))
+    log.info("worker thread budget", extra={"cpu_list": format_cpu_list(cpus), **budget.as_dict()})
+    return cpus, budget
+
+
+def load_pipelines(
+    settings: Settings, budget: ThreadBudget, device: torch.device, dtype: torch.dtype, store: ResultStore, speeds: SpeedMeter
+) -> tuple[WorkerPools, dict[str, ModelPipeline]]:
+    """The shared pools, and each configured model loaded, checked and warmed up, with its pipeline."""
+    from worker.images.limits import InputLimits
+    from worker.pipeline import ModelPipeline
+    from worker.pools import WorkerPools
+
+    limits = InputLimits.from_settings(settings)
+    pools = WorkerPools(settings, budget, limits)
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    pipelines: dict[str, ModelPipeline] = {}
+    for model_id in settings.worker_models:
+        pipeline = ModelPipeline.load(model_id, settings, pools, limits, budget.torch_threads, device, dtype, token, store.mark_withdrawn, speeds)
+        pipelines[pipeline.model.model_id] = pipeline
+    return pools, pipelines
 
 
 def heartbeat_for(settings: Settings, worker: Worker) -> Heartbeat:
