@@ -19,7 +19,7 @@ from devtools.photos import BENCH, encode
 from shared.settings import Settings
 from worker.images.decode import ResizeRule, decode_image
 from worker.images.decode_pool import DecodePool
-from worker.pipeline import InputLimits
+from worker.images.limits import InputLimits
 
 
 def main() -> None:

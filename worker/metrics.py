@@ -17,12 +17,26 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 REGISTRY = CollectorRegistry()
 
 BATCH_SIZE = Histogram("imbeddings_worker_batch_size", "Images per forward pass.", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY)
-FORWARD_SECONDS = Histogram("imbeddings_worker_forward_seconds", "Forward pass and pooling time per batch.", ["model"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY)
-PREPROCESS_SECONDS = Histogram("imbeddings_worker_preprocess_seconds", "Decode and preprocessing time per image.", ["model"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=REGISTRY)
+FORWARD_SECONDS = Histogram(
+    "imbeddings_worker_forward_seconds",
+    "Forward pass and pooling time per batch.",
+    ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+PREPROCESS_SECONDS = Histogram(
+    "imbeddings_worker_preprocess_seconds",
+    "Decode and preprocessing time per image.",
+    ["model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+    registry=REGISTRY,
+)
 IMAGES = Counter("imbeddings_worker_images_total", "Images processed, by outcome.", ["model", "outcome"], registry=REGISTRY)
 TASKS = Counter("imbeddings_worker_tasks_total", "Celery tasks handled, by kind and outcome.", ["kind", "outcome"], registry=REGISTRY)
 MODEL_LOAD_SECONDS = Gauge("imbeddings_worker_model_load_seconds", "Time taken to load and check each model.", ["model"], registry=REGISTRY)
-URL_CONNECTIONS = Counter("imbeddings_worker_url_connections_total", "Connections URL fetches used: opened, or reused from the keep-alive pool.", ["kind"], registry=REGISTRY)
+URL_CONNECTIONS = Counter(
+    "imbeddings_worker_url_connections_total", "Connections URL fetches used: opened, or reused from the keep-alive pool.", ["kind"], registry=REGISTRY
+)
 IMAGES_PER_SECOND = Gauge("imbeddings_worker_images_per_second", "Images through the model per second over the last minute.", ["model"], registry=REGISTRY)
 
 

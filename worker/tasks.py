@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
@@ -25,7 +26,7 @@ from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
 from shared.store.claims import claim
 from worker import metrics
 from worker.images.sources import ImageInput, load_inputs
-from worker.pipeline import WorkerRuntime, WorkerStopping
+from worker.pipeline import ModelPipeline, WorkerStopping
 from worker.result_store import ResultStore
 from worker.tickets import Ticket
 
@@ -43,48 +44,54 @@ CHUNK_RETRY_DELAY_S = 2
 
 
 @dataclass
-class WorkerContext:
-    runtime: WorkerRuntime
+class WorkerResources:
+    """What every task of this process uses; built once by ``python -m worker`` (``worker.process``)."""
+
+    pipelines: dict[str, ModelPipeline]  # by model id
+    stopping: threading.Event  # set at warm shutdown: job chunks still waiting for a turn go back to the queue
     store: ResultStore
     redis: Redis
     key_prefix: str
     node: str  # this worker's name in the served-models registry (its heartbeat)
 
 
-_context: WorkerContext | None = None
+class WorkerTask(Task):
+    """Base of this worker's tasks: the per-process resources, installed once before tasks are consumed."""
+
+    _resources: ClassVar[WorkerResources | None] = None
+
+    @classmethod
+    def install(cls, resources: WorkerResources) -> None:
+        """Called once by ``python -m worker`` after the models are loaded, before tasks are consumed."""
+        # On this class, not ``cls``: each task is a subclass of it, and all of them share one set.
+        WorkerTask._resources = resources
+
+    @property
+    def resources(self) -> WorkerResources:
+        if WorkerTask._resources is None:
+            raise RuntimeError("worker resources not installed: start workers with `python -m worker`")
+        return WorkerTask._resources
 
 
-def install_context(context: WorkerContext) -> None:
-    """Called once by ``python -m worker`` after the models are loaded, before tasks are consumed."""
-    global _context
-    _context = context
-
-
-def _ctx() -> WorkerContext:
-    if _context is None:
-        raise RuntimeError("worker context not installed: start workers with `python -m worker`")
-    return _context
-
-
-def embed_refs(context: WorkerContext, model: str, refs: list[ImageRef], bulk: bool = False, ticket: Ticket | None = None) -> list[ItemResult]:
+def embed_refs(context: WorkerResources, model: str, refs: list[ImageRef], bulk: bool = False, ticket: Ticket | None = None) -> list[ItemResult]:
     """Every ref's result, in order: a vector or an in-place error."""
-    runtime = context.runtime.models.get(model)
-    if runtime is None:
+    pipeline = context.pipelines.get(model)
+    if pipeline is None:
         error = ItemError(message=f"this worker does not serve model {model!r}", code=ErrorCode.MODEL_NOT_SERVED)
         return [ItemResult(index=ref.index, error=error) for ref in refs]
     loaded = load_inputs(context.redis, refs)
-    embedded = iter(runtime.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk, ticket=ticket))
+    embedded = iter(pipeline.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk, ticket=ticket))
     return [next(embedded) if isinstance(item, ImageInput) else item for item in loaded]
 
 
-def unsatisfiable_dimensions(context: WorkerContext, chunk: JobChunkPayload) -> ItemError | None:
+def unsatisfiable_dimensions(context: WorkerResources, chunk: JobChunkPayload) -> ItemError | None:
     """The error every item of a job gets when its ``dimensions`` exceed the model's vectors.
 
     The API checks this at submit when a worker has already described the model; a job submitted
     before that is checked here, before anything is computed, so its results stay readable.
     """
-    runtime = context.runtime.models.get(chunk.model)
-    if chunk.dimensions is None or runtime is None or chunk.dimensions <= (dim := runtime.model.info.dim):
+    pipeline = context.pipelines.get(chunk.model)
+    if chunk.dimensions is None or pipeline is None or chunk.dimensions <= (dim := pipeline.model.info.dim):
         return None
     return ItemError(message=oversized_dimensions(chunk.dimensions, dim), code=ErrorCode.INVALID_DIMENSIONS)
 
@@ -110,12 +117,12 @@ def _failed(refs: list[ImageRef], message: str, code: ErrorCode) -> list[ItemRes
     return [ItemResult(index=ref.index, error=ItemError(message=message, code=code)) for ref in refs]
 
 
-@shared_task(name=EMBED_TASK, ignore_result=True)
-def embed(payload: dict) -> None:
+@shared_task(name=EMBED_TASK, base=WorkerTask, bind=True, ignore_result=True)
+def embed(self: WorkerTask, payload: dict) -> None:
     with _message("embed", EmbedPayload, payload) as request:
         if request is None:
             return
-        context = _ctx()
+        context = self.resources
         if time.time() > request.deadline or context.store.is_abandoned(request.reply_key):
             log.info("skipping request the API stopped waiting for", extra={"model": request.model, "images": len(request.items)})
             metrics.TASKS.labels("embed", "skipped").inc()
@@ -125,7 +132,8 @@ def embed(payload: dict) -> None:
         claim(context.redis, context.key_prefix, request.reply_key, context.node, request.deadline)
         started = time.perf_counter()
         try:
-            results = embed_refs(context, request.model, request.items, ticket=Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key)))
+            ticket = Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key))
+            results = embed_refs(context, request.model, request.items, ticket=ticket)
         except WorkerStopping:
             # Not answered: the API sees this worker withdrawn and sends the request to another one.
             log.info("worker stopping: request left unanswered for the API to re-send", extra={"model": request.model})
@@ -136,11 +144,13 @@ def embed(payload: dict) -> None:
             results = _failed(request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", ErrorCode.WORKER_ERROR)
         delivered = context.store.reply(request, results)
         metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
-        log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra={"model": request.model, "images": len(results), "failed": sum(r.error is not None for r in results), "seconds": round(time.perf_counter() - started, 4)})
+        failed = sum(r.error is not None for r in results)
+        extra = {"model": request.model, "images": len(results), "failed": failed, "seconds": round(time.perf_counter() - started, 4)}
+        log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra=extra)
 
 
-@shared_task(name=JOB_CHUNK_TASK, bind=True, ignore_result=True, max_retries=MAX_CHUNK_RETRIES)
-def embed_job_chunk(self: Task, payload: dict) -> None:
+@shared_task(name=JOB_CHUNK_TASK, base=WorkerTask, bind=True, ignore_result=True, max_retries=MAX_CHUNK_RETRIES)
+def embed_job_chunk(self: WorkerTask, payload: dict) -> None:
     """One slice of a job. Safe to run twice: results are stored per index, once.
 
     The message is acknowledged only once the chunk's results are stored. When Redis refuses or
@@ -152,7 +162,7 @@ def embed_job_chunk(self: Task, payload: dict) -> None:
     with _message("job_chunk", JobChunkPayload, payload) as chunk:
         if chunk is None:
             return
-        context = _ctx()
+        context = self.resources
         try:
             _run_chunk(context, chunk)
         except WorkerStopping:
@@ -160,7 +170,8 @@ def embed_job_chunk(self: Task, payload: dict) -> None:
             metrics.TASKS.labels("job_chunk", "requeued").inc()
             raise Reject("worker stopping", requeue=True) from None
         except REDIS_UNAVAILABLE as exc:
-            log.warning("Redis refused or lost a job chunk's write; the chunk goes back to the queue", extra={"job_id": chunk.job_id, "error": f"{type(exc).__name__}: {exc}"})
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("Redis refused or lost a job chunk's write; the chunk goes back to the queue", extra={"job_id": chunk.job_id, "error": error})
             metrics.TASKS.labels("job_chunk", "requeued").inc()
             raise Reject("redis unavailable", requeue=True) from None
         except Exception as exc:
@@ -185,7 +196,18 @@ def embed_job_chunk(self: Task, payload: dict) -> None:
             metrics.TASKS.labels("job_chunk", "failed").inc()
 
 
-def _run_chunk(context: WorkerContext, chunk: JobChunkPayload) -> None:
+@contextmanager
+def _chunk_turn(context: WorkerResources, model: str) -> Iterator[None]:
+    """A turn among the job chunks of ``model``'s pipeline (none to take for a model not served here)."""
+    pipeline = context.pipelines.get(model)
+    if pipeline is None:
+        yield
+        return
+    with pipeline.chunk_turn(context.stopping):
+        yield
+
+
+def _run_chunk(context: WorkerResources, chunk: JobChunkPayload) -> None:
     status, done = context.store.start_chunk(chunk)
     if status in ("gone", "cancelled"):
         context.store.drop_blobs(chunk)
@@ -197,10 +219,12 @@ def _run_chunk(context: WorkerContext, chunk: JobChunkPayload) -> None:
     if (error := unsatisfiable_dimensions(context, chunk)) is not None:
         status = context.store.store_chunk(chunk, [ItemResult(index=ref.index, error=error) for ref in todo], now=int(time.time()))
         metrics.TASKS.labels("job_chunk", "refused").inc()
-        log.info("job chunk refused: dimensions larger than the model's", extra={"job_id": chunk.job_id, "model": chunk.model, "dimensions": chunk.dimensions, "job_status": status})
+        extra = {"job_id": chunk.job_id, "model": chunk.model, "dimensions": chunk.dimensions, "job_status": status}
+        log.info("job chunk refused: dimensions larger than the model's", extra=extra)
         return
-    with context.runtime.bulk_slot(chunk.model):
+    with _chunk_turn(context, chunk.model):
         results = embed_refs(context, chunk.model, todo, bulk=True, ticket=Ticket(lookup=partial(context.store.job_withdrawn, chunk.job_id)))
     status = context.store.store_chunk(chunk, results, now=int(time.time()))
     metrics.TASKS.labels("job_chunk", "done").inc()
-    log.info("job chunk embedded", extra={"job_id": chunk.job_id, "model": chunk.model, "images": len(results), "already_done": len(done), "job_status": status, "seconds": round(time.perf_counter() - started, 4)})
+    extra = {"job_id": chunk.job_id, "model": chunk.model, "images": len(results), "already_done": len(done), "job_status": status}
+    log.info("job chunk embedded", extra={**extra, "seconds": round(time.perf_counter() - started, 4)})

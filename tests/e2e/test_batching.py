@@ -19,7 +19,7 @@ from PIL import Image
 from devtools.photos import EXAMPLES, encode
 from tests.conftest import Service, data_uri
 from tests.support.reference import reference_vectors
-from worker.batching import BULK, INTERACTIVE, BatchRunner
+from worker.batching import BULK, INTERACTIVE, Admission, Batcher
 from worker.model.compute import compute_executor
 from worker.model.loader import LoadedModel, load_model
 from worker.model.preprocess import ProcessorPreprocessor
@@ -52,10 +52,11 @@ def test_batch_runner_coalesces_and_routes_results(tiny_models: dict[str, Path])
             sizes.append(size)
 
     compute = compute_executor()
-    runner = BatchRunner(model, compute, max_batch_size=8, max_wait_s=0.005, observe=observe)
+    admission = Admission(max_batch_size=8)
+    runner = Batcher(admission, model.embedder, compute, model.info, max_wait_s=0.005, observe=observe)
     try:
         with ThreadPoolExecutor(max_workers=12) as pool:
-            embeddings = list(pool.map(lambda p: runner.submit(p).result(timeout=60), pixels))
+            embeddings = list(pool.map(lambda p: admission.submit(admission.reserve(), p).result(timeout=60), pixels))
     finally:
         runner.stop()
         compute.shutdown()
@@ -78,11 +79,15 @@ def vit_runner_parts(tiny_models: dict[str, Path]) -> Iterator[tuple[LoadedModel
 def test_interactive_images_go_before_bulk_ones(vit_runner_parts: tuple[LoadedModel, ThreadPoolExecutor, torch.Tensor]) -> None:
     model, compute, pixels = vit_runner_parts
     order: list[str] = []
-    runner = BatchRunner(model, compute, max_batch_size=1, max_wait_s=0)
+    admission = Admission(max_batch_size=1)
+    runner = Batcher(admission, model.embedder, compute, model.info, max_wait_s=0)
     model_free = threading.Event()
     compute.submit(model_free.wait)  # the model is busy while the images arrive
     try:
-        futures = {name: runner.submit(pixels, on_done=lambda name=name: order.append(name), priority=priority) for name, priority in (("first", INTERACTIVE), ("bulk-1", BULK), ("bulk-2", BULK), ("interactive", INTERACTIVE))}
+        futures = {}
+        for name, priority in (("first", INTERACTIVE), ("bulk-1", BULK), ("bulk-2", BULK), ("interactive", INTERACTIVE)):
+            futures[name] = admission.submit(admission.reserve(priority), pixels)
+            futures[name].add_done_callback(lambda _, name=name: order.append(name))
         model_free.set()
         for future in futures.values():
             future.result(timeout=60)
@@ -96,24 +101,24 @@ def test_batch_waits_for_announced_images_and_not_for_withdrawn_ones(vit_runner_
     model, compute, pixels = vit_runner_parts
     sizes: list[int] = []
     # A wait far longer than the test: if a batch ran only after it, the futures would time out.
-    runner = BatchRunner(model, compute, max_batch_size=8, max_wait_s=600, observe=lambda size, _: sizes.append(size))
+    admission = Admission(max_batch_size=8)
+    runner = Batcher(admission, model.embedder, compute, model.info, max_wait_s=600, observe=lambda size, _: sizes.append(size))
     try:
-        runner.expect()
-        runner.expect()
-        first = runner.submit(pixels, announced=True)
+        one, two = admission.reserve(), admission.reserve()
+        first = admission.submit(one, pixels)
         time.sleep(0.3)  # the second image is still "decoding": the batch waits for it
         assert not first.done()
-        second = runner.submit(pixels, announced=True)
+        second = admission.submit(two, pixels)
         first.result(timeout=30)
         second.result(timeout=30)
 
-        runner.expect()
-        runner.expect()
-        third = runner.submit(pixels, announced=True)
-        runner.withdraw()  # the other image could not be decoded: nothing left to wait for
+        three, four = admission.reserve(), admission.reserve()
+        third = admission.submit(three, pixels)
+        admission.cancel(four, Withdrawn())  # the other image could not be decoded: nothing left to wait for
         third.result(timeout=30)
 
-        assert runner.submit(pixels).result(timeout=30) is not None  # nothing announced: runs at once
+        # nothing else reserved: runs at once
+        assert admission.submit(admission.reserve(), pixels).result(timeout=30) is not None
     finally:
         runner.stop()
     assert sizes == [2, 1, 1]
@@ -132,13 +137,17 @@ def test_images_of_withdrawn_requests_are_dropped_when_a_batch_is_formed(vit_run
             ticket.withdrawn = ticket.reply_key == "reply:left"
 
     released: list[str] = []
-    runner = BatchRunner(model, compute, max_batch_size=8, max_wait_s=0, observe=lambda size, _: sizes.append(size), check_withdrawn=check)
+    admission = Admission(max_batch_size=8)
+    runner = Batcher(admission, model.embedder, compute, model.info, max_wait_s=0, observe=lambda size, _: sizes.append(size), check_withdrawn=check)
     model_free = threading.Event()
     compute.submit(model_free.wait)
     try:
-        first = runner.submit(pixels, ticket=stays)  # taken at once, before the others arrive
+        first = admission.submit(admission.reserve(ticket=stays), pixels)  # taken at once, before the others arrive
         time.sleep(0.2)
-        futures = [runner.submit(pixels, ticket=ticket, on_done=lambda k=ticket.reply_key: released.append(k)) for ticket in (left, stays, left, Ticket(deadline=time.time() - 1))]
+        futures = []
+        for ticket in (left, stays, left, Ticket(deadline=time.time() - 1)):
+            futures.append(admission.submit(admission.reserve(ticket=ticket), pixels))
+            futures[-1].add_done_callback(lambda _, k=ticket.reply_key: released.append(k))
         model_free.set()
         first.result(timeout=30)
         assert futures[1].result(timeout=30) is not None

@@ -19,7 +19,7 @@ from tests.support import hostile_images as hostile
 from worker.errors import ImageInputError
 from worker.images.decode import DecodeLimits, ResizeRule, decode_image
 from worker.images.decode_pool import DecodePool
-from worker.pipeline import InputLimits
+from worker.images.limits import InputLimits
 
 DEFAULTS = Settings()
 # What a worker applies to a DINOv2 model (shortest edge 256) with the default settings.

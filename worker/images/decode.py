@@ -154,7 +154,8 @@ def _check_memory(image: Image.Image, frame_size: tuple[int, int], limits: Decod
     if needed > limits.max_decoded_bytes:
         raise ImageInputError(
             ErrorCode.IMAGE_TOO_LARGE,
-            f"image is {width}x{height} {image.mode}: decoding it needs about {needed} bytes, over the budget of {limits.max_decoded_bytes} (IMBEDDINGS_DECODE_MAX_BYTES)",
+            f"image is {width}x{height} {image.mode}: decoding it needs about {needed} bytes, "
+            f"over the budget of {limits.max_decoded_bytes} (IMBEDDINGS_DECODE_MAX_BYTES)",
         )
     if limits.resize is None:
         return
@@ -165,7 +166,8 @@ def _check_memory(image: Image.Image, frame_size: tuple[int, int], limits: Decod
     if resized > limits.max_decoded_bytes:
         raise ImageInputError(
             ErrorCode.IMAGE_TOO_LARGE,
-            f"image is {width}x{height}: the model's resize makes it {new_width}x{new_height}, {resized} bytes as float32, over the budget of {limits.max_decoded_bytes} (IMBEDDINGS_DECODE_MAX_BYTES); its aspect ratio is too extreme",
+            f"image is {width}x{height}: the model's resize makes it {new_width}x{new_height}, {resized} bytes as float32, "
+            f"over the budget of {limits.max_decoded_bytes} (IMBEDDINGS_DECODE_MAX_BYTES); its aspect ratio is too extreme",
         )
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # How often a waiting thread looks at its child's CPU time: a check costs ~20 us, and the budget is
 # overshot by at most this much.
 WATCH_INTERVAL_S = 0.05
-# A fresh child (interpreter, Pillow, numpy) starts in ~0.3 s; waiting longer means it is broken.
+# A fresh child (interpreter, Pillow, numpy) starts in well under a second; waiting longer means it is broken.
 CHILD_START_TIMEOUT_S = 30.0
 # How long decodes go on once the worker is told to stop. The API checks every 2 s (WAIT_SLICE_S)
 # that a request's worker is alive, and sends the request elsewhere or withdraws it when it is not:

@@ -134,8 +134,7 @@ def _check_tiff(data: bytes, limits: StructureLimits) -> None:
     count = struct.unpack_from(order + "H", data, directory)[0]
     if count > limits.max_segments:
         raise ImageInputError(
-            ErrorCode.TOO_MANY_SEGMENTS,
-            f"TIFF directory has {count} entries, over the limit of {limits.max_segments} (IMBEDDINGS_MAX_IMAGE_SEGMENTS)",
+            ErrorCode.TOO_MANY_SEGMENTS, f"TIFF directory has {count} entries, over the limit of {limits.max_segments} (IMBEDDINGS_MAX_IMAGE_SEGMENTS)"
         )
     values: dict[int, int] = {}
     for entry in range(count):

@@ -3,11 +3,10 @@
 PyTorch's CPU kernels run on OpenMP (libgomp on Linux), which gives every thread that starts a
 parallel op a team of helper threads of its own. Once a process holds more OpenMP threads than
 there are CPUs, libgomp stops letting idle helpers spin and parks them instead, so each of the
-hundreds of small ops in a forward pass pays a wake-up. Measured on 2 cores: a batch-1 DINOv2-S
-forward took 49 ms on a lone thread and 62 ms once the main thread (model loading) and the
-preprocessing threads had teams too. So models are loaded and run on one compute thread, and the
-threads that decode and preprocess images run torch single-threaded: they get their parallelism
-from each other, and leave the cores to the model.
+hundreds of small ops in a forward pass pays a wake-up (the README's "Throughput" section has the
+cost measured). So models are loaded and run on one compute thread, and the threads that decode and
+preprocess images run torch single-threaded: they get their parallelism from each other, and leave
+the cores to the model.
 """
 
 from __future__ import annotations
@@ -45,3 +44,11 @@ def _loaded_openmp() -> ctypes.CDLL | None:
         if Path(path).name.startswith(("libgomp", "libiomp")) and ".so" in path:
             return ctypes.CDLL(path)
     return None
+
+
+def configure_torch(threads: int, device: torch.device, cuda_memory_fraction: float | None) -> None:
+    """Process-wide torch settings, before any model loads: its thread count, and its share of the GPU."""
+    torch.set_num_threads(threads)
+    if device.type == "cuda" and cuda_memory_fraction is not None:
+        # A cap for this process, so several workers (or other programs) can share one GPU.
+        torch.cuda.set_per_process_memory_fraction(cuda_memory_fraction, device)

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -32,12 +33,21 @@ class BackendUnavailable(RuntimeError):
     """The configured backend cannot run here (not installed, or not for this device)."""
 
 
+# A batch: one ``(B, 3, H, W)`` tensor, or B ``(3, H, W)`` images of one shape (as the batcher,
+# which never imports torch, hands them over).
+Pixels = torch.Tensor | Sequence[torch.Tensor]
+
+
 class VisionEmbedder(Protocol):
     backend: Backend
 
-    def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 3, H, W)`` float32 pixels -> CLS ``(B, D)`` and MEAN ``(B, D)``, float32 on the CPU."""
+    def embed(self, pixels: Pixels) -> tuple[torch.Tensor, torch.Tensor]:
+        """B float32 images -> CLS ``(B, D)`` and MEAN ``(B, D)``, float32 on the CPU."""
         ...
+
+
+def _as_batch(pixels: Pixels) -> torch.Tensor:
+    return pixels if isinstance(pixels, torch.Tensor) else torch.stack(list(pixels))
 
 
 class TorchEmbedder:
@@ -49,10 +59,10 @@ class TorchEmbedder:
         self.dtype = dtype
         self.num_register_tokens = num_register_tokens
 
-    def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
+    def embed(self, pixels: Pixels) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = _as_batch(pixels).to(self.device, self.dtype, non_blocking=True)
         with torch.inference_mode():
-            cls, mean = pool_cls_mean(self.module(pixel_values=pixels).last_hidden_state, self.num_register_tokens)
+            cls, mean = pool_cls_mean(self.module(pixel_values=batch).last_hidden_state, self.num_register_tokens)
         return cls.cpu(), mean.cpu()
 
 
@@ -65,8 +75,8 @@ class OpenVINOEmbedder:
         self._request = compiled.create_infer_request()  # type: ignore[attr-defined]
         self.num_register_tokens = num_register_tokens
 
-    def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self._request.infer([pixel_values.float().contiguous().numpy()])[0]
+    def embed(self, pixels: Pixels) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self._request.infer([_as_batch(pixels).float().contiguous().numpy()])[0]
         # Pooling copies what it needs before the request's output buffer is reused by the next call.
         return pool_cls_mean(torch.from_numpy(hidden), self.num_register_tokens)
 
@@ -78,7 +88,9 @@ def resolve_backend(setting: str, device: torch.device) -> Backend:
         return "torch"
     if device.type != "cpu":
         if setting == "openvino":
-            raise BackendUnavailable(f"IMBEDDINGS_BACKEND=openvino runs on the CPU, but the device is {device}; set IMBEDDINGS_DEVICE=cpu or IMBEDDINGS_BACKEND=torch")
+            raise BackendUnavailable(
+                f"IMBEDDINGS_BACKEND=openvino runs on the CPU, but the device is {device}; set IMBEDDINGS_DEVICE=cpu or IMBEDDINGS_BACKEND=torch"
+            )
         return "torch"
     try:
         import openvino  # noqa: F401
@@ -144,7 +156,9 @@ def _converted(module: PreTrainedModel, image_size: tuple[int, int], cache_dir: 
     return converted
 
 
-def openvino_embedder(module: PreTrainedModel, image_size: tuple[int, int], dtype: torch.dtype, threads: int, num_register_tokens: int, cache_dir: Path) -> OpenVINOEmbedder:
+def openvino_embedder(
+    module: PreTrainedModel, image_size: tuple[int, int], dtype: torch.dtype, threads: int, num_register_tokens: int, cache_dir: Path
+) -> OpenVINOEmbedder:
     import openvino as ov
 
     if dtype not in _OPENVINO_PRECISION:

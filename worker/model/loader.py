@@ -1,4 +1,4 @@
-"""Load a model the way users of Transformers do, and check it honours the token contract."""
+"""Load a model the way users of Transformers do, then check it (``worker.model.contract``) and warm it up."""
 
 from __future__ import annotations
 
@@ -17,16 +17,13 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from shared.protocol import ModelInfo
+from worker.model.contract import ModelRefused, check_precision, check_token_contract, patch_size
 from worker.model.embedder import Backend, TorchEmbedder, VisionEmbedder, openvino_embedder
 from worker.model.pooling import pool_cls_mean
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelRefused(RuntimeError):
-    """The model cannot be served: it does not load, or its tokens are not ``[CLS | REG | PATCH]``."""
 
 
 @dataclass
@@ -71,17 +68,6 @@ def probe_image() -> Image.Image:
     return Image.fromarray(noisy)
 
 
-def _patch_size(config: PretrainedConfig) -> int:
-    patch = getattr(config, "patch_size", None)
-    if isinstance(patch, (tuple, list)):
-        if len(set(patch)) != 1:
-            raise ModelRefused(f"non-square patches {patch} are not supported")
-        patch = patch[0]
-    if not isinstance(patch, int) or patch <= 0:
-        raise ModelRefused("its config has no patch_size: not a Vision Transformer")
-    return patch
-
-
 def _check_local_directory(model_id: str) -> None:
     """A mistyped local directory would otherwise reach the Hub client and fail with "Repo id must be
     in the form 'repo_name' or 'namespace/repo_name'": name the directory instead. Hub ids have at
@@ -107,28 +93,22 @@ def load_model(
     threads: int | None = None,
     openvino_cache_dir: Path | None = None,
 ) -> LoadedModel:
+    """Load, check the token contract, build the backend, check its precision, warm up: each a step."""
     started = time.perf_counter()
-    _check_local_directory(model_id)
-    config, module, processor = _from_pretrained(model_id, token)
-    module.eval().to(device)
+    config, module, processor = load_pretrained(model_id, device, token)
     num_registers = int(getattr(config, "num_register_tokens", 0) or 0)
-    patch = _patch_size(config)
+    patch = patch_size(config)
     pixel_values = processor(images=probe_image(), return_tensors="pt")["pixel_values"]
-    with torch.inference_mode():
-        hidden = module(pixel_values=pixel_values.to(device)).last_hidden_state
-    tokens = _check_token_contract(model_id, hidden, pixel_values.shape[-2:], patch, num_registers)
+    hidden = float32_hidden_state(module, pixel_values, device)
+    tokens = check_token_contract(model_id, hidden, pixel_values.shape[-2:], patch, num_registers)
     image_size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
-
-    if backend == "openvino":
-        embedder: VisionEmbedder = openvino_embedder(module, image_size, dtype, threads or torch.get_num_threads(), num_registers, openvino_cache_dir or default_openvino_cache())
-    else:
-        module.to(dtype)
-        embedder = TorchEmbedder(module, device, dtype, num_registers)
-    _check_against_float32(model_id, embedder, pixel_values, pool_cls_mean(hidden, num_registers), dtype)
-    embedder.embed(pixel_values.expand(warmup_batch, -1, -1, -1))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
+    embedder = build_embedder(module, device, dtype, num_registers, image_size, backend, threads, openvino_cache_dir)
+    cosines = check_precision(model_id, embedder, pixel_values, pool_cls_mean(hidden, num_registers), dtype)
+    if cosines is not None:
+        extra = {"model": model_id, "backend": embedder.backend, "dtype": str(dtype)}
+        extra |= {"cosine_cls_vs_float32": round(cosines[0], 6), "cosine_mean_vs_float32": round(cosines[1], 6)}
+        log.info("reduced precision checked" if dtype != torch.float32 else "backend checked against float32", extra=extra)
+    warm_up(embedder, pixel_values, warmup_batch, device)
     info = ModelInfo(
         id=model_id,
         model_type=config.model_type,
@@ -144,6 +124,43 @@ def load_model(
     seconds = time.perf_counter() - started
     log.info("model loaded", extra={"model": model_id, "seconds": round(seconds, 2), **info.model_dump(exclude={"id"})})
     return LoadedModel(model_id, module, embedder, processor, device, dtype, num_registers, info, seconds)
+
+
+def load_pretrained(model_id: str, device: torch.device, token: str | None) -> tuple[PretrainedConfig, PreTrainedModel, BaseImageProcessor]:
+    """Config, float32 model (in eval mode, on ``device``) and image processor, as ``AutoModel``/``AutoImageProcessor`` give them."""
+    _check_local_directory(model_id)
+    config, module, processor = _from_pretrained(model_id, token)
+    module.eval().to(device)
+    return config, module, processor
+
+
+def float32_hidden_state(module: PreTrainedModel, pixel_values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Transformers' own output for ``pixel_values``: the reference the checks compare against."""
+    with torch.inference_mode():
+        return module(pixel_values=pixel_values.to(device)).last_hidden_state
+
+
+def build_embedder(
+    module: PreTrainedModel,
+    device: torch.device,
+    dtype: torch.dtype,
+    num_registers: int,
+    image_size: tuple[int, int],
+    backend: Backend,
+    threads: int | None,
+    openvino_cache_dir: Path | None,
+) -> VisionEmbedder:
+    if backend == "openvino":
+        return openvino_embedder(module, image_size, dtype, threads or torch.get_num_threads(), num_registers, openvino_cache_dir or default_openvino_cache())
+    module.to(dtype)
+    return TorchEmbedder(module, device, dtype, num_registers)
+
+
+def warm_up(embedder: VisionEmbedder, pixel_values: torch.Tensor, batch: int, device: torch.device) -> None:
+    """One full batch through the embedder, so the first request does not pay for allocations and kernel choices."""
+    embedder.embed(pixel_values.expand(batch, -1, -1, -1))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _from_pretrained(model_id: str, token: str | None) -> tuple[PretrainedConfig, PreTrainedModel, BaseImageProcessor]:
@@ -163,32 +180,3 @@ def _from_pretrained(model_id: str, token: str | None) -> tuple[PretrainedConfig
     except (OSError, ValueError) as exc:
         raise ModelRefused(f"model {model_id!r} cannot be loaded: {exc}") from None
     return config, module, processor
-
-
-def _check_token_contract(model_id: str, hidden: torch.Tensor, pixel_size: torch.Size, patch: int, num_registers: int) -> int:
-    """The number of tokens per image, once ``hidden`` is shown to be ``[CLS | REG | PATCH]``."""
-    if hidden.ndim != 3:
-        raise ModelRefused(f"model {model_id!r} refused: its output has no token sequence (last_hidden_state shape {tuple(hidden.shape)})")
-    height, width = pixel_size
-    patches = (height // patch) * (width // patch)
-    expected = 1 + num_registers + patches
-    if hidden.shape[1] != expected:
-        raise ModelRefused(
-            f"model {model_id!r} refused: it produced {hidden.shape[1]} tokens for a {height}x{width} image, but the "
-            f"token contract [CLS | {num_registers} registers | {patches} patches of {patch}px] needs {expected}"
-        )
-    return expected
-
-
-# Below this cosine to Transformers' float32 vectors a backend or precision is broken, not approximate.
-MIN_COSINE = 0.99
-
-
-def _check_against_float32(model_id: str, embedder: VisionEmbedder, pixel_values: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> None:
-    if embedder.backend == "torch" and dtype == torch.float32:
-        return  # the reference itself
-    cls_cos, mean_cos = (float((a.cpu() * b).sum()) for a, b in zip(reference, embedder.embed(pixel_values)))
-    extra = {"model": model_id, "backend": embedder.backend, "dtype": str(dtype), "cosine_cls_vs_float32": round(cls_cos, 6), "cosine_mean_vs_float32": round(mean_cos, 6)}
-    if min(cls_cos, mean_cos) < MIN_COSINE:
-        raise ModelRefused(f"model {model_id!r} refused: with backend {embedder.backend} and {dtype} its vectors have cosine {min(cls_cos, mean_cos):.4f} to float32 Transformers")
-    log.info("reduced precision checked" if dtype != torch.float32 else "backend checked against float32", extra=extra)
