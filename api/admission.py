@@ -49,7 +49,8 @@ class AdmissionLedger:
         per_image = await self.seconds_per_image(model)
         if per_image > 0 and images * per_image > timeout:
             raise ApiError(
-                ErrorCode.REQUEST_EXCEEDS_TIMEOUT, f"{images} images need about {images * per_image:.0f} s of the model's time, more than the request timeout of {timeout:g} s; "
+                ErrorCode.REQUEST_EXCEEDS_TIMEOUT,
+                f"{images} images need about {images * per_image:.0f} s of the model's time, more than the request timeout of {timeout:g} s; "
                 "send fewer per request or submit a job (POST /v1/jobs)",
                 param="input",
             )
@@ -59,12 +60,14 @@ class AdmissionLedger:
         if refusal.reason == "depth":
             retry = _retry_after(per_image * images) if per_image > 0 else "2"
             raise ApiError(
-                ErrorCode.QUEUE_FULL, f"model {model!r} has {refusal.value} requests waiting (limit {self._max_requests}); retry later",
+                ErrorCode.QUEUE_FULL,
+                f"model {model!r} has {refusal.value} requests waiting (limit {self._max_requests}); retry later",
                 headers={"Retry-After": retry},
             )
         wait_s = refusal.value / 1000
         raise ApiError(
-            ErrorCode.QUEUE_FULL, f"model {model!r} is busy: this request would wait about {wait_s:.0f} s, longer than the request timeout of {timeout:g} s; retry later",
+            ErrorCode.QUEUE_FULL,
+            f"model {model!r} is busy: this request would wait about {wait_s:.0f} s, longer than the request timeout of {timeout:g} s; retry later",
             headers={"Retry-After": _retry_after(wait_s - timeout)},
         )
 

@@ -37,4 +37,3 @@ def require_api_key(request: Request) -> str:
         raise ApiError(ErrorCode.INVALID_API_KEY, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
     request.state.key_id = matched
     return matched
-

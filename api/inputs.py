@@ -77,7 +77,7 @@ def parse_one(index: int, value: str, max_image_bytes: int) -> ParsedInput:
             raise _bad(index, f"data URI media type {mime!r} is not an image", ErrorCode.UNSUPPORTED_MEDIA_TYPE)
         if not match.group("b64"):
             raise _bad(index, "data URI must be base64-encoded (;base64,)")
-        return _base64_ref(index, text[match.end():], max_image_bytes)
+        return _base64_ref(index, text[match.end() :], max_image_bytes)
     if _SCHEME.match(text) and "://" in text[:16]:
         if len(text) > MAX_URL_LENGTH:
             raise _bad(index, f"URL is longer than {MAX_URL_LENGTH} characters", ErrorCode.INVALID_URL)

@@ -83,7 +83,8 @@ class MemoryBudget:
         used = int(info["used_memory"])
         if budget.limit is not None and used + self._in_flight + need > budget.limit:
             raise ApiError(
-                ErrorCode.REDIS_FULL, f"Redis has no room for this {what}: it holds {_mb(used + self._in_flight)} of its {_mb(budget.limit)} budget ({budget.source}), "
+                ErrorCode.REDIS_FULL,
+                f"Redis has no room for this {what}: it holds {_mb(used + self._in_flight)} of its {_mb(budget.limit)} budget ({budget.source}), "
                 f"and it needs about {_mb(need)} more "
                 "(its images and results); retry once running work has finished, or send fewer or smaller images",
                 headers={"Retry-After": str(RETRY_AFTER_S)},

@@ -50,7 +50,9 @@ class TaskPublisher:
             "delivery_tag": str(uuid.uuid4()),
         }
         encoded = base64.b64encode(body if isinstance(body, bytes) else body.encode(content_encoding)).decode()
-        return queue, frame({"body": encoded, "content-encoding": content_encoding, "content-type": content_type, "headers": task.headers, "properties": properties})
+        return queue, frame(
+            {"body": encoded, "content-encoding": content_encoding, "content-type": content_type, "headers": task.headers, "properties": properties}
+        )
 
     async def publish(self, name: str, payloads: list[dict[str, Any]]) -> None:
         pipe = self._redis.pipeline(transaction=False)

@@ -29,6 +29,4 @@ async def validate_dimensions(state: AppState, model: str, dimensions: int | Non
 
 async def require_served(state: AppState, model: str) -> None:
     if await live_workers(state, model) == 0:
-        raise ApiError(
-            ErrorCode.MODEL_NOT_SERVED, f"no worker is serving model {model!r} right now; retry later", param="model", headers={"Retry-After": "5"}
-        )
+        raise ApiError(ErrorCode.MODEL_NOT_SERVED, f"no worker is serving model {model!r} right now; retry later", param="model", headers={"Retry-After": "5"})

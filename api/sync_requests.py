@@ -129,7 +129,8 @@ async def _wait_for_reply(state: AppState, exchange: SyncRequest, payload: Embed
             if holder == HolderState.NO_WORKER:
                 # Waiting on could only end in 504; a worker that comes back later finds it withdrawn.
                 raise ApiError(
-                    ErrorCode.MODEL_NOT_SERVED, f"no worker is serving model {payload.model!r} any more; retry later",
+                    ErrorCode.MODEL_NOT_SERVED,
+                    f"no worker is serving model {payload.model!r} any more; retry later",
                     param="model",
                     headers={"Retry-After": "5"},
                 )

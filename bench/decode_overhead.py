@@ -44,8 +44,16 @@ def main() -> None:
                 int(pool.decode(data, limits).max())
             worker = (time.process_time() - started) / args.images
             decoder = (child.cpu_seconds() - child_started) / args.images
-            print(json.dumps({"in_process_ms": round(in_process * 1000, 2), "worker_ms": round(worker * 1000, 2), "decoder_ms": round(decoder * 1000, 2),
-                              "overhead_ms": round((worker + decoder - in_process) * 1000, 2)}))
+            print(
+                json.dumps(
+                    {
+                        "in_process_ms": round(in_process * 1000, 2),
+                        "worker_ms": round(worker * 1000, 2),
+                        "decoder_ms": round(decoder * 1000, 2),
+                        "overhead_ms": round((worker + decoder - in_process) * 1000, 2),
+                    }
+                )
+            )
     finally:
         pool.close()
 

@@ -80,13 +80,20 @@ class RedisServer:
     def command(self) -> list[str]:
         command = [
             server_binary(),
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--logfile", str(self.data_dir / "server.log"),
-            "--bind", *self._listen_on(),
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--logfile",
+            str(self.data_dir / "server.log"),
+            "--bind",
+            *self._listen_on(),
             *self.extra_args,
         ]
         if self.password:
@@ -190,18 +197,20 @@ class SentinelServer(RedisServer):
         config = self.data_dir / "sentinel.conf"
         if not config.exists():  # after a restart, the Sentinel's own rewrite of it is the truth
             config.write_text(
-                "\n".join([
-                    f"port {self.port}",
-                    f"dir {self.data_dir}",
-                    f"logfile {self.data_dir / 'sentinel.log'}",
-                    f"bind {' '.join(self._listen_on())}",
-                    f"protected-mode {'yes' if self._loopback_only() else 'no'}",
-                    f"sentinel monitor {self.master_name} {self.primary.host} {self.primary.port} {self.quorum}",
-                    f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
-                    f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
-                    f"sentinel parallel-syncs {self.master_name} 1",
-                    "",
-                ])
+                "\n".join(
+                    [
+                        f"port {self.port}",
+                        f"dir {self.data_dir}",
+                        f"logfile {self.data_dir / 'sentinel.log'}",
+                        f"bind {' '.join(self._listen_on())}",
+                        f"protected-mode {'yes' if self._loopback_only() else 'no'}",
+                        f"sentinel monitor {self.master_name} {self.primary.host} {self.primary.port} {self.quorum}",
+                        f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+                        f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
+                        f"sentinel parallel-syncs {self.master_name} 1",
+                        "",
+                    ]
+                )
             )
         return [server_binary(), str(config), "--sentinel"]
 
@@ -221,7 +230,9 @@ class SentinelServer(RedisServer):
                 if int(fields[b"num-slaves"]) >= replicas and int(fields[b"num-other-sentinels"]) >= other_sentinels:
                     return
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"Sentinel on port {self.port} sees {fields[b'num-slaves']} replicas and {fields[b'num-other-sentinels']} other Sentinels")
+                    raise RuntimeError(
+                        f"Sentinel on port {self.port} sees {fields[b'num-slaves']} replicas and {fields[b'num-other-sentinels']} other Sentinels"
+                    )
                 time.sleep(0.2)
 
     def primary_address(self) -> tuple[str, int] | None:

@@ -36,7 +36,7 @@ class SentinelUrl:
         """Raises ``ValueError`` saying which part of the URL is wrong."""
         if not is_sentinel_url(url):
             raise ValueError(f"a Sentinel URL starts with {SCHEME}")
-        rest = url[len(SCHEME):]
+        rest = url[len(SCHEME) :]
         if "?" in rest or "#" in rest:
             raise ValueError("options in a sentinel:// URL are not supported; Imbeddings sets each Redis option itself")
         netloc, _, path = rest.partition("/")

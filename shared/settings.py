@@ -42,7 +42,9 @@ class Settings(BaseSettings):
 
     # --- wiring -----------------------------------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis used as Celery broker and result store, or the Sentinels (sentinel://) that find it.")
-    redis_sentinel_master: str | None = Field(None, min_length=1, description="Name of the primary the Sentinels of a sentinel:// IMBEDDINGS_REDIS_URL monitor.")
+    redis_sentinel_master: str | None = Field(
+        None, min_length=1, description="Name of the primary the Sentinels of a sentinel:// IMBEDDINGS_REDIS_URL monitor."
+    )
     redis_key_prefix: str = Field("imb:", description="Prefix of every key Imbeddings itself writes.")
     default_model: str = Field("facebook/dinov2-small", description="Model used when a request names none.")
     worker_models: CommaList = Field(default_factory=list, description="Models a worker serves (default: the default model).")
@@ -54,7 +56,9 @@ class Settings(BaseSettings):
     # --- model execution --------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    backend: Literal["auto", "torch", "openvino"] = Field("auto", description="What runs the forward pass: auto is OpenVINO on the CPU when installed, else PyTorch.")
+    backend: Literal["auto", "torch", "openvino"] = Field(
+        "auto", description="What runs the forward pass: auto is OpenVINO on the CPU when installed, else PyTorch."
+    )
     openvino_cache_dir: Path | None = Field(None, description="Where converted OpenVINO models are kept (default: ~/.cache/imbeddings/openvino).")
     cuda_memory_fraction: float | None = Field(None, gt=0, le=1)
     max_batch_size: int = Field(8, ge=1, le=1024)
@@ -66,7 +70,9 @@ class Settings(BaseSettings):
     jpeg_draft: bool = Field(False, description="Let libjpeg decode large JPEGs at reduced scale (approximate).")
     worker_concurrency: int = Field(16, ge=1, le=1024, description="Celery task threads per worker (tasks in flight).")
     bulk_concurrency: int = Field(2, ge=1, le=256, description="Job chunks a worker embeds at once per model.")
-    torch_threads: int | None = Field(None, ge=1, le=1024, description="Intra-op threads of the forward pass (default: OMP_NUM_THREADS when set, else the worker's CPUs).")
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="Intra-op threads of the forward pass (default: OMP_NUM_THREADS when set, else the worker's CPUs)."
+    )
     worker_cpus: Annotated[frozenset[int] | None, NoDecode] = Field(
         None, description="CPUs a worker may use, as a Linux CPU list such as 0-3,8 (default: all this process may use)."
     )
@@ -80,7 +86,9 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 2**20, ge=64)
     max_image_pixels: int = Field(50_000_000, ge=1)
     max_image_side: int = Field(16_384, ge=1)
-    decode_cpu_seconds: float = Field(3.0, gt=0, le=600, description="CPU seconds one image may take to decode; past it the decode is killed and the image refused.")
+    decode_cpu_seconds: float = Field(
+        3.0, gt=0, le=600, description="CPU seconds one image may take to decode; past it the decode is killed and the image refused."
+    )
     decode_max_bytes: int = Field(512 * 2**20, ge=16 * 2**20, description="Memory one image may need to decode, and its largest form after the model's resize.")
     max_image_segments: int = Field(10_000, ge=16, description="JPEG marker segments, PNG chunks or TIFF directory entries an image may have.")
     max_metadata_bytes: int = Field(8 * 2**20, ge=0, description="Bytes of JPEG APPn/COM segments or PNG ancillary chunks an image may carry.")
@@ -94,7 +102,9 @@ class Settings(BaseSettings):
     # --- the HTTP edge ----------------------------------------------------------------------
     max_buffered_bytes: int = Field(256 * 2**20, ge=1024, description="Request body bytes the API holds at once, across every request in flight.")
     body_timeout_s: float = Field(60.0, gt=0, le=3600, description="A request's whole body must arrive within this long after its headers.")
-    header_timeout_s: float = Field(10.0, gt=0, le=600, description="A request's headers must arrive within this long of the connection opening (or of the request's first byte).")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="A request's headers must arrive within this long of the connection opening (or of the request's first byte)."
+    )
     max_header_bytes: int = Field(64 * 2**10, ge=1024, le=16 * 2**20, description="Size of a request's line and headers together.")
     keep_alive_timeout_s: int = Field(5, ge=1, le=600, description="An idle keep-alive connection is closed after this long.")
 
@@ -106,7 +116,9 @@ class Settings(BaseSettings):
     job_chunk_size: int = Field(16, ge=1, le=10_000, description="Images per job chunk task.")
     job_result_ttl_s: int = Field(24 * 3600, ge=1, description="Jobs and results are kept this long after their last update.")
     redis_max_bytes: int | None = Field(
-        None, ge=2**20, description="Redis memory budget: work whose images would take Redis's used memory past it gets 507 (default: 80% of Redis's maxmemory)."
+        None,
+        ge=2**20,
+        description="Redis memory budget: work whose images would take Redis's used memory past it gets 507 (default: 80% of Redis's maxmemory).",
     )
     broker_visibility_timeout_s: int = Field(120, ge=5, description="An unacknowledged task is handed out again this long after delivery.")
     heartbeat_interval_s: float = Field(5.0, gt=0)
@@ -181,11 +193,17 @@ class Settings(BaseSettings):
         options = {name for name, _ in parse_qsl(urlsplit(value).query, keep_blank_values=True)}
         if timing := sorted(options & _TIMING_OPTIONS):
             # Every timeout is chosen per use (README, "Timeouts").
-            raise ValueError(f"timing options in the URL ({', '.join(timing)}) are not supported: Imbeddings sets each Redis timeout from the wait it serves; remove them")
+            raise ValueError(
+                f"timing options in the URL ({', '.join(timing)}) are not supported: Imbeddings sets each Redis timeout from the wait it serves; remove them"
+            )
         if credentials := sorted(options & {"password", "username"}):
-            raise ValueError(f"credentials in the query string ({', '.join(credentials)}) are not supported; put them before the host: redis://USER:PASSWORD@host:6379/0")
+            raise ValueError(
+                f"credentials in the query string ({', '.join(credentials)}) are not supported; put them before the host: redis://USER:PASSWORD@host:6379/0"
+            )
         if other := sorted(options - _URL_OPTIONS):
-            raise ValueError(f"URL options {', '.join(other)} are not supported (only ssl_cert_reqs); the database number goes in the path, redis://host:6379/DB")
+            raise ValueError(
+                f"URL options {', '.join(other)} are not supported (only ssl_cert_reqs); the database number goes in the path, redis://host:6379/DB"
+            )
         return value
 
     @model_validator(mode="after")
@@ -199,7 +217,9 @@ class Settings(BaseSettings):
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("IMBEDDINGS_HEARTBEAT_TTL_S must be longer than IMBEDDINGS_HEARTBEAT_INTERVAL_S")
         if self.max_buffered_bytes < self.max_request_bytes:
-            raise ValueError("IMBEDDINGS_MAX_BUFFERED_BYTES must be at least IMBEDDINGS_MAX_REQUEST_BYTES, or a body of the largest allowed size could never be accepted")
+            raise ValueError(
+                "IMBEDDINGS_MAX_BUFFERED_BYTES must be at least IMBEDDINGS_MAX_REQUEST_BYTES, or a body of the largest allowed size could never be accepted"
+            )
         return self
 
     def public_view(self) -> dict[str, object]:

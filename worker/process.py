@@ -213,17 +213,19 @@ def consume(app: Celery, settings: Settings, node: str) -> None:
     # Gossip would make every worker consume every other worker's events (with task events on, a
     # fleet's whole event stream per worker); mingle only delays start-up. Flower needs neither.
     events = ["--task-events"] if settings.celery_events else ["--without-heartbeat"]
-    app.worker_main([
-        "worker",
-        "--pool=threads",
-        f"--concurrency={settings.worker_concurrency}",
-        f"--queues={','.join(queues)}",
-        f"--hostname={node}",
-        f"--loglevel={settings.log_level}",
-        "--without-gossip",
-        "--without-mingle",
-        *events,
-    ])
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.worker_concurrency}",
+            f"--queues={','.join(queues)}",
+            f"--hostname={node}",
+            f"--loglevel={settings.log_level}",
+            "--without-gossip",
+            "--without-mingle",
+            *events,
+        ]
+    )
 
 
 def node_name() -> str:

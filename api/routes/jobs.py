@@ -50,14 +50,24 @@ async def job_status(job_id: JobId, key_id: KeyIdDep, state: StateDep) -> JobVie
 
 
 @router.get("/jobs/{job_id}/results", response_model=JobResultsPage, responses=ERROR_RESPONSES, summary="A page of a job's results, in index order")
-async def job_results(job_id: JobId, key_id: KeyIdDep, state: StateDep, offset: int = Query(
-    0,
-    ge=0,
-), limit: int = Query(100, ge=1, le=1000)) -> JSONBytesResponse:
+async def job_results(
+    job_id: JobId,
+    key_id: KeyIdDep,
+    state: StateDep,
+    offset: int = Query(
+        0,
+        ge=0,
+    ),
+    limit: int = Query(100, ge=1, le=1000),
+) -> JSONBytesResponse:
     return JSONBytesResponse(await result_page(state, job_id, key_id, offset, limit))
 
 
-@router.get("/jobs/{job_id}/results.jsonl", responses={200: {"content": {"application/x-ndjson": {}}}, **ERROR_RESPONSES}, summary="All of a job's results as JSON lines")
+@router.get(
+    "/jobs/{job_id}/results.jsonl",
+    responses={200: {"content": {"application/x-ndjson": {}}}, **ERROR_RESPONSES},
+    summary="All of a job's results as JSON lines",
+)
 async def job_results_jsonl(job_id: JobId, key_id: KeyIdDep, state: StateDep) -> StreamingResponse:
     job, lines = await result_lines(state, job_id, key_id)
     return StreamingResponse(lines, media_type="application/x-ndjson", headers={"X-Job-Status": job.status})

@@ -126,7 +126,10 @@ redis.call('HINCRBY', KEYS[2], 'queued', 1)
 # lets a chunk's results in when Redis is full, in exchange for the image bytes, which outweigh them.
 # A chunk of URLs has no image bytes to drop: a full Redis refuses its results, and the worker
 # hands the chunk back.
-STORE_RESULTS = _SET_STATUS + QUOTA_FUNCTIONS + """
+STORE_RESULTS = (
+    _SET_STATUS
+    + QUOTA_FUNCTIONS
+    + """
 if KEYS[6] then
   for i = 3, #ARGV, 3 do
     redis.call('HDEL', KEYS[6], ARGV[i])
@@ -167,9 +170,12 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return {completed, failed, total, new}
 """
+)
 
 # KEYS: job hash, job counts. Marks a queued job running when a worker starts on it; returns the status.
-MARK_RUNNING = _SET_STATUS + """
+MARK_RUNNING = (
+    _SET_STATUS
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' then
   set_status(KEYS[1], KEYS[2], status, 'running')
@@ -177,12 +183,16 @@ if status == 'queued' then
 end
 return status or 'gone'
 """
+)
 
 # KEYS: job hash, results hash, blobs hash, job counts, the owner's quota work and images. ARGV:
 # now, the caller's key id. Cancels what has not run, drops stored results and image bytes, and
 # gives the job's images back to the owner's quota; a completed job keeps its status. Returns the
 # status, or 'gone' when there is no such job or it belongs to another key.
-CANCEL = _SET_STATUS + QUOTA_FUNCTIONS + """
+CANCEL = (
+    _SET_STATUS
+    + QUOTA_FUNCTIONS
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[2] then
   return 'gone'
@@ -197,6 +207,7 @@ redis.call('HSET', KEYS[1], 'results_deleted', '1')
 redis.call('UNLINK', KEYS[2], KEYS[3])
 return status
 """
+)
 
 # KEYS: job hash, results hash, blobs hash, job counts. Deletes everything a job wrote, for a job
 # whose submission failed. Deleting comes first, which a full Redis allows (and which then lets the

@@ -71,7 +71,9 @@ end
 
 # KEYS: work, images. ARGV: now, work id, expiry, images, limit.
 # Returns {1, total} when admitted (total includes this work), {0, total} when refused.
-ADMIT = QUOTA_FUNCTIONS + """
+ADMIT = (
+    QUOTA_FUNCTIONS
+    + """
 local now = tonumber(ARGV[1])
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
   quota_release(KEYS[1], KEYS[2], id)
@@ -89,11 +91,15 @@ quota_keep(KEYS[1], ttl)
 quota_keep(KEYS[2], ttl)
 return {1, total + images}
 """
+)
 
 # KEYS: work, images. ARGV: work id. Idempotent.
-RELEASE = QUOTA_FUNCTIONS + """
+RELEASE = (
+    QUOTA_FUNCTIONS
+    + """
 quota_release(KEYS[1], KEYS[2], ARGV[1])
 """
+)
 
 
 class TenantLedger:

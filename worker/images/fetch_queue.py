@@ -108,7 +108,9 @@ class RequestFetches:
         assert future is not None
         try:
             if self._withdrawn():
-                withdrawn = ImageInputError(Withdrawn.CODE, "the request was withdrawn (client gone, deadline passed or job cancelled) before this URL was fetched")
+                withdrawn = ImageInputError(
+                    Withdrawn.CODE, "the request was withdrawn (client gone, deadline passed or job cancelled) before this URL was fetched"
+                )
                 self._fail_pending(withdrawn, index)
                 return
             future.set_result(self._queue.fetcher.fetch(url, self._withdrawn))
