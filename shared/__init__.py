@@ -1,1 +1,1 @@
-"""Code both the API and the worker import: settings, message shapes, names of queues and keys."""
+"""Code both the API and the worker import: settings, message shapes, error codes, queue names, the Redis stores."""
