@@ -16,14 +16,15 @@ from devtools.photos import EXAMPLES
 from devtools.processes import wait_until
 from devtools.redis_server import RedisServer
 from shared.queues import queue_for
-from tests.conftest import Service, data_uri, serve_photos, service_env, start_api, start_worker, wait_served
+from tests.support.images import data_uri, serve_photos
+from tests.support.stack import Stack, service_env, start_api, start_worker, wait_served
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 KEYS = ("sk-first-7f3a9c", "sk-second-1b2d4e")
 
 
 @pytest.fixture(scope="module")
-def guarded_api(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def guarded_api(service: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     log = tmp_path_factory.mktemp("guarded") / "api.log"
     env = {
         **service.env,

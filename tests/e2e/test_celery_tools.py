@@ -29,8 +29,9 @@ from devtools.redis_server import RedisServer, free_port
 from shared.keys import Keys
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK, queue_for
 from shared.settings import REPO_ROOT
-from tests.conftest import ImageServer, data_uri, service_env, start_api, start_worker, wait_served
+from tests.support.images import ImageServer, data_uri
 from tests.support.jobs import submit, wait_done
+from tests.support.stack import service_env, start_api, start_worker, wait_served
 from worker.probe import missing_models
 
 FLOWER_AUTH = ("ops", "flower-test-password")

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.photos import BENCH
 from devtools.random_models import build
 from devtools.redis_server import RedisServer
-from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served
+from tests.support.images import data_uri
+from tests.support.stack import service_env, start_api, start_worker, wait_served
 
 PHOTOS = [path.read_bytes() for path in sorted(BENCH.glob("*.jpg"))]
 

@@ -22,8 +22,9 @@ from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
 from shared.keys import Keys
 from shared.settings import Settings, describe_errors
-from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served, wait_worker_ready
+from tests.support.images import data_uri
 from tests.support.jobs import all_results, elapsed, submit, wait_done
+from tests.support.stack import service_env, start_api, start_worker, wait_served, wait_worker_ready
 
 MAXMEMORY = 32 * 2**20
 COFFEE = (BENCH / "coffee_1600x1200.jpg").read_bytes()  # 282 kB

@@ -19,8 +19,9 @@ import pytest
 from devtools.photos import BENCH
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
-from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served
 from tests.support.hostile_images import heavy_jpeg, refused_by_structure
+from tests.support.images import data_uri
+from tests.support.stack import service_env, start_api, start_worker, wait_served
 
 MODEL = "dinov2-tiny"  # shortest-edge resize, the rule that makes a thin image enormous
 # Settings the tests' shared environment sets for speed; removed so the worker runs with the defaults.

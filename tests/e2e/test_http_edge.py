@@ -28,7 +28,7 @@ from api.json_body import JSON_VALUES_BASE, JSON_VALUES_PER_INPUT
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
 from shared.settings import Settings
-from tests.conftest import service_env, start_api
+from tests.support.stack import service_env, start_api
 
 MiB = 2**20
 DEFAULTS = Settings(_env_file=None)

@@ -19,10 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
-from tests.conftest import serve_photos, start_api, start_worker, wait_served
 from tests.e2e.test_resilience import job_env
+from tests.support.images import serve_photos
 from tests.support.jobs import check_every_item_once, elapsed, job_under_way, wait_done
 from tests.support.netns import Host, NamespacesUnavailable, Network
+from tests.support.stack import start_api, start_worker, wait_served
 
 CHUNK = 4  # IMBEDDINGS_JOB_CHUNK_SIZE of job_env
 METRICS_PORT = 9101  # the default: each host has its own ports

@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.photos import EXAMPLES
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
-from tests.conftest import SERVED, Service, data_uri, service_env, start_api, start_worker, wait_served, wait_worker_ready
+from tests.support.images import data_uri
 from tests.support.jobs import submit, wait_done
+from tests.support.stack import SERVED, Stack, service_env, start_api, start_worker, wait_served, wait_worker_ready
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 
@@ -86,7 +87,7 @@ def test_several_models_are_routed_and_a_dead_workers_model_turns_503(tmp_path: 
         second.stop(signal.SIGKILL)
 
 
-def test_metrics_after_traffic(service: Service) -> None:
+def test_metrics_after_traffic(service: Stack) -> None:
     model = service.model("dinov2-tiny")
     with service.client() as client:
         for _ in range(3):
@@ -121,7 +122,7 @@ def test_metrics_after_traffic(service: Service) -> None:
     assert _value(worker, "imbeddings_worker_tasks_total", kind="job_chunk", outcome="done") >= 1
 
 
-def test_request_id_reaches_worker_logs_and_logs_hold_no_image_data(service: Service) -> None:
+def test_request_id_reaches_worker_logs_and_logs_hold_no_image_data(service: Stack) -> None:
     b64 = data_uri(JPEG).split(",", 1)[1]
     with service.client() as client:
         answer = client.post("/v1/embeddings", json={"input": data_uri(JPEG)}, headers={"X-Request-ID": "trace-e2e-123"})
@@ -178,7 +179,7 @@ def test_worker_sigterm_finishes_its_work_and_hands_back_the_rest(tmp_path: Path
             second.stop()
 
 
-def test_api_sigterm_finishes_in_flight_requests(service: Service, slow_images: str, tmp_path: Path) -> None:
+def test_api_sigterm_finishes_in_flight_requests(service: Stack, slow_images: str, tmp_path: Path) -> None:
     api, base_url = start_api(service.env, tmp_path / "api.log")
     try:
         with httpx.Client(base_url=base_url, timeout=60) as client, ThreadPoolExecutor(max_workers=1) as pool:

@@ -18,8 +18,8 @@ from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer, SentinelServer
 from shared.keys import Keys
 from shared.redis_client import sync_client
-from tests.conftest import service_env, start_api, start_worker, wait_served, wait_worker_ready
 from tests.support.jobs import check_every_item_once, elapsed, job_under_way, wait_done
+from tests.support.stack import service_env, start_api, start_worker, wait_served, wait_worker_ready
 
 VISIBILITY_S = 10
 

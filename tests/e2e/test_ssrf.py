@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from devtools.photos import EXAMPLES
-from tests.conftest import IMAGE_HOST, Service
+from tests.support.stack import IMAGE_HOST, Stack
 from worker.errors import ImageInputError
 from worker.images.fetch import FetchLimits, fetch_url, is_forbidden
 
@@ -65,7 +65,7 @@ def _has_ipv6_loopback() -> bool:
         return False
 
 
-def _refused(service: Service, url: str) -> dict:
+def _refused(service: Stack, url: str) -> dict:
     with service.client() as client:
         response = client.post("/v1/embeddings", json={"input": [url]})
     assert response.status_code == 400, (url, response.text)
@@ -79,14 +79,14 @@ LOOPBACK_SPELLINGS = [
 
 
 @pytest.mark.parametrize("host", LOOPBACK_SPELLINGS)
-def test_loopback_spellings_are_refused_before_connecting(service: Service, canary: Canary, host: str) -> None:
+def test_loopback_spellings_are_refused_before_connecting(service: Stack, canary: Canary, host: str) -> None:
     error = _refused(service, f"http://{host}:{canary.port}/cat.jpg")
     assert error["code"] in ("url_forbidden_address", "url_fetch_failed"), error
     time.sleep(0.05)
     assert canary.connections == [], f"{host} reached the refused server"
 
 
-def test_ipv6_loopback_is_refused(service: Service) -> None:
+def test_ipv6_loopback_is_refused(service: Stack) -> None:
     if not _has_ipv6_loopback():
         pytest.skip("this machine has no IPv6 loopback to listen on")  # the address check itself is covered below
     for canary in _canary("::1", socket.AF_INET6):
@@ -102,7 +102,7 @@ FORBIDDEN_ELSEWHERE = [
 
 
 @pytest.mark.parametrize("host", FORBIDDEN_ELSEWHERE)
-def test_private_link_local_multicast_reserved_are_refused(service: Service, host: str) -> None:
+def test_private_link_local_multicast_reserved_are_refused(service: Stack, host: str) -> None:
     started = time.monotonic()
     error = _refused(service, f"http://{host}/latest/meta-data/")
     assert error["code"] == "url_forbidden_address", error
@@ -110,7 +110,7 @@ def test_private_link_local_multicast_reserved_are_refused(service: Service, hos
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "gopher://127.0.0.1:70/", "ftp://example.com/a.jpg", "dict://127.0.0.1:11211/", "http:///nohost"])
-def test_other_schemes_are_refused(service: Service, url: str) -> None:
+def test_other_schemes_are_refused(service: Stack, url: str) -> None:
     assert _refused(service, url)["code"] == "invalid_url"
 
 
@@ -137,13 +137,13 @@ def redirector(canary: Canary) -> Iterator[str]:
     server.shutdown()
 
 
-def test_redirect_into_the_network_is_refused(service: Service, canary: Canary, redirector: str) -> None:
+def test_redirect_into_the_network_is_refused(service: Stack, canary: Canary, redirector: str) -> None:
     assert _refused(service, f"{redirector}/0")["code"] == "url_forbidden_address"
     assert _refused(service, f"{redirector}/2")["code"] == "url_forbidden_address"  # re-checked at every hop
     assert canary.connections == []
 
 
-def test_redirect_limit(service: Service, redirector: str) -> None:
+def test_redirect_limit(service: Stack, redirector: str) -> None:
     assert _refused(service, f"{redirector}/9")["code"] == "url_too_many_redirects"
 
 

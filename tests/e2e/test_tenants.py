@@ -22,8 +22,9 @@ from shared.api_keys import derived_key_id
 from shared.keys import Keys
 from shared.queues import queue_for
 from shared.store.jobs import new_job_id
-from tests.conftest import IMAGE_HOST, Service, data_uri, service_env, start_api, start_worker, wait_served
+from tests.support.images import data_uri
 from tests.support.jobs import all_results, submit, wait_done
+from tests.support.stack import IMAGE_HOST, Stack, service_env, start_api, start_worker, wait_served
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 SECRET_A = "sk-tenant-a-5f1e2d3c9b"
@@ -34,7 +35,7 @@ KEYS = Keys("imb:")
 
 
 @pytest.fixture(scope="module")
-def tenants(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def tenants(service: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A second API on the shared Redis and worker, with one named and one bare key (from a keys
     file) and a small per-key quota."""
     folder = tmp_path_factory.mktemp("tenants")
@@ -59,7 +60,7 @@ def _not_found_message(response: httpx.Response, job_id: str) -> str:
     return error["message"].replace(job_id, "<id>")
 
 
-def test_jobs_belong_to_the_key_that_created_them(service: Service, tenants: tuple[str, Path]) -> None:
+def test_jobs_belong_to_the_key_that_created_them(service: Stack, tenants: tuple[str, Path]) -> None:
     base_url, _ = tenants
     with _client(base_url, SECRET_A) as a, _client(base_url, SECRET_B) as b:
         job = submit(a, {"input": [data_uri(JPEG)] * 3})
@@ -126,7 +127,7 @@ def test_info_needs_a_key_when_keys_are_configured(tenants: tuple[str, Path]) ->
 
 
 @pytest.mark.parametrize("suffix", [":results", ":blobs", "0", "x"])
-def test_malformed_job_ids_are_404_not_500(service: Service, suffix: str) -> None:
+def test_malformed_job_ids_are_404_not_500(service: Stack, suffix: str) -> None:
     with service.client() as client:
         job_id = submit(client, {"input": ["ftp://nowhere/x.jpg"]})["id"]
         wait_done(client, job_id)
@@ -141,7 +142,7 @@ def _quota_total(store: redis.Redis, key_id: str) -> int:
     return int(store.hget(KEYS.tenant_images(key_id), "total") or 0)
 
 
-def test_key_quota_counts_requests_and_jobs(service: Service, tenants: tuple[str, Path]) -> None:
+def test_key_quota_counts_requests_and_jobs(service: Stack, tenants: tuple[str, Path]) -> None:
     base_url, _ = tenants
     store = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
     waiting = service.model("unserved")  # its jobs stay queued: no worker serves it
@@ -178,7 +179,7 @@ def test_key_quota_counts_requests_and_jobs(service: Service, tenants: tuple[str
     store.delete(queue_for(waiting, "bulk"))  # the cancelled jobs' chunks, which no worker would take
 
 
-def test_key_quota_entries_lapse_with_their_jobs(service: Service, tmp_path: Path) -> None:
+def test_key_quota_entries_lapse_with_their_jobs(service: Stack, tmp_path: Path) -> None:
     """A job that expires unfinished (no worker ever took it) stops counting when it expires."""
     secret = "sk-expiring-tenant-c-0d9e8f"
     env = {**service.env, "IMBEDDINGS_API_KEYS": f"tenant-c:{secret}", "IMBEDDINGS_KEY_MAX_QUEUED_IMAGES": str(QUOTA), "IMBEDDINGS_JOB_RESULT_TTL_S": "2"}
@@ -244,7 +245,7 @@ def test_dimensions_beyond_the_model_fail_the_items_never_the_read(passworded_st
         assert "TypeError" not in worker.log_text()
 
 
-def test_default_key_quota_holds_two_maximal_jobs(service: Service, tmp_path: Path) -> None:
+def test_default_key_quota_holds_two_maximal_jobs(service: Stack, tmp_path: Path) -> None:
     """With the default quota and job size a key may queue two jobs of the most images a job may
     have (2 x 100,000); the next image waits for room. (Large chunks only make the 200,000 images
     quick to publish: the quota does not depend on them.)"""
@@ -273,7 +274,7 @@ def test_default_key_quota_holds_two_maximal_jobs(service: Service, tmp_path: Pa
         store.delete(queue_for(waiting, "bulk"))
 
 
-def test_stored_vectors_shorter_than_the_jobs_dimensions_fail_items_not_reads(service: Service) -> None:
+def test_stored_vectors_shorter_than_the_jobs_dimensions_fail_items_not_reads(service: Stack) -> None:
     """Results stored without the worker's check (by a worker from before it) still read: the
     items say what is wrong, the pages and the JSONL answer 200."""
     store = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])

@@ -21,8 +21,9 @@ import pytest
 
 from devtools.image_server import ServedImages, serve_images
 from devtools.photos import EXAMPLES
-from tests.conftest import IMAGE_HOST, ImageServer, Service
+from tests.support.images import ImageServer
 from tests.support.jobs import all_results, submit, wait_done
+from tests.support.stack import IMAGE_HOST, Stack
 from worker.errors import ImageInputError
 from worker.images.connections import ConnectionPool
 from worker.images.fetch import Fetcher, FetchLimits, fetch_url, parse_target
@@ -278,7 +279,7 @@ def test_a_request_holds_at_most_its_share_of_fetched_bodies(keep_alive: ServedI
 # --- through the service -------------------------------------------------------------------------
 
 
-def test_hosts_that_used_to_poison_a_chunk_are_item_errors(service: Service, image_server: ImageServer) -> None:
+def test_hosts_that_used_to_poison_a_chunk_are_item_errors(service: Stack, image_server: ImageServer) -> None:
     inputs = [
         image_server.url("cmp1.jpg"),
         "http://bücher.example/x.png",
@@ -303,7 +304,7 @@ def test_hosts_that_used_to_poison_a_chunk_are_item_errors(service: Service, ima
     assert service.worker.alive()
 
 
-def test_a_request_of_256_silent_urls_does_not_delay_another_and_stops_when_withdrawn(service: Service, image_server: ImageServer, silent: SilentServer) -> None:
+def test_a_request_of_256_silent_urls_does_not_delay_another_and_stops_when_withdrawn(service: Stack, image_server: ImageServer, silent: SilentServer) -> None:
     hostile_done = threading.Event()
 
     def hostile() -> None:
@@ -344,7 +345,7 @@ def test_a_request_of_256_silent_urls_does_not_delay_another_and_stops_when_with
     assert silent.opened == opened <= 4, "the withdrawn request went on fetching"
 
 
-def test_a_cancelled_job_stops_fetching(service: Service, silent: SilentServer) -> None:
+def test_a_cancelled_job_stops_fetching(service: Stack, silent: SilentServer) -> None:
     with service.client() as client:
         job = submit(client, {"input": [f"{silent.base_url}/{i}.jpg" for i in range(64)]})
         deadline = time.monotonic() + 30

@@ -16,7 +16,8 @@ import redis
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
-from tests.conftest import serve_photos, service_env, start_api, start_worker, wait_served
+from tests.support.images import serve_photos
+from tests.support.stack import service_env, start_api, start_worker, wait_served
 
 DEFAULTS = ("IMBEDDINGS_HEARTBEAT_INTERVAL_S", "IMBEDDINGS_HEARTBEAT_TTL_S")
 

@@ -26,7 +26,8 @@ from shared.keys import Keys
 from shared.protocol import ModelInfo
 from shared.redis_client import sync_client
 from shared.settings import REPO_ROOT, Settings
-from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served
+from tests.support.images import data_uri
+from tests.support.stack import service_env, start_api, start_worker, wait_served
 from worker.cpu_budget import FETCH_THREADS, ThreadBudget
 from worker.heartbeat import Heartbeat
 from worker.metrics import FALLBACK_PORTS

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModel
 
 from devtools.photos import decoding_variants
-from tests.conftest import SERVED
 from tests.support.reference import reference_vectors
+from tests.support.stack import SERVED
 from worker.images.decode import DecodeLimits, decode_image
 from worker.model.embedder import BackendUnavailable, resolve_backend
 from worker.model.loader import load_model, probe_image
