@@ -14,6 +14,7 @@ import httpx
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer, free_port
+from tests.support.processes import ready_line
 
 # The models the shared worker serves, one per family the service supports.
 SERVED = ["dinov2-tiny", "vit-tiny", "dino-vit-tiny", "deit-tiny", "dinov2-registers-tiny", "dinov3-tiny", "webssl-tiny"]
@@ -21,6 +22,8 @@ DEFAULT = "dinov2-tiny"
 # The image server tests fetch from binds here; only this address is allowed to the shared worker,
 # so every other loopback address stays forbidden for the SSRF tests.
 IMAGE_HOST = "127.0.0.2"
+# What the tests' environment sets for speed; a test that must run with the defaults unsets them.
+SET_FOR_SPEED = ("IMBEDDINGS_HEARTBEAT_INTERVAL_S", "IMBEDDINGS_HEARTBEAT_TTL_S", "OMP_NUM_THREADS")
 
 
 def model_id(models: dict[str, Path], name: str) -> str:
@@ -47,6 +50,12 @@ def service_env(redis_url: str, allow_list: Path, models: dict[str, Path], **ove
     }
     env.update(overrides)
     return env
+
+
+def one_model_env(redis_url: str, allow_list: Path, models: dict[str, Path], model: str = "vit-tiny", **overrides: str) -> dict[str, str]:
+    """The environment of a service whose workers serve ``model`` alone, its default."""
+    served = model_id(models, model)
+    return service_env(redis_url, allow_list, models, **{"IMBEDDINGS_DEFAULT_MODEL": served, "IMBEDDINGS_WORKER_MODELS": served, **overrides})
 
 
 def start_api(env: dict[str, str], log_path: Path, port: int | None = None, launcher: Sequence[str] = ()) -> tuple[ServiceProcess, str]:
@@ -78,15 +87,18 @@ def wait_served(base_url: str, model: str, worker: ServiceProcess, timeout_s: fl
     wait_until(served, timeout_s, interval_s=0.25, what=f"a worker serving {model}")
 
 
-def wait_worker_ready(worker: ServiceProcess, timeout_s: float = 120) -> None:
-    """This worker (not merely some worker) has loaded its models and consumes its queues."""
+def wait_worker_ready(worker: ServiceProcess, timeout_s: float = 120) -> dict:
+    """This worker (not merely some worker) has loaded its models and consumes its queues; returns its ready line."""
 
     def ready() -> bool:
         if not worker.alive():
             raise RuntimeError(f"worker exited:\n{worker.log_text()[-3000:]}")
-        return '"message": "worker ready"' in worker.log_text()
+        return ready_line(worker) is not None
 
     wait_until(ready, timeout_s, interval_s=0.25, what="the worker to be ready")
+    line = ready_line(worker)
+    assert line is not None
+    return line
 
 
 def _get_ok(url: str) -> bool:
@@ -160,8 +172,7 @@ def private_stack(
     """``workers`` workers serving ``model`` alone and an API, on a Redis of the test's own, with
     ``overrides`` on the tests' environment and the variables in ``unset`` left at their defaults.
     Yields once every worker serves the model; stops them all afterwards."""
-    env = service_env(redis_url, allow_list, models, IMBEDDINGS_DEFAULT_MODEL=model_id(models, model), IMBEDDINGS_WORKER_MODELS=model_id(models, model))
-    env.update(overrides)
+    env = one_model_env(redis_url, allow_list, models, model, **overrides)
     for name in unset:
         env.pop(name)
     started = [start_worker(env, logs / f"worker-{n}.log") for n in range(workers)]
