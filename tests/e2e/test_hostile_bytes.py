@@ -19,7 +19,7 @@ from devtools.photos import BENCH
 from devtools.processes import ServiceProcess, wait_until
 from tests.support.hostile_images import heavy_jpeg, refused_by_structure
 from tests.support.images import data_uri
-from tests.support.processes import children, cpu_seconds
+from tests.support.processes import children, cpu_seconds, reset_peak_rss, status_kb
 from tests.support.stack import SET_FOR_SPEED, private_stack, running_redis
 
 MODEL = "dinov2-tiny"  # shortest-edge resize, the rule that makes a thin image enormous
@@ -45,15 +45,6 @@ def _tree_cpu(pid: int) -> float:
     return cpu_seconds(pid, reaped=True) + sum(cpu_seconds(child) for child in children(pid))
 
 
-def _status_kb(pid: int, field: str) -> int:
-    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field + ":"))
-    return int(line.split()[1])
-
-
-def _reset_peak(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := current RSS
-
-
 def _post(base_url: str, inputs: list[str]) -> httpx.Response:
     with httpx.Client(base_url=base_url, timeout=120) as client:
         return client.post("/v1/embeddings", json={"input": inputs})
@@ -65,12 +56,12 @@ def test_hostile_file_refused_within_cpu_and_memory_bounds(worker: Worker, name:
     pid = worker.process.pid
     processes = [pid, *children(pid)]
     for process in processes:
-        _reset_peak(process)
-    rss_before = {process: _status_kb(process, "VmRSS") for process in processes}
+        reset_peak_rss(process)
+    rss_before = {process: status_kb(process, "VmRSS") for process in processes}
     cpu_before = _tree_cpu(pid)
     response = _post(worker.base_url, [data_uri(data)])
     cpu = _tree_cpu(pid) - cpu_before
-    growth_mb = max(_status_kb(process, "VmHWM") - rss_before[process] for process in processes if Path(f"/proc/{process}").exists()) / 1024
+    growth_mb = max(status_kb(process, "VmHWM") - rss_before[process] for process in processes if Path(f"/proc/{process}").exists()) / 1024
     print(f"{name}: {len(data)} bytes -> {response.status_code}, worker+decoders {cpu:.2f} CPU s, peak RSS growth {growth_mb:.0f} MB")
     assert response.status_code == 400, response.text
     error = response.json()["error"]

@@ -24,7 +24,7 @@ from shared.queues import queue_for
 from shared.store.jobs import new_job_id
 from tests.support.images import data_uri
 from tests.support.jobs import all_results, submit, wait_done
-from tests.support.stack import IMAGE_HOST, Stack, service_env, start_api, start_worker, wait_served
+from tests.support.stack import IMAGE_HOST, Stack, private_stack, running_redis, start_api, wait_served
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 SECRET_A = "sk-tenant-a-5f1e2d3c9b"
@@ -200,31 +200,24 @@ PASSWORD = "t-P4ss@word"
 
 
 @pytest.fixture
-def passworded_stack(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[tuple[str, RedisServer, dict[str, str], Path]]:
+def passworded_stack(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[tuple[RedisServer, Stack]]:
     """Its own Redis, with a password containing '@', and an API; no worker yet."""
-    store = RedisServer(tmp_path / "redis", password=PASSWORD).start()
-    model = str(tiny_models["vit-tiny"])
-    env = service_env(store.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model)
-    api, base_url = start_api(env, tmp_path / "api.log")
-    try:
-        yield base_url, store, env, tmp_path
-    finally:
-        api.stop()
-        store.stop(graceful=False)
+    with running_redis(tmp_path / "redis", password=PASSWORD) as store, private_stack(tmp_path, store.url, allow_list, tiny_models, workers=0) as stack:
+        yield store, stack
 
 
-def test_dimensions_beyond_the_model_fail_the_items_never_the_read(passworded_stack: tuple[str, RedisServer, dict[str, str], Path]) -> None:
-    base_url, store, env, logs = passworded_stack
-    model = env["IMBEDDINGS_DEFAULT_MODEL"]
-    with httpx.Client(base_url=base_url, timeout=60) as client:
+def test_dimensions_beyond_the_model_fail_the_items_never_the_read(passworded_stack: tuple[RedisServer, Stack]) -> None:
+    store, stack = passworded_stack
+    model = stack.default_model
+    with stack.client() as client:
         info = client.get("/info").json()["settings"]
         assert info["redis_url"] == f"redis://***@127.0.0.1:{store.port}/0" and "P4ss" not in json.dumps(info) and "word" not in info["redis_url"]
         # No worker has described the model yet, so the API cannot check the dimensions at submit.
         inputs = [data_uri(JPEG)] * 20 + ["ftp://nowhere/x.jpg"]
         job = submit(client, {"input": inputs, "dimensions": 999})
-        worker = start_worker(env, logs / "worker.log")
+        worker = stack.add_worker()
         try:
-            wait_served(base_url, model, worker)
+            wait_served(stack.base_url, model, worker)
             state = wait_done(client, job["id"])
             assert (state["status"], state["completed"], state["failed"]) == ("completed", 0, 21)
             items = all_results(client, job["id"], page=7)
@@ -241,7 +234,7 @@ def test_dimensions_beyond_the_model_fail_the_items_never_the_read(passworded_st
         finally:
             worker.stop()
         assert PASSWORD not in worker.log_text() and "P4ss" not in worker.log_text()
-        assert "P4ss" not in (logs / "api.log").read_text()
+        assert "P4ss" not in stack.api.log_text()
         assert "TypeError" not in worker.log_text()
 
 

@@ -1,4 +1,4 @@
-"""What a running process says about itself: its JSON log lines, and the CPU time /proc counts for it."""
+"""What a running process says about itself: its JSON log lines, and the CPU time and memory /proc counts for it."""
 
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ def cpu_seconds(pid: int, reaped: bool = False) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
     return ticks / _TICKS
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A size from /proc/<pid>/status, in kB: ``VmRSS`` now, ``VmHWM`` its peak."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := current RSS
 
 
 def children(pid: int) -> list[int]:
