@@ -15,13 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from pydantic import ValidationError
 
 from devtools.photos import BENCH
 from devtools.processes import wait_until
 from devtools.redis_server import RedisServer
 from shared.keys import Keys
-from shared.settings import Settings, describe_errors
 from tests.support.images import data_uri
 from tests.support.jobs import SMALL_CHUNKS, all_results, elapsed, submit, wait_done
 from tests.support.stack import private_stack, running_redis, wait_served, wait_worker_ready
@@ -214,11 +212,3 @@ def test_chunk_whose_store_hit_oom_is_finished_once_memory_frees(tmp_path: Path,
         finally:
             if filler is not None:
                 filler.free()
-
-
-@pytest.mark.parametrize("value", ["1000", "lots", "-1"])
-def test_a_bad_budget_is_refused_at_start_naming_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    monkeypatch.setenv("IMBEDDINGS_REDIS_MAX_BYTES", value)
-    with pytest.raises(ValidationError) as error:
-        Settings()
-    assert "IMBEDDINGS_REDIS_MAX_BYTES" in describe_errors(error.value)

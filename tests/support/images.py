@@ -11,6 +11,9 @@ from devtools.image_server import serve_images
 from devtools.photos import EXAMPLES
 from tests.support.stack import IMAGE_HOST
 
+# A host name no resolver takes: one label longer than DNS allows.
+LONG_LABEL_HOST = "a" * 64 + ".example"
+
 
 def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
