@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from devtools.photos import EXAMPLES
+from tests.support.sockets import accept_each
 from tests.support.stack import IMAGE_HOST, Stack
 from worker.errors import ImageInputError
 from worker.images.fetch import FetchLimits, fetch_url
@@ -37,16 +38,11 @@ def _canary(host: str, family: int = socket.AF_INET) -> Iterator[Canary]:
     listener.listen(16)
     canary = Canary(host, listener.getsockname()[1])
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, peer = listener.accept()
-            except OSError:
-                return
-            canary.connections.append(str(peer))
-            conn.close()
+    def record(conn: socket.socket, peer: object) -> None:
+        canary.connections.append(str(peer))
+        conn.close()
 
-    threading.Thread(target=accept, daemon=True).start()
+    accept_each(listener, record)
     yield canary
     listener.close()
 

@@ -23,6 +23,7 @@ from devtools.image_server import ServedImages, serve_images
 from devtools.photos import EXAMPLES
 from tests.support.images import LONG_LABEL_HOST, ImageServer
 from tests.support.jobs import all_results, submit, wait_done
+from tests.support.sockets import accept_each
 from tests.support.stack import IMAGE_HOST, Stack
 from worker.errors import ImageInputError
 from worker.images.connections import ConnectionPool
@@ -146,20 +147,15 @@ def closes_after_answering() -> Iterator[tuple[str, list[int]]]:
     listener.listen(16)
     accepted: list[int] = []
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            accepted.append(1)
-            with conn:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    request += conn.recv(4096)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(PHOTO) + PHOTO)
+    def serve(conn: socket.socket, _: object) -> None:
+        accepted.append(1)
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(PHOTO) + PHOTO)
 
-    threading.Thread(target=serve, daemon=True).start()
+    accept_each(listener, serve)
     yield f"http://{IMAGE_HOST}:{listener.getsockname()[1]}", accepted
     listener.close()
 
@@ -200,18 +196,13 @@ def silent() -> Iterator[SilentServer]:
         with server.lock:
             server.open_now -= 1
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with server.lock:
-                server.opened += 1
-                server.open_now += 1
-            threading.Thread(target=hold, args=(conn,), daemon=True).start()
+    def opened(conn: socket.socket, _: object) -> None:
+        with server.lock:
+            server.opened += 1
+            server.open_now += 1
+        threading.Thread(target=hold, args=(conn,), daemon=True).start()
 
-    threading.Thread(target=accept, daemon=True).start()
+    accept_each(listener, opened)
     yield server
     listener.close()
 

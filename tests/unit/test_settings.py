@@ -16,6 +16,13 @@ from shared.redis_client import sync_client
 from shared.settings import REPO_ROOT, Settings, describe_errors
 
 
+def _start_up_error() -> str:
+    """What the settings say when the environment stops the process at start."""
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    return describe_errors(error.value)
+
+
 def test_defaults_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMBEDDINGS_WORKER_MODELS", " a/b , c ")
     monkeypatch.setenv("IMBEDDINGS_API_KEYS", "k1,k2")
@@ -55,9 +62,7 @@ def test_named_and_bare_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_bad_api_keys_are_start_up_errors(monkeypatch: pytest.MonkeyPatch, value: str, needle: str) -> None:
     monkeypatch.setenv("IMBEDDINGS_API_KEYS", value)
-    with pytest.raises(ValidationError) as error:
-        Settings()
-    message = describe_errors(error.value)
+    message = _start_up_error()
     assert "IMBEDDINGS_API_KEYS" in message and needle in message and "sk-1" not in message
 
 
@@ -85,9 +90,7 @@ def test_bad_keys_files_are_start_up_errors(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("IMBEDDINGS_API_KEYS_FILE", str(path))
     if also_env:
         monkeypatch.setenv("IMBEDDINGS_API_KEYS", also_env)
-    with pytest.raises(ValidationError) as error:
-        Settings()
-    message = describe_errors(error.value)
+    message = _start_up_error()
     assert needle in message and "sk-1" not in message and "sk-2" not in message
 
 
@@ -117,9 +120,7 @@ def test_redis_credentials_are_redacted(monkeypatch: pytest.MonkeyPatch, url: st
 )
 def test_redis_url_options_kombu_cannot_take_are_refused(monkeypatch: pytest.MonkeyPatch, url: str, needle: str) -> None:
     monkeypatch.setenv("IMBEDDINGS_REDIS_URL", url)
-    with pytest.raises(ValidationError) as error:
-        Settings()
-    message = describe_errors(error.value)
+    message = _start_up_error()
     assert "IMBEDDINGS_REDIS_URL" in message and needle in message
     assert "hunter2" not in message and "ter2" not in message
 
@@ -148,9 +149,7 @@ def test_redis_url_options_kombu_cannot_take_are_refused(monkeypatch: pytest.Mon
 )
 def test_invalid_values_are_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str, needle: str) -> None:
     monkeypatch.setenv(name, value)
-    with pytest.raises(ValidationError) as error:
-        Settings()
-    assert needle in describe_errors(error.value)
+    assert needle in _start_up_error()
 
 
 def test_sentinel_url_reaches_every_client(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,6 +200,4 @@ def test_repo_allow_list_names_every_family() -> None:
 @pytest.mark.parametrize("value", ["1000", "lots", "-1"])
 def test_a_bad_budget_is_refused_at_start_naming_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("IMBEDDINGS_REDIS_MAX_BYTES", value)
-    with pytest.raises(ValidationError) as error:
-        Settings()
-    assert "IMBEDDINGS_REDIS_MAX_BYTES" in describe_errors(error.value)
+    assert "IMBEDDINGS_REDIS_MAX_BYTES" in _start_up_error()
