@@ -109,7 +109,10 @@ class Backfill:
         if self.state and self.state.get("manifest_sha256") != self.manifest.sha256:
             raise Fatal(f"{args.out} was written for another manifest; choose a new --out")
         if self.state and self.state.get("encoding", "float") != args.encoding:
-            raise Fatal(f"{args.out} holds {self.state.get('encoding', 'float')} vectors; resume with --encoding {self.state.get('encoding', 'float')} or choose a new --out")
+            raise Fatal(
+                f"{args.out} holds {self.state.get('encoding', 'float')} vectors;"
+                f" resume with --encoding {self.state.get('encoding', 'float')} or choose a new --out"
+            )
         self.state.update(manifest_sha256=self.manifest.sha256, model=args.model, encoding=args.encoding)
         self.in_flight = [Chunk(rows, job_id) for job_id, rows in self.state.get("jobs", {}).items()]
         claimed = {row for chunk in self.in_flight for row in chunk.rows}
@@ -130,7 +133,10 @@ class Backfill:
         failed = int(np.count_nonzero(self.output.status == FAILED))
         if self.args.format == "parquet":
             print(f"wrote {self.output.write_parquet(self.manifest.ids)}", file=sys.stderr)
-        print(f"done: {len(self.manifest.images) - failed} embedded, {failed} failed (see {self.args.out / 'errors.jsonl'}); sent {self.sent} images this run", file=sys.stderr)
+        print(
+            f"done: {len(self.manifest.images) - failed} embedded, {failed} failed (see {self.args.out / 'errors.jsonl'}); sent {self.sent} images this run",
+            file=sys.stderr,
+        )
         return 1 if failed else 0
 
     def _submit_next(self) -> bool:
@@ -140,7 +146,9 @@ class Backfill:
             try:
                 value = as_input(self.manifest.images[row], base)
             except OSError as exc:
-                self.output.write_error(row, self.manifest.images[row], {"message": f"cannot read file: {exc.strerror}", "type": "invalid_request_error", "code": "file_unreadable"})
+                self.output.write_error(
+                    row, self.manifest.images[row], {"message": f"cannot read file: {exc.strerror}", "type": "invalid_request_error", "code": "file_unreadable"}
+                )
                 self.bar.update(1)
                 continue
             rows.append(row)
@@ -210,11 +218,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m backfill", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("manifest", type=Path, help="the images: a text file (one per line, or id<TAB>image), .csv or .jsonl with id and image")
     parser.add_argument("--out", type=Path, required=True, help="output directory (created; reused to resume)")
-    parser.add_argument("--api", default=os.environ.get("IMBEDDINGS_API", "http://127.0.0.1:8000"), help="the service's base URL; IMBEDDINGS_API sets the default")
+    parser.add_argument(
+        "--api", default=os.environ.get("IMBEDDINGS_API", "http://127.0.0.1:8000"), help="the service's base URL; IMBEDDINGS_API sets the default"
+    )
     parser.add_argument("--api-key", help="sent as Authorization: Bearer (default: IMBEDDINGS_API_KEY, never shown here)")
     parser.add_argument("--model", default=None, help="model id (default: the service's default model)")
-    parser.add_argument("--encoding", choices=list(DTYPES), default="float", help="how vectors are stored: float32, int8/uint8 (round(127 x)), binary/ubinary (sign bits, 8 per byte)")
-    parser.add_argument("--format", choices=["npy", "parquet"], default="npy", help="parquet: also write embeddings.parquet (id, cls, mean) once no row is pending")
+    parser.add_argument(
+        "--encoding",
+        choices=list(DTYPES),
+        default="float",
+        help="how vectors are stored: float32, int8/uint8 (round(127 x)), binary/ubinary (sign bits, 8 per byte)",
+    )
+    parser.add_argument(
+        "--format", choices=["npy", "parquet"], default="npy", help="parquet: also write embeddings.parquet (id, cls, mean) once no row is pending"
+    )
     parser.add_argument("--chunk-items", type=int, default=1000, help="images per job")
     parser.add_argument("--chunk-bytes", type=int, default=32 * 2**20, help="request body budget per job, in bytes")
     parser.add_argument("--parallel-jobs", type=int, default=4, help="jobs in flight at once")

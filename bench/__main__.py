@@ -33,7 +33,9 @@ def jpegs_1024() -> list[bytes]:
 
 
 def machine() -> dict[str, object]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor()
+    )
     flags = Path("/proc/cpuinfo").read_text()
     return {
         "cpu": cpu,
@@ -86,10 +88,23 @@ def run(preset: str, dtype: str, backend: Backend, args: argparse.Namespace, jpe
 
 def table(rows: list[dict[str, object]]) -> str:
     columns = [
-        ("model", "model"), ("dtype", "dtype"), ("backend", "backend"), ("model_only_batch1_img_s", "model b1"), ("model_only_best_img_s", "model best"),
-        ("best_batch", "bs"), ("in_process_loop_img_s", "loop"), ("e2e_img_s", "e2e"), ("e2e_vs_loop", "e2e/loop"),
-        ("e2e_vs_model_only", "e2e/model"), ("batch1_forward_ms", "fwd b1 ms"), ("low_load_p50_ms", "p50 ms"),
-        ("low_load_p99_ms", "p99 ms"), ("p50_minus_worker_forward_ms", "p50-fwd ms"), ("api_rss_mb_end", "API MB"), ("worker_rss_mb_start", "wrk MB start"), ("worker_rss_mb_end", "wrk MB end"),
+        ("model", "model"),
+        ("dtype", "dtype"),
+        ("backend", "backend"),
+        ("model_only_batch1_img_s", "model b1"),
+        ("model_only_best_img_s", "model best"),
+        ("best_batch", "bs"),
+        ("in_process_loop_img_s", "loop"),
+        ("e2e_img_s", "e2e"),
+        ("e2e_vs_loop", "e2e/loop"),
+        ("e2e_vs_model_only", "e2e/model"),
+        ("batch1_forward_ms", "fwd b1 ms"),
+        ("low_load_p50_ms", "p50 ms"),
+        ("low_load_p99_ms", "p99 ms"),
+        ("p50_minus_worker_forward_ms", "p50-fwd ms"),
+        ("api_rss_mb_end", "API MB"),
+        ("worker_rss_mb_start", "wrk MB start"),
+        ("worker_rss_mb_end", "wrk MB end"),
     ]
     lines = [" | ".join(title for _, title in columns), " | ".join("---" for _ in columns)]
     for row in rows:
@@ -106,11 +121,19 @@ def main() -> None:
     parser.add_argument("--latency-requests", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=8.0, help="time per bare measurement")
     parser.add_argument("--batch-sizes", default="1,4,8,16,32", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), help="extra VAR=value in the environment of the worker and API (repeatable)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        type=lambda s: tuple(s.split("=", 1)),
+        help="extra VAR=value in the environment of the worker and API (repeatable)",
+    )
     parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--backends", default="torch,openvino", help="forward-pass backends to measure (openvino only where installed)")
-    parser.add_argument("--deep-queue", default="dinov2-small:float32:torch", help="MODEL:DTYPE:BACKEND whose stack also runs the deep-queue scenarios ('none': skip them)")
+    parser.add_argument(
+        "--deep-queue", default="dinov2-small:float32:torch", help="MODEL:DTYPE:BACKEND whose stack also runs the deep-queue scenarios ('none': skip them)"
+    )
     parser.add_argument("--skip-fidelity", action="store_true", help="do not measure the cosine cost of bfloat16/float16/JPEG draft")
     args = parser.parse_args()
 
@@ -138,7 +161,9 @@ def main() -> None:
             print(f"\ndeep queue ({row['model']} {row['dtype']} {row['backend']}, default limits: 60 s request timeout)")
             print(deep_queue_table(row["deep_queue"]))
     for preset, costs in fidelities.items():
-        print(f"min cosine vs float32 ({preset}, {len(jpegs)} photos): " + ", ".join(f"{option} cls {c['cls']} mean {c['mean']}" for option, c in costs.items()))
+        print(
+            f"min cosine vs float32 ({preset}, {len(jpegs)} photos): " + ", ".join(f"{option} cls {c['cls']} mean {c['mean']}" for option, c in costs.items())
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

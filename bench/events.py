@@ -17,7 +17,16 @@ from bench.service import measure_service, start_stack
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
 
-REPORTED = ("e2e_img_s", "e2e_p50_ms", "low_load_p50_ms", "worker_cpu_ms_per_img", "api_cpu_ms_per_img", "redis_cpu_ms_per_img", "mean_batch_size", "mean_forward_ms")
+REPORTED = (
+    "e2e_img_s",
+    "e2e_p50_ms",
+    "low_load_p50_ms",
+    "worker_cpu_ms_per_img",
+    "api_cpu_ms_per_img",
+    "redis_cpu_ms_per_img",
+    "mean_batch_size",
+    "mean_forward_ms",
+)
 
 
 def main() -> None:

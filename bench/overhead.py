@@ -83,7 +83,13 @@ def main() -> None:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 for name in ("api", "worker"):
                     out = args.profile / f"{name}.folded"
-                    recorders.append(subprocess.Popen([args.py_spy, "record", "-p", str(pids[name]), "-o", str(out), "-f", "raw", "-r", "200", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    recorders.append(
+                        subprocess.Popen(
+                            [args.py_spy, "record", "-p", str(pids[name]), "-o", str(out), "-f", "raw", "-r", "200", "--nonblocking"],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        )
+                    )
             redis_client = stack.redis.client()
             commands_before = _command_calls(redis_client)
             before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}

@@ -47,7 +47,11 @@ class Stack:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-        return totals.get("imbeddings_worker_batch_size_count", 0.0), totals.get("imbeddings_worker_batch_size_sum", 0.0), totals.get("imbeddings_worker_forward_seconds_sum", 0.0)
+        return (
+            totals.get("imbeddings_worker_batch_size_count", 0.0),
+            totals.get("imbeddings_worker_batch_size_sum", 0.0),
+            totals.get("imbeddings_worker_forward_seconds_sum", 0.0),
+        )
 
     def stop(self) -> None:
         self.api.stop()

@@ -98,7 +98,12 @@ def main() -> None:
         try:
             for keep_alive in (True, False):
                 with serve_images(workdir / "images", IMAGE_HOST, keep_alive=keep_alive) as served:
-                    row = {"server": "keep-alive" if keep_alive else "close per image", "model": args.model, "side": args.side, **measure(stack, served, names, args.urls)}
+                    row = {
+                        "server": "keep-alive" if keep_alive else "close per image",
+                        "model": args.model,
+                        "side": args.side,
+                        **measure(stack, served, names, args.urls),
+                    }
                 print(json.dumps(row), flush=True)
         finally:
             stack.stop()

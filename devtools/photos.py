@@ -63,7 +63,9 @@ def _sixteen_bit(base: Image.Image) -> tuple[Image.Image, Image.Image]:
 
 def _exif_rotated(base: Image.Image, orientation: int) -> bytes:
     """Pixels stored sideways with an EXIF tag that says how to turn them upright."""
-    stored = {6: base.transpose(Image.Transpose.ROTATE_90), 8: base.transpose(Image.Transpose.ROTATE_270), 3: base.transpose(Image.Transpose.ROTATE_180)}[orientation]
+    stored = {6: base.transpose(Image.Transpose.ROTATE_90), 8: base.transpose(Image.Transpose.ROTATE_270), 3: base.transpose(Image.Transpose.ROTATE_180)}[
+        orientation
+    ]
     exif = Image.Exif()
     exif[0x0112] = orientation
     return encode(stored, "JPEG", quality=95, exif=exif.tobytes())

@@ -37,7 +37,14 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 def _bit(shortest: int, crop: int) -> dict[str, Any]:
     """DINOv2 / WebSSL: resize shortest edge, bicubic, center crop, ImageNet statistics."""
-    return {"size": {"shortest_edge": shortest}, "crop_size": {"height": crop, "width": crop}, "do_center_crop": True, "resample": 3, "do_convert_rgb": True, **IMAGENET}
+    return {
+        "size": {"shortest_edge": shortest},
+        "crop_size": {"height": crop, "width": crop},
+        "do_center_crop": True,
+        "resample": 3,
+        "do_convert_rgb": True,
+        **IMAGENET,
+    }
 
 
 def _square(side: int, resample: int, stats: dict[str, Any]) -> dict[str, Any]:
@@ -55,19 +62,64 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Tiny models for tests: same classes and processors as the Hub checkpoints, far fewer weights.
-    "vit-tiny": Preset(ViTConfig, {**TINY, "intermediate_size": 64, "patch_size": 16, "image_size": 64}, ViTImageProcessor, _square(64, 2, {"image_mean": [0.5] * 3, "image_std": [0.5] * 3})),
+    "vit-tiny": Preset(
+        ViTConfig,
+        {**TINY, "intermediate_size": 64, "patch_size": 16, "image_size": 64},
+        ViTImageProcessor,
+        _square(64, 2, {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}),
+    ),
     "dino-vit-tiny": Preset(ViTConfig, {**TINY, "intermediate_size": 64, "patch_size": 16, "image_size": 64}, ViTImageProcessor, _square(64, 3, IMAGENET)),
-    "deit-tiny": Preset(ViTConfig, {**TINY, "intermediate_size": 64, "patch_size": 16, "image_size": 64}, DeiTImageProcessor, {"size": {"height": 72, "width": 72}, "crop_size": {"height": 64, "width": 64}, "do_center_crop": True, "resample": 3, **IMAGENET}),
-    "deit-distilled-tiny": Preset(DeiTConfig, {**TINY, "intermediate_size": 64, "patch_size": 16, "image_size": 64}, DeiTImageProcessor, {"size": {"height": 72, "width": 72}, "crop_size": {"height": 64, "width": 64}, "do_center_crop": True, "resample": 3, **IMAGENET}),
+    "deit-tiny": Preset(
+        ViTConfig,
+        {**TINY, "intermediate_size": 64, "patch_size": 16, "image_size": 64},
+        DeiTImageProcessor,
+        {"size": {"height": 72, "width": 72}, "crop_size": {"height": 64, "width": 64}, "do_center_crop": True, "resample": 3, **IMAGENET},
+    ),
+    "deit-distilled-tiny": Preset(
+        DeiTConfig,
+        {**TINY, "intermediate_size": 64, "patch_size": 16, "image_size": 64},
+        DeiTImageProcessor,
+        {"size": {"height": 72, "width": 72}, "crop_size": {"height": 64, "width": 64}, "do_center_crop": True, "resample": 3, **IMAGENET},
+    ),
     "dinov2-tiny": Preset(Dinov2Config, {**TINY, "mlp_ratio": 2, "patch_size": 14, "image_size": 56}, BitImageProcessor, _bit(64, 56)),
-    "dinov2-registers-tiny": Preset(Dinov2WithRegistersConfig, {**TINY, "mlp_ratio": 2, "patch_size": 14, "image_size": 56, "num_register_tokens": 4}, BitImageProcessor, _bit(64, 56)),
-    "dinov3-tiny": Preset(DINOv3ViTConfig, {**TINY, "intermediate_size": 64, "patch_size": 16, "image_size": 64, "num_register_tokens": 4}, DINOv3ViTImageProcessor, _square(64, 2, IMAGENET)),
+    "dinov2-registers-tiny": Preset(
+        Dinov2WithRegistersConfig, {**TINY, "mlp_ratio": 2, "patch_size": 14, "image_size": 56, "num_register_tokens": 4}, BitImageProcessor, _bit(64, 56)
+    ),
+    "dinov3-tiny": Preset(
+        DINOv3ViTConfig,
+        {**TINY, "intermediate_size": 64, "patch_size": 16, "image_size": 64, "num_register_tokens": 4},
+        DINOv3ViTImageProcessor,
+        _square(64, 2, IMAGENET),
+    ),
     "webssl-tiny": Preset(Dinov2Config, {**TINY, "mlp_ratio": 2, "patch_size": 16, "image_size": 64}, BitImageProcessor, _bit(64, 64)),
     "convnext-tiny": Preset(ConvNextConfig, {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2}, BitImageProcessor, _bit(64, 56)),
     # Real shapes with random weights, for benchmarks and air-gapped trials: the cost is the real one.
-    "dinov2-small": Preset(Dinov2Config, {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14, "image_size": 518}, BitImageProcessor, _bit(256, 224)),
-    "vit-base-16": Preset(ViTConfig, {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "patch_size": 16, "image_size": 224}, ViTImageProcessor, _square(224, 2, {"image_mean": [0.5] * 3, "image_std": [0.5] * 3})),
-    "dinov3-small": Preset(DINOv3ViTConfig, {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536, "patch_size": 16, "image_size": 224, "num_register_tokens": 4}, DINOv3ViTImageProcessor, _square(224, 2, IMAGENET)),
+    "dinov2-small": Preset(
+        Dinov2Config,
+        {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14, "image_size": 518},
+        BitImageProcessor,
+        _bit(256, 224),
+    ),
+    "vit-base-16": Preset(
+        ViTConfig,
+        {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "patch_size": 16, "image_size": 224},
+        ViTImageProcessor,
+        _square(224, 2, {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}),
+    ),
+    "dinov3-small": Preset(
+        DINOv3ViTConfig,
+        {
+            "hidden_size": 384,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 6,
+            "intermediate_size": 1536,
+            "patch_size": 16,
+            "image_size": 224,
+            "num_register_tokens": 4,
+        },
+        DINOv3ViTImageProcessor,
+        _square(224, 2, IMAGENET),
+    ),
 }
 
 

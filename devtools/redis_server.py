@@ -221,7 +221,9 @@ class SentinelServer(RedisServer):
                 if int(fields[b"num-slaves"]) >= replicas and int(fields[b"num-other-sentinels"]) >= other_sentinels:
                     return
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"Sentinel on port {self.port} sees {fields[b'num-slaves']} replicas and {fields[b'num-other-sentinels']} other Sentinels")
+                    raise RuntimeError(
+                        f"Sentinel on port {self.port} sees {fields[b'num-slaves']} replicas and {fields[b'num-other-sentinels']} other Sentinels"
+                    )
                 time.sleep(0.2)
 
     def primary_address(self) -> tuple[str, int] | None:

@@ -90,10 +90,27 @@ def test_backfill_writes_vectors_in_manifest_order(service: Stack, image_server:
 def test_backfill_resumes_after_interruption(service: Stack, image_server: ImageServer, tmp_path: Path) -> None:
     manifest, _ = _manifest(tmp_path, image_server, copies=20)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "backfill", str(manifest), "--out", str(out), "--api", service.base_url, "--poll", "0.1", "--chunk-items", "4", "--parallel-jobs", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "backfill",
+        str(manifest),
+        "--out",
+        str(out),
+        "--api",
+        service.base_url,
+        "--poll",
+        "0.1",
+        "--chunk-items",
+        "4",
+        "--parallel-jobs",
+        "1",
+    ]
     # Ctrl-C as a user at a terminal sends it. A suite started in the background by a shell runs with
     # SIGINT ignored, which children inherit (and Python then never raises KeyboardInterrupt).
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    )
     status_path = out / "status.npy"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -124,7 +141,14 @@ def _id_manifests(tmp_path: Path, image_server: ImageServer) -> dict[str, tuple[
     """The same six images, with ids, in each manifest form; row 4's image does not exist."""
     local = tmp_path / "photos"
     shutil.copytree(EXAMPLES, local, dirs_exist_ok=True)
-    images = [str(local / "cmp1.jpg"), "photos/cmp3.png", image_server.url("cmp2.jpg"), data_uri((EXAMPLES / "img.webp").read_bytes(), "image/webp"), image_server.url("gone.jpg"), str(local / "cmp1.jpg")]
+    images = [
+        str(local / "cmp1.jpg"),
+        "photos/cmp3.png",
+        image_server.url("cmp2.jpg"),
+        data_uri((EXAMPLES / "img.webp").read_bytes(), "image/webp"),
+        image_server.url("gone.jpg"),
+        str(local / "cmp1.jpg"),
+    ]
     ids = ["sku-001", "sku-002", "a,b \"quoted\"", "sku-004", "sku-005", "7"]
     tsv = tmp_path / "ids.tsv"
     tsv.write_text("# id<TAB>image\n" + "".join(f"{i}\t{image}\n" for i, image in zip(ids, images)))
@@ -202,7 +226,14 @@ def test_manifest_errors_name_the_line(tmp_path: Path) -> None:
 
 
 def test_help_shows_the_defaults_and_the_api_variable() -> None:
-    result = subprocess.run([sys.executable, "-m", "backfill", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "IMBEDDINGS_API_KEY": "secret-key-123"})
+    result = subprocess.run(
+        [sys.executable, "-m", "backfill", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "IMBEDDINGS_API_KEY": "secret-key-123"},
+    )
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     assert "IMBEDDINGS_API sets the default (default: http://127.0.0.1:8000)" in text

@@ -83,7 +83,10 @@ def test_interactive_images_go_before_bulk_ones(vit_runner_parts: tuple[LoadedMo
     model_free = threading.Event()
     compute.submit(model_free.wait)  # the model is busy while the images arrive
     try:
-        futures = {name: runner.submit(pixels, on_done=lambda name=name: order.append(name), priority=priority) for name, priority in (("first", INTERACTIVE), ("bulk-1", BULK), ("bulk-2", BULK), ("interactive", INTERACTIVE))}
+        futures = {
+            name: runner.submit(pixels, on_done=lambda name=name: order.append(name), priority=priority)
+            for name, priority in (("first", INTERACTIVE), ("bulk-1", BULK), ("bulk-2", BULK), ("interactive", INTERACTIVE))
+        }
         model_free.set()
         for future in futures.values():
             future.result(timeout=60)
@@ -139,7 +142,10 @@ def test_images_of_withdrawn_requests_are_dropped_when_a_batch_is_formed(vit_run
     try:
         first = runner.submit(pixels, ticket=stays)  # taken at once, before the others arrive
         time.sleep(0.2)
-        futures = [runner.submit(pixels, ticket=ticket, on_done=lambda k=ticket.reply_key: released.append(k)) for ticket in (left, stays, left, Ticket(deadline=time.time() - 1))]
+        futures = [
+            runner.submit(pixels, ticket=ticket, on_done=lambda k=ticket.reply_key: released.append(k))
+            for ticket in (left, stays, left, Ticket(deadline=time.time() - 1))
+        ]
         model_free.set()
         first.result(timeout=30)
         assert futures[1].result(timeout=30) is not None

@@ -146,7 +146,10 @@ def test_flower_sees_the_worker_online_and_its_tasks(tmp_path: Path, own_redis: 
             wait_until(lambda: flower_api.get("/api/workers", params={"status": "true"}).json().get(node) is True, 30, what="Flower to see the worker online")
             # Its queues, as Flower asks the worker for them (remote control over the broker).
             workers = flower_api.get("/api/workers", params={"refresh": "true"}).json()
-            assert {queue["name"] for queue in workers[node]["active_queues"]} == {queue_for(stack.default_model, "interactive"), queue_for(stack.default_model, "bulk")}
+            assert {queue["name"] for queue in workers[node]["active_queues"]} == {
+                queue_for(stack.default_model, "interactive"),
+                queue_for(stack.default_model, "bulk"),
+            }
 
             def tasks_seen() -> dict[str, dict]:
                 tasks = flower_api.get("/api/tasks").json()

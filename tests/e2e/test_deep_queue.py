@@ -42,7 +42,12 @@ class DeepQueueStack:
     def images_through_model(self) -> int:
         """Images the model has computed so far (counted when each batch leaves the model)."""
         text = httpx.get(self.worker_metrics, timeout=5).text
-        return sum(int(sample.value) for family in text_string_to_metric_families(text) for sample in family.samples if sample.name == "imbeddings_worker_batch_size_sum")
+        return sum(
+            int(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "imbeddings_worker_batch_size_sum"
+        )
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,9 @@ def test_worker_starts_while_redis_is_full_and_frees_it(tmp_path: Path, full_red
                 filler.free()
 
 
-def test_chunk_whose_store_hit_oom_is_finished_once_memory_frees(tmp_path: Path, full_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], slow_images: str) -> None:
+def test_chunk_whose_store_hit_oom_is_finished_once_memory_frees(
+    tmp_path: Path, full_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], slow_images: str
+) -> None:
     """A job of URLs (no image bytes to drop) is under way when Redis fills: its chunks' results are
     refused, the chunks are not acknowledged, and once memory frees every item is stored once."""
     store = redis.Redis.from_url(full_redis.url)
@@ -199,13 +201,19 @@ def test_chunk_whose_store_hit_oom_is_finished_once_memory_frees(tmp_path: Path,
             queue = [key for key in store.scan_iter(match="imbeddings.*.bulk")]
             held = store.hlen("unacked") + sum(store.llen(key) for key in queue)
             refusals = worker.log_text().count("Redis refused or lost a job chunk's write")
-            print(f"Redis full for 5 s: {refusals} chunk stores refused, {held} chunk messages held (unacknowledged or queued), completed stayed {at_full['completed']}")
+            print(
+                f"Redis full for 5 s: {refusals} chunk stores refused, {held} chunk messages held (unacknowledged or queued),"
+                f" completed stayed {at_full['completed']}"
+            )
             assert held == (total - at_full["completed"]) // 4
 
             filler.free()
             freed = time.monotonic()
             wait_done(client, job_id, timeout_s=180)
-            print(f"job completed {elapsed(freed)} s after memory was freed (visibility timeout 10 s); {at_full['completed']} of {total} were done when Redis filled")
+            print(
+                f"job completed {elapsed(freed)} s after memory was freed (visibility timeout 10 s);"
+                f" {at_full['completed']} of {total} were done when Redis filled"
+            )
             _check_every_item_once(client, store, job_id, total)
             wait_until(lambda: store.hlen("unacked") == 0, 30, what="no unacknowledged message left")
             assert worker.alive()

@@ -173,7 +173,9 @@ def test_a_large_valid_job_body_is_parsed_off_the_event_loop(edge_api: EdgeAPI) 
         started = time.perf_counter()
         answer = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
         elapsed = time.perf_counter() - started
-    print(f"100k image objects ({len(body) / MiB:.1f} MiB): {answer.status_code} in {elapsed:.2f} s; slowest /health {max(latencies):.3f} s of {len(latencies)}")
+    print(
+        f"100k image objects ({len(body) / MiB:.1f} MiB): {answer.status_code} in {elapsed:.2f} s; slowest /health {max(latencies):.3f} s of {len(latencies)}"
+    )
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found", answer.text
     assert max(latencies) < HEALTH_BOUND_S
 

@@ -120,7 +120,9 @@ def test_duplicate_delivery_counts_each_item_once(service: Stack) -> None:
     r = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
     keys = Keys("imb:")
     job_id = new_job_id()
-    r.hset(keys.job(job_id), mapping={"id": job_id, "status": "queued", "model": "m", "total": 3, "completed": 0, "failed": 0, "created_at": 0, "finished_at": ""})
+    r.hset(
+        keys.job(job_id), mapping={"id": job_id, "status": "queued", "model": "m", "total": 3, "completed": 0, "failed": 0, "created_at": 0, "finished_at": ""}
+    )
     store = r.register_script(STORE_RESULTS)
     script_keys = [keys.job(job_id), keys.job_results(job_id), f"test-counts:{job_id}", keys.tenant_work(job_id), keys.tenant_images(job_id)]
     args = [3600, 1, 0, '{"index":0}', 0, 1, '{"index":1,"error":{}}', 1]

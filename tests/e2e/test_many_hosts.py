@@ -56,7 +56,12 @@ def test_two_hosts_share_a_job_and_survive_losing_one(tmp_path: Path, network: N
     photos = serve_photos(delay_s=0.2, host=home.address)
     images = home.run(photos.__enter__)
     env = one_model_env(
-        server.url, allow_list, tiny_models, **SMALL_CHUNKS, IMBEDDINGS_URL_ALLOWED_NETWORKS=f"{home.address}/32", IMBEDDINGS_WORKER_METRICS_PORT=str(METRICS_PORT)
+        server.url,
+        allow_list,
+        tiny_models,
+        **SMALL_CHUNKS,
+        IMBEDDINGS_URL_ALLOWED_NETWORKS=f"{home.address}/32",
+        IMBEDDINGS_WORKER_METRICS_PORT=str(METRICS_PORT),
     )
     model = env["IMBEDDINGS_DEFAULT_MODEL"]
     workers: dict[str, ServiceProcess] = {}

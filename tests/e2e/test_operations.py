@@ -27,7 +27,9 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def _value(samples: dict, name: str, **labels: str) -> float:
-    return sum(value for (sample, sample_labels), value in samples.items() if sample == name and all(dict(sample_labels).get(k) == v for k, v in labels.items()))
+    return sum(
+        value for (sample, sample_labels), value in samples.items() if sample == name and all(dict(sample_labels).get(k) == v for k, v in labels.items())
+    )
 
 
 def _logged(process: ServiceProcess, **fields: str) -> bool:

@@ -140,7 +140,13 @@ def test_a_request_whose_task_fails_still_gets_an_answer(service: Stack) -> None
     broken = f"imb:test-broken-blobs:{work}"
     store.set(broken, b"not a hash", ex=600)
     reply_key = KEYS.reply(work)
-    payload = EmbedPayload(request_id=f"poison-{work}", model=model, items=[ImageRef(index=i, kind="blob", data=broken) for i in range(2)], reply_key=reply_key, deadline=time.time() + 60)
+    payload = EmbedPayload(
+        request_id=f"poison-{work}",
+        model=model,
+        items=[ImageRef(index=i, kind="blob", data=broken) for i in range(2)],
+        reply_key=reply_key,
+        deadline=time.time() + 60,
+    )
     _publish(service, EMBED_TASK, payload.model_dump())
     popped = store.blpop([reply_key], timeout=60)
     assert popped is not None

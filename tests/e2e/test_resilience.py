@@ -41,7 +41,9 @@ def test_worker_killed_mid_chunk(tmp_path: Path, own_redis: RedisServer, allow_l
 
 
 @pytest.mark.parametrize("graceful", [True, False], ids=["shutdown", "sigkill"])
-def test_redis_restarted_mid_job(tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], slow_images: str, graceful: bool) -> None:
+def test_redis_restarted_mid_job(
+    tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], slow_images: str, graceful: bool
+) -> None:
     """SHUTDOWN completes the append-only file; SIGKILL leaves it as the kernel had it: with
     ``appendfsync everysec`` Redis writes each command to the file before it answers, so a killed
     process (as opposed to a crashed host) loses nothing it acknowledged."""
@@ -244,7 +246,8 @@ def test_sentinel_failover_mid_job(tmp_path: Path, sentinel_group: SentinelGroup
                     f"failover: replica promoted {promoted - killed:.1f} s after the SIGKILL; API answered 200 again {first_200_after - killed:.1f} s after it"
                     f" (the poller saw 503 for {(max(outages) - min(outages)) if outages else 0:.1f} s, {len(outages)} of {len(poller.seen)} polls);"
                     f" job ({completed_at_kill} of {total} items done at the kill) completed {completed - killed:.1f} s after the kill;"
-                    f" one-image jobs accepted (202) around it: {len(submitter.accepted)}, missing after it {len(missing)}, never completed {len(stuck)}; acknowledged writes lost: {len(lost)} of {len(writer.acknowledged)}"
+                    f" one-image jobs accepted (202) around it: {len(submitter.accepted)}, missing after it {len(missing)}, never completed {len(stuck)};"
+                    f" acknowledged writes lost: {len(lost)} of {len(writer.acknowledged)}"
                 )
                 assert completed_at_kill < total
                 # 503 and nothing else, only from the kill to the promotion (and the API's next check after it).

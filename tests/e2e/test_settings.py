@@ -22,7 +22,9 @@ from shared.settings import REPO_ROOT
 )
 def test_processes_refuse_to_start_with_bad_settings(name: str, value: str) -> None:
     for module in ("api", "worker"):
-        result = subprocess.run([sys.executable, "-m", module], cwd=REPO_ROOT, env={name: value, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", module], cwd=REPO_ROOT, env={name: value, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 2, result.stderr[-2000:]
         assert "Invalid Imbeddings configuration" in result.stderr and name in result.stderr
         assert "TypeError" not in result.stderr and "hunter2" not in result.stderr

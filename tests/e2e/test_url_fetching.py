@@ -292,7 +292,10 @@ def test_a_request_of_256_silent_urls_does_not_delay_another_and_stops_when_with
             job = submit(client, {"input": [image_server.url("cmp2.jpg")]})
             state = wait_done(client, job["id"], timeout_s=60)
             one_job_s = time.monotonic() - started
-        print(f"beside 256 silent URLs: one-URL request answered in {one_request_s:.2f} s, one-URL job completed in {one_job_s:.2f} s; silent server saw {silent.opened} connections")
+        print(
+            f"beside 256 silent URLs: one-URL request answered in {one_request_s:.2f} s, one-URL job completed in {one_job_s:.2f} s;"
+            f" silent server saw {silent.opened} connections"
+        )
         assert state["status"] == "completed" and state["completed"] == 1
         assert one_request_s < 8 and one_job_s < 8  # the old fetcher made them wait for 16 x 10 s timeouts
         assert silent.opened <= 4  # IMBEDDINGS_URL_FETCH_CONCURRENCY_PER_REQUEST's default

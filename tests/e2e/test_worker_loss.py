@@ -23,7 +23,9 @@ DEFAULTS = ("IMBEDDINGS_HEARTBEAT_INTERVAL_S", "IMBEDDINGS_HEARTBEAT_TTL_S")
 
 
 @pytest.fixture
-def two_workers(tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[tuple[str, list[ServiceProcess], redis.Redis]]:
+def two_workers(
+    tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]
+) -> Iterator[tuple[str, list[ServiceProcess], redis.Redis]]:
     with private_stack(tmp_path, own_redis.url, allow_list, tiny_models, workers=2, unset=DEFAULTS) as stack:
         yield stack.base_url, stack.workers, redis.Redis.from_url(own_redis.url)
 

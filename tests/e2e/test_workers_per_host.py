@@ -77,7 +77,9 @@ def test_two_workers_with_the_same_metrics_port_are_both_announced_and_both_serv
         wait_until(both_served, 60, interval_s=0, what="both workers to embed images")
 
 
-def test_worker_cpus_sets_the_thread_budget(tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_cpus_sets_the_thread_budget(
+    tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cpu = min(available_cpus())
     model = str(tiny_models["vit-tiny"])
     # Only the CPU list may decide the budget here, not a thread count from the environment.
@@ -94,7 +96,14 @@ def test_worker_cpus_sets_the_thread_budget(tmp_path: Path, own_redis: RedisServ
 
 @pytest.mark.parametrize("value", ["0-x", "3-1", "0,,1", str(max(available_cpus()) + 1)])
 def test_invalid_worker_cpus_stop_the_worker_naming_the_variable(value: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "worker"], cwd=REPO_ROOT, env={"IMBEDDINGS_WORKER_CPUS": value, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "worker"],
+        cwd=REPO_ROOT,
+        env={"IMBEDDINGS_WORKER_CPUS": value, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "IMBEDDINGS_WORKER_CPUS" in result.stderr, result.stderr
 
@@ -102,7 +111,9 @@ def test_invalid_worker_cpus_stop_the_worker_naming_the_variable(value: str) -> 
 def test_heartbeat_starts_while_redis_is_away_and_announces_once_it_is_back(tmp_path: Path) -> None:
     port = free_port()
     keys = Keys("imb:")
-    info = ModelInfo(id="m", model_type="vit", dim=8, patch_size=16, image_size=(32, 32), num_register_tokens=0, tokens_per_image=5, dtype="float32", device="cpu")
+    info = ModelInfo(
+        id="m", model_type="vit", dim=8, patch_size=16, image_size=(32, 32), num_register_tokens=0, tokens_per_image=5, dtype="float32", device="cpu"
+    )
     heartbeat = Heartbeat(sync_client(f"redis://127.0.0.1:{port}/0", retries=1), keys, "worker-1@host", [info], interval_s=0.2, ttl_s=2)
     heartbeat.start()  # Redis is not there yet: must not raise
     server = RedisServer(tmp_path / "redis", port).start()
@@ -151,7 +162,15 @@ def test_run_local_splits_the_cpus_between_its_workers(tmp_path: Path, own_redis
     del env["IMBEDDINGS_WORKER_METRICS_PORT"]  # the default, for both workers
     log_path = tmp_path / "run_local.log"
     with open(log_path, "wb") as log:
-        runner = subprocess.Popen([sys.executable, "-m", "devtools.run_local", "--workers", "2"], cwd=REPO_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "devtools.run_local", "--workers", "2"],
+            cwd=REPO_ROOT,
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         def both_ready() -> list[dict]:
             assert runner.poll() is None, log_path.read_text()

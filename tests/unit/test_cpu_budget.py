@@ -32,7 +32,9 @@ def test_thread_budget_follows_the_cpus(cpus: int, device: str, torch_threads: i
 
 def test_thread_budget_honours_explicit_settings() -> None:
     explicit = Settings(torch_threads=3, preprocess_threads=5)
-    assert ThreadBudget.for_cpus(8, "cpu", explicit, omp_num_threads="2") == ThreadBudget(cpus=8, torch_threads=3, preprocess_threads=5, fetch_threads=FETCH_THREADS)
+    assert ThreadBudget.for_cpus(8, "cpu", explicit, omp_num_threads="2") == ThreadBudget(
+        cpus=8, torch_threads=3, preprocess_threads=5, fetch_threads=FETCH_THREADS
+    )
     assert ThreadBudget.for_cpus(8, "cpu", _defaults(), omp_num_threads="2").torch_threads == 2
     assert ThreadBudget.for_cpus(8, "cpu", _defaults(), omp_num_threads="4,2").torch_threads == 4
     for ignored in ("", "0", "many"):

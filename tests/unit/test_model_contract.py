@@ -13,7 +13,10 @@ from worker.model.loader import ModelRefused, load_model
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize(("name", "tokens", "registers"), [("vit-tiny", 17, 0), ("dinov2-tiny", 17, 0), ("dinov2-registers-tiny", 21, 4), ("dinov3-tiny", 21, 4), ("deit-tiny", 17, 0), ("webssl-tiny", 17, 0)])
+@pytest.mark.parametrize(
+    ("name", "tokens", "registers"),
+    [("vit-tiny", 17, 0), ("dinov2-tiny", 17, 0), ("dinov2-registers-tiny", 21, 4), ("dinov3-tiny", 21, 4), ("deit-tiny", 17, 0), ("webssl-tiny", 17, 0)],
+)
 def test_supported_families_load(tiny_models: dict[str, Path], name: str, tokens: int, registers: int) -> None:
     loaded = load_model(str(tiny_models[name]), CPU, torch.float32, None, warmup_batch=2)
     assert loaded.info.tokens_per_image == tokens and loaded.info.num_register_tokens == registers

@@ -192,7 +192,15 @@ def test_allow_list_parsing(tmp_path) -> None:
 
 def test_repo_allow_list_names_every_family() -> None:
     models = read_allow_list(REPO_ROOT / "supported_models.txt")
-    for family in ("facebook/dinov2-small", "facebook/dinov2-with-registers-small", "facebook/dinov3-vits16-pretrain-lvd1689m", "facebook/dino-vits16", "facebook/webssl-dino300m-full2b-224", "facebook/deit-small-patch16-224", "google/vit-base-patch16-224"):
+    for family in (
+        "facebook/dinov2-small",
+        "facebook/dinov2-with-registers-small",
+        "facebook/dinov3-vits16-pretrain-lvd1689m",
+        "facebook/dino-vits16",
+        "facebook/webssl-dino300m-full2b-224",
+        "facebook/deit-small-patch16-224",
+        "google/vit-base-patch16-224",
+    ):
         assert family in models
     assert not any("distilled" in model for model in models)
 

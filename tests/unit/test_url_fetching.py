@@ -31,5 +31,10 @@ def test_hosts_no_resolver_takes_are_invalid_urls(url: str, reason: str) -> None
 
 def test_internationalized_names_and_paths_are_sent_in_ascii() -> None:
     target = parse_target("https://Bücher.example:8443/bild ä.png?q=ü#frag")
-    assert (target.host, target.port, target.path, target.host_header) == ("xn--bcher-kva.example", 8443, "/bild%20%C3%A4.png?q=%C3%BC", "xn--bcher-kva.example:8443")
+    assert (target.host, target.port, target.path, target.host_header) == (
+        "xn--bcher-kva.example",
+        8443,
+        "/bild%20%C3%A4.png?q=%C3%BC",
+        "xn--bcher-kva.example:8443",
+    )
     assert parse_target("http://[2001:db8::1]/").host_header == "[2001:db8::1]"
