@@ -33,7 +33,7 @@ from tests.support.stack import running_redis, service_env, start_api
 
 MiB = 2**20
 DEFAULTS = Settings(_env_file=None)
-# The API idles near 100 MB; these are the most it may reach under each hostile input.
+# The most the API may reach under each hostile input, idle size included (measured: README, "Hostile inputs").
 PEAK_RSS_BOUND_MB = 400
 CPU_BOUND_S = 5.0
 HEALTH_BOUND_S = 5.0
@@ -119,7 +119,7 @@ def _many(item: bytes, total_bytes: int) -> bytes:
 
 
 HOSTILE_BODIES = {
-    # The case: 4 MiB of 1.4 million empty objects (30 s of the event loop and 2.6 GB before).
+    # The case: 4 MiB of 1.4 million empty objects (what it cost before: README, "Hostile inputs").
     "4MiB-empty-objects": ("/v1/embeddings", b'{"input": [' + _many(b"{}", 4 * MiB) + b"]}", "too_many_json_values"),
     "4MiB-empty-objects-job": ("/v1/jobs", b'{"input": [' + _many(b"{}", 4 * MiB) + b"]}", "too_many_json_values"),
     "16MiB-empty-objects": ("/v1/embeddings", b'{"input": [' + _many(b"{}", 16 * MiB) + b"]}", "too_many_json_values"),
