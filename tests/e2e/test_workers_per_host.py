@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.photos import EXAMPLES
-from devtools.processes import wait_until
+from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer, free_port
 from devtools.run_local import split_cpus
 from shared.cpus import available_cpus, parse_cpu_list
@@ -26,7 +26,8 @@ from shared.protocol import ModelInfo
 from shared.redis_client import sync_client
 from shared.settings import REPO_ROOT, Settings
 from tests.support.images import data_uri
-from tests.support.stack import private_stack, service_env, wait_served, wait_worker_ready
+from tests.support.processes import ready_line
+from tests.support.stack import private_stack, service_env, wait_served
 from worker.heartbeat import Heartbeat
 from worker.metrics import FALLBACK_PORTS
 
@@ -41,6 +42,18 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def _wait_ready_line(worker: ServiceProcess) -> dict:
+    def ready() -> bool:
+        if not worker.alive():
+            raise RuntimeError(f"worker exited:\n{worker.log_text()[-3000:]}")
+        return ready_line(worker) is not None
+
+    wait_until(ready, 120, interval_s=0.25, what="the worker's ready line")
+    entry = ready_line(worker)
+    assert entry is not None
+    return entry
 
 
 def _images_embedded(port: int, model: str) -> float:
@@ -60,7 +73,7 @@ def test_two_workers_with_the_same_metrics_port_are_both_announced_and_both_serv
     # The default port when this machine leaves it free; otherwise any port both workers are given.
     port = DEFAULT_METRICS_PORT if _port_free(DEFAULT_METRICS_PORT) else free_port()
     with private_stack(tmp_path, own_redis.url, allow_list, tiny_models, model="dinov2-tiny", workers=2, IMBEDDINGS_WORKER_METRICS_PORT=str(port)) as stack:
-        ready = [wait_worker_ready(worker) for worker in stack.workers]
+        ready = [_wait_ready_line(worker) for worker in stack.workers]
         wait_served(stack.base_url, model, stack.worker, count=2)
         assert httpx.get(f"{stack.base_url}/v1/models/{model}").json()["workers"] == 2
 
@@ -87,7 +100,7 @@ def test_worker_cpus_sets_the_thread_budget(
     monkeypatch.delenv("IMBEDDINGS_PREPROCESS_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     with private_stack(tmp_path, own_redis.url, allow_list, tiny_models, unset=("OMP_NUM_THREADS",), IMBEDDINGS_WORKER_CPUS=str(cpu)) as stack:
-        ready = wait_worker_ready(stack.worker)
+        ready = _wait_ready_line(stack.worker)
         assert (ready["cpu_list"], ready["cpus"], ready["torch_threads"], ready["preprocess_threads"]) == (str(cpu), 1, 1, 1)
         assert os.sched_getaffinity(stack.worker.pid) == {cpu}
         answer = httpx.post(f"{stack.base_url}/v1/embeddings", json={"model": model, "input": [data_uri(JPEG)] * 3}, timeout=30)

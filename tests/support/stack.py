@@ -14,7 +14,6 @@ import httpx
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer, free_port
-from tests.support.processes import ready_line
 
 # The models the shared worker serves, one per family the service supports.
 SERVED = ["dinov2-tiny", "vit-tiny", "dino-vit-tiny", "deit-tiny", "dinov2-registers-tiny", "dinov3-tiny", "webssl-tiny"]
@@ -87,18 +86,15 @@ def wait_served(base_url: str, model: str, worker: ServiceProcess, timeout_s: fl
     wait_until(served, timeout_s, interval_s=0.25, what=f"a worker serving {model}")
 
 
-def wait_worker_ready(worker: ServiceProcess, timeout_s: float = 120) -> dict:
-    """This worker (not merely some worker) has loaded its models and consumes its queues; returns its ready line."""
+def wait_worker_ready(worker: ServiceProcess, timeout_s: float = 120) -> None:
+    """This worker (not merely some worker) has loaded its models and consumes its queues."""
 
     def ready() -> bool:
         if not worker.alive():
             raise RuntimeError(f"worker exited:\n{worker.log_text()[-3000:]}")
-        return ready_line(worker) is not None
+        return '"message": "worker ready"' in worker.log_text()
 
     wait_until(ready, timeout_s, interval_s=0.25, what="the worker to be ready")
-    line = ready_line(worker)
-    assert line is not None
-    return line
 
 
 def _get_ok(url: str) -> bool:
