@@ -116,7 +116,7 @@ def running_redis(data_dir: Path, **options: Any) -> Iterator[RedisServer]:
 
 @dataclass
 class Stack:
-    """An API and its workers, sharing one environment; ``model`` is the default model's id."""
+    """An API and its workers, sharing one environment (``logs`` holds their log files)."""
 
     base_url: str
     env: dict[str, str]
@@ -165,9 +165,10 @@ def private_stack(
     served_timeout_s: float = 120,
     **overrides: str,
 ) -> Iterator[Stack]:
-    """``workers`` workers serving ``model`` alone and an API, on a Redis of the test's own, with
-    ``overrides`` on the tests' environment and the variables in ``unset`` left at their defaults.
-    Yields once every worker serves the model; stops them all afterwards."""
+    """``workers`` workers and an API on the Redis at ``redis_url``, ``model`` their default and (unless
+    ``overrides`` set ``IMBEDDINGS_WORKER_MODELS``) the only model served; ``overrides`` go on top of the
+    tests' environment and the variables in ``unset`` are left at their defaults. Yields once every
+    worker serves the default model; stops the API and every worker afterwards, added ones too."""
     env = one_model_env(redis_url, allow_list, models, model, **overrides)
     for name in unset:
         env.pop(name)
