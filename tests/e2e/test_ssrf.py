@@ -13,13 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from devtools.photos import EXAMPLES
 from tests.support.sockets import accept_each
 from tests.support.stack import IMAGE_HOST, Stack
 from worker.errors import ImageInputError
 from worker.images.fetch import FetchLimits, fetch_url
-
-JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 
 
 @dataclass
