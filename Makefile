@@ -2,11 +2,12 @@
 #   make run    install, then start Redis (private, append-only), one worker and the API on :8000
 #               (make run WORKERS=N: N workers splitting the CPUs evenly)
 #   make test   install (with test dependencies), then run the whole test suite
+#               (make test-unit, make test-e2e: one folder of it)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-dev browser bench bench-urls bench-overhead clean
+.PHONY: run test test-unit test-e2e install install-dev browser bench bench-urls bench-overhead clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,13 @@ run: install
 test: install-dev browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# One folder of the suite: tests/unit (in process, no service processes) or tests/e2e (real Redis, worker and API processes).
+test-unit: install-dev
+	$(BIN)/python -m pytest tests/unit
+
+test-e2e: install-dev browser
+	$(BIN)/python -m pytest tests/e2e
 
 bench: install-dev
 	$(BIN)/python -m bench

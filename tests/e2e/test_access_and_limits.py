@@ -16,14 +16,15 @@ from devtools.photos import EXAMPLES
 from devtools.processes import wait_until
 from devtools.redis_server import RedisServer
 from shared.queues import queue_for
-from tests.conftest import Service, data_uri, serve_photos, service_env, start_api, start_worker, wait_served
+from tests.support.images import data_uri, serve_photos
+from tests.support.stack import Stack, private_stack, start_api
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 KEYS = ("sk-first-7f3a9c", "sk-second-1b2d4e")
 
 
 @pytest.fixture(scope="module")
-def guarded_api(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def guarded_api(service: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     log = tmp_path_factory.mktemp("guarded") / "api.log"
     env = {
         **service.env,
@@ -95,22 +96,12 @@ def test_oversized_body_is_refused_before_it_is_read(guarded_api: tuple[str, Pat
 
 
 @pytest.fixture
-def busy_stack(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[tuple[str, str, dict[str, str]]]:
+def busy_stack(tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[tuple[str, str, dict[str, str]]]:
     """One worker that takes one request at a time, images that take 4 s to fetch, and an API with
     a queue limit of 2 and a 2 s wait."""
-    store = RedisServer(tmp_path / "redis").start()
-    model = str(tiny_models["vit-tiny"])
-    env = service_env(store.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model, IMBEDDINGS_WORKER_CONCURRENCY="1", IMBEDDINGS_MAX_QUEUE_DEPTH="2", IMBEDDINGS_REQUEST_TIMEOUT_S="2")
-    worker = start_worker(env, tmp_path / "worker.log")
-    api, base_url = start_api(env, tmp_path / "api.log")
-    try:
-        with serve_photos(delay_s=4) as slow_base:
-            wait_served(base_url, model, worker)
-            yield base_url, f"{slow_base}/cmp1.jpg", env
-    finally:
-        api.stop()
-        worker.stop()
-        store.stop(graceful=False)
+    limits = {"IMBEDDINGS_WORKER_CONCURRENCY": "1", "IMBEDDINGS_MAX_QUEUE_DEPTH": "2", "IMBEDDINGS_REQUEST_TIMEOUT_S": "2"}
+    with private_stack(tmp_path, own_redis.url, allow_list, tiny_models, **limits) as stack, serve_photos(delay_s=4) as slow_base:
+        yield stack.base_url, f"{slow_base}/cmp1.jpg", stack.env
 
 
 def test_full_queue_gets_429_and_late_results_are_discarded(busy_stack: tuple[str, str, dict[str, str]]) -> None:

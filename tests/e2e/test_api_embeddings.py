@@ -9,26 +9,27 @@ import numpy as np
 import pytest
 
 from devtools.photos import EXAMPLES
-from tests.conftest import ImageServer, Service, data_uri
+from tests.support.images import ImageServer, data_uri
+from tests.support.stack import Stack
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 PNG = (EXAMPLES / "cmp3.png").read_bytes()
 
 
-def _post(service: Service, body: dict) -> tuple[int, dict]:
+def _post(service: Stack, body: dict) -> tuple[int, dict]:
     with service.client() as client:
         response = client.post("/v1/embeddings", json=body)
     return response.status_code, response.json()
 
 
-def _error(service: Service, body: dict, status: int) -> dict:
+def _error(service: Stack, body: dict, status: int) -> dict:
     code, payload = _post(service, body)
     assert code == status, payload
     assert set(payload) == {"error"} and set(payload["error"]) == {"message", "type", "param", "code"}
     return payload["error"]
 
 
-def test_every_input_form_gives_the_same_vectors(service: Service, image_server: ImageServer) -> None:
+def test_every_input_form_gives_the_same_vectors(service: Stack, image_server: ImageServer) -> None:
     b64 = base64.b64encode(JPEG).decode()
     forms = [
         image_server.url("cmp1.jpg"),
@@ -47,7 +48,7 @@ def test_every_input_form_gives_the_same_vectors(service: Service, image_server:
     assert np.abs(np.array(single["data"][0]["embedding"]) - vectors[0]).max() < 1e-6
 
 
-def test_response_shape_usage_and_order(service: Service) -> None:
+def test_response_shape_usage_and_order(service: Stack) -> None:
     status, body = _post(service, {"input": [data_uri(JPEG), data_uri(PNG, "image/png"), data_uri(JPEG)]})
     assert status == 200, body
     assert body["object"] == "list" and body["model"] == service.model("dinov2-tiny")
@@ -59,7 +60,7 @@ def test_response_shape_usage_and_order(service: Service) -> None:
     assert body["usage"] == {"prompt_tokens": 51, "total_tokens": 51, "input_images": 3, "embedding_dim": 32}
 
 
-def test_base64_encoding_and_pooling(service: Service) -> None:
+def test_base64_encoding_and_pooling(service: Stack) -> None:
     _, floats = _post(service, {"input": data_uri(JPEG), "pooling": "mean"})
     _, encoded = _post(service, {"input": data_uri(JPEG), "pooling": "mean", "encoding_format": "base64"})
     item = encoded["data"][0]
@@ -70,7 +71,7 @@ def test_base64_encoding_and_pooling(service: Service) -> None:
     assert np.array_equal(cls, np.asarray(floats["data"][0]["embeddings"]["cls"], dtype=np.float32))
 
 
-def test_dimensions_truncates_and_renormalizes(service: Service) -> None:
+def test_dimensions_truncates_and_renormalizes(service: Stack) -> None:
     _, full = _post(service, {"input": data_uri(JPEG)})
     status, short = _post(service, {"input": data_uri(JPEG), "dimensions": 8})
     assert status == 200
@@ -83,7 +84,7 @@ def test_dimensions_truncates_and_renormalizes(service: Service) -> None:
     assert error["param"] == "dimensions" and "32" in error["message"]
 
 
-def test_other_families_are_routed_by_model(service: Service) -> None:
+def test_other_families_are_routed_by_model(service: Stack) -> None:
     status, body = _post(service, {"model": service.model("dinov3-tiny"), "input": data_uri(JPEG)})
     assert status == 200 and body["model"] == service.model("dinov3-tiny")
     # 64x64 / 16px = 16 patches, + CLS + 4 registers
@@ -108,38 +109,38 @@ def test_other_families_are_routed_by_model(service: Service) -> None:
         ({"input": [1, 2, 3]}, "input", ""),
     ],
 )
-def test_malformed_requests_get_400_naming_the_problem(service: Service, body: dict, param: str, needle: str) -> None:
+def test_malformed_requests_get_400_naming_the_problem(service: Stack, body: dict, param: str, needle: str) -> None:
     error = _error(service, body, 400)
     assert error["type"] == "invalid_request_error"
     assert error["param"] is not None and error["param"].startswith(param), error
     assert needle.lower() in error["message"].lower()
 
 
-def test_broken_image_is_a_400_naming_its_index(service: Service) -> None:
+def test_broken_image_is_a_400_naming_its_index(service: Stack) -> None:
     truncated = JPEG[: len(JPEG) // 3]
     error = _error(service, {"input": [data_uri(JPEG), data_uri(b"GIF89a not really"), data_uri(truncated)]}, 400)
     assert error["param"] == "input[1]"
     assert error["message"].startswith("input[1]:") and "1 more input failed" in error["message"]
 
 
-def test_unreachable_url_is_a_400_naming_its_index(service: Service, image_server: ImageServer) -> None:
+def test_unreachable_url_is_a_400_naming_its_index(service: Stack, image_server: ImageServer) -> None:
     error = _error(service, {"input": [data_uri(JPEG), image_server.url("missing.jpg")]}, 400)
     assert error["param"] == "input[1]" and "404" in error["message"]
 
 
-def test_unknown_model_is_404(service: Service) -> None:
+def test_unknown_model_is_404(service: Stack) -> None:
     error = _error(service, {"model": "someone/not-listed", "input": data_uri(JPEG)}, 404)
     assert error["code"] == "model_not_found" and "not-listed" in error["message"]
 
 
-def test_listed_model_without_worker_is_a_quick_503(service: Service) -> None:
+def test_listed_model_without_worker_is_a_quick_503(service: Stack) -> None:
     started = time.monotonic()
     error = _error(service, {"model": service.model("unserved"), "input": data_uri(JPEG)}, 503)
     assert time.monotonic() - started < 2
     assert error["code"] == "model_not_served"
 
 
-def test_malformed_json_and_wrong_routes(service: Service) -> None:
+def test_malformed_json_and_wrong_routes(service: Stack) -> None:
     with service.client() as client:
         response = client.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
         assert response.status_code == 400 and "error" in response.json()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from tests.conftest import SERVED, Service
+from tests.support.stack import SERVED, Stack
 
 
-def test_models_lists_allow_list_with_served_details(service: Service) -> None:
+def test_models_lists_allow_list_with_served_details(service: Stack) -> None:
     with service.client() as client:
         body = client.get("/v1/models").json()
     cards = {card["id"]: card for card in body["data"]}
@@ -21,7 +21,7 @@ def test_models_lists_allow_list_with_served_details(service: Service) -> None:
     assert unserved["served"] is False and unserved["workers"] == 0 and unserved["dim"] is None
 
 
-def test_health_ready_info_docs(service: Service) -> None:
+def test_health_ready_info_docs(service: Stack) -> None:
     with service.client() as client:
         assert client.get("/health").json() == {"status": "ok"}
         ready = client.get("/ready")
@@ -34,7 +34,7 @@ def test_health_ready_info_docs(service: Service) -> None:
         assert client.get("/openapi.json").json()["info"]["title"] == "Imbeddings"
 
 
-def test_request_id_is_echoed_or_generated(service: Service) -> None:
+def test_request_id_is_echoed_or_generated(service: Stack) -> None:
     with service.client() as client:
         assert client.get("/health", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
         generated = client.get("/health").headers["x-request-id"]

@@ -21,7 +21,8 @@ from backfill.manifest import Manifest, ManifestError
 from backfill.output import EMBEDDED, FAILED, PENDING
 from devtools.photos import EXAMPLES
 from shared.settings import REPO_ROOT
-from tests.conftest import ImageServer, Service, data_uri
+from tests.support.images import ImageServer, data_uri
+from tests.support.stack import Stack
 
 
 def _manifest(tmp_path: Path, image_server: ImageServer, copies: int) -> tuple[Path, list[str]]:
@@ -37,17 +38,17 @@ def _manifest(tmp_path: Path, image_server: ImageServer, copies: int) -> tuple[P
     return manifest, lines
 
 
-def _run(service: Service, manifest: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _run(service: Stack, manifest: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "backfill", str(manifest), "--out", str(out), "--api", service.base_url, "--poll", "0.2", *extra]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
-def _job_ids(service: Service) -> set[str]:
+def _job_ids(service: Stack) -> set[str]:
     with redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"]) as client:
         return {key.decode().split(":")[-1] for key in client.scan_iter("imb:job:job_*") if key.count(b":") == 2}
 
 
-def _reference(service: Service, **options: object) -> list[dict]:
+def _reference(service: Stack, **options: object) -> list[dict]:
     """The four manifest photos through /v1/embeddings, as floats unless asked otherwise."""
     with service.client() as client:
         images = [data_uri((EXAMPLES / name).read_bytes()) for name in ("cmp1.jpg", "cmp3.png", "cmp2.jpg", "img.webp")]
@@ -56,7 +57,7 @@ def _reference(service: Service, **options: object) -> list[dict]:
     return response.json()["data"]
 
 
-def test_backfill_writes_vectors_in_manifest_order(service: Service, image_server: ImageServer, tmp_path: Path) -> None:
+def test_backfill_writes_vectors_in_manifest_order(service: Stack, image_server: ImageServer, tmp_path: Path) -> None:
     manifest, lines = _manifest(tmp_path, image_server, copies=6)
     out = tmp_path / "out"
     jobs_before = _job_ids(service)
@@ -86,13 +87,30 @@ def test_backfill_writes_vectors_in_manifest_order(service: Service, image_serve
     assert "sent 0 images" in again.stderr
 
 
-def test_backfill_resumes_after_interruption(service: Service, image_server: ImageServer, tmp_path: Path) -> None:
+def test_backfill_resumes_after_interruption(service: Stack, image_server: ImageServer, tmp_path: Path) -> None:
     manifest, _ = _manifest(tmp_path, image_server, copies=20)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "backfill", str(manifest), "--out", str(out), "--api", service.base_url, "--poll", "0.1", "--chunk-items", "4", "--parallel-jobs", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "backfill",
+        str(manifest),
+        "--out",
+        str(out),
+        "--api",
+        service.base_url,
+        "--poll",
+        "0.1",
+        "--chunk-items",
+        "4",
+        "--parallel-jobs",
+        "1",
+    ]
     # Ctrl-C as a user at a terminal sends it. A suite started in the background by a shell runs with
     # SIGINT ignored, which children inherit (and Python then never raises KeyboardInterrupt).
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    )
     status_path = out / "status.npy"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -123,7 +141,14 @@ def _id_manifests(tmp_path: Path, image_server: ImageServer) -> dict[str, tuple[
     """The same six images, with ids, in each manifest form; row 4's image does not exist."""
     local = tmp_path / "photos"
     shutil.copytree(EXAMPLES, local, dirs_exist_ok=True)
-    images = [str(local / "cmp1.jpg"), "photos/cmp3.png", image_server.url("cmp2.jpg"), data_uri((EXAMPLES / "img.webp").read_bytes(), "image/webp"), image_server.url("gone.jpg"), str(local / "cmp1.jpg")]
+    images = [
+        str(local / "cmp1.jpg"),
+        "photos/cmp3.png",
+        image_server.url("cmp2.jpg"),
+        data_uri((EXAMPLES / "img.webp").read_bytes(), "image/webp"),
+        image_server.url("gone.jpg"),
+        str(local / "cmp1.jpg"),
+    ]
     ids = ["sku-001", "sku-002", "a,b \"quoted\"", "sku-004", "sku-005", "7"]
     tsv = tmp_path / "ids.tsv"
     tsv.write_text("# id<TAB>image\n" + "".join(f"{i}\t{image}\n" for i, image in zip(ids, images)))
@@ -143,7 +168,7 @@ def _vector_type(arrow_type: pa.DataType) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("form", ["tsv", "csv", "jsonl"])
-def test_parquet_output_carries_the_manifest_ids(service: Service, image_server: ImageServer, tmp_path: Path, form: str) -> None:
+def test_parquet_output_carries_the_manifest_ids(service: Stack, image_server: ImageServer, tmp_path: Path, form: str) -> None:
     manifest, ids = _id_manifests(tmp_path, image_server)[form]
     out = tmp_path / "out"
     result = _run(service, manifest, out, "--format", "parquet", "--chunk-items", "4")
@@ -159,7 +184,7 @@ def test_parquet_output_carries_the_manifest_ids(service: Service, image_server:
 
 
 @pytest.mark.parametrize("encoding", ["int8", "ubinary"])
-def test_parquet_output_in_a_storage_encoding(service: Service, image_server: ImageServer, tmp_path: Path, encoding: str) -> None:
+def test_parquet_output_in_a_storage_encoding(service: Stack, image_server: ImageServer, tmp_path: Path, encoding: str) -> None:
     manifest, lines = _manifest(tmp_path, image_server, copies=2)
     out = tmp_path / "out"
     result = _run(service, manifest, out, "--format", "parquet", "--encoding", encoding)
@@ -201,7 +226,14 @@ def test_manifest_errors_name_the_line(tmp_path: Path) -> None:
 
 
 def test_help_shows_the_defaults_and_the_api_variable() -> None:
-    result = subprocess.run([sys.executable, "-m", "backfill", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "IMBEDDINGS_API_KEY": "secret-key-123"})
+    result = subprocess.run(
+        [sys.executable, "-m", "backfill", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "IMBEDDINGS_API_KEY": "secret-key-123"},
+    )
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     assert "IMBEDDINGS_API sets the default (default: http://127.0.0.1:8000)" in text

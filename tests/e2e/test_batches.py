@@ -13,12 +13,13 @@ import openai
 import pytest
 
 from devtools.photos import EXAMPLES
-from tests.conftest import ImageServer, Service, data_uri, start_api
+from tests.support.images import ImageServer, data_uri
+from tests.support.stack import Stack, start_api
 
 KEYS = ("sk-batch-owner-5c1e", "sk-batch-other-9d7a")
 
 
-def _client(service: Service, key: str = "unused") -> openai.OpenAI:
+def _client(service: Stack, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{service.base_url}/v1", api_key=key, max_retries=0)
 
 
@@ -46,7 +47,7 @@ def _jsonl(client: openai.OpenAI, file_id: str | None) -> dict[str, dict]:
     return {entry["custom_id"]: entry for entry in map(json.loads, client.files.content(file_id).text.splitlines())}
 
 
-def test_openai_client_runs_a_batch_end_to_end(service: Service, image_server: ImageServer) -> None:
+def test_openai_client_runs_a_batch_end_to_end(service: Stack, image_server: ImageServer) -> None:
     client = _client(service)
     photos = [data_uri((EXAMPLES / "cmp1.jpg").read_bytes()), image_server.url("cmp2.jpg")]
     lines = [
@@ -92,7 +93,7 @@ def test_openai_client_runs_a_batch_end_to_end(service: Service, image_server: I
         client.files.retrieve(file_id)
 
 
-def test_cancel_keeps_what_finished(service: Service, slow_images: str) -> None:
+def test_cancel_keeps_what_finished(service: Stack, slow_images: str) -> None:
     client = _client(service)
     # Each slow image takes 0.2 s to download, so most of the batch is still queued when it is cancelled.
     lines = [_request(f"r{i}", [f"{slow_images}/cmp1.jpg"] * 4) for i in range(30)]
@@ -107,13 +108,13 @@ def test_cancel_keeps_what_finished(service: Service, slow_images: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def keyed_api(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def keyed_api(service: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     api, base_url = start_api({**service.env, "IMBEDDINGS_API_KEYS": ",".join(KEYS)}, tmp_path_factory.mktemp("keyed") / "api.log")
     yield base_url
     api.stop()
 
 
-def test_files_and_batches_belong_to_the_key_that_made_them(service: Service, keyed_api: str) -> None:
+def test_files_and_batches_belong_to_the_key_that_made_them(service: Stack, keyed_api: str) -> None:
     owner, other = (openai.OpenAI(base_url=f"{keyed_api}/v1", api_key=key, max_retries=0) for key in KEYS)
     file_id = _upload(owner, [_request("a", [data_uri((EXAMPLES / "cmp1.jpg").read_bytes())])])
     batch = owner.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h")
@@ -129,7 +130,7 @@ def test_files_and_batches_belong_to_the_key_that_made_them(service: Service, ke
         openai.OpenAI(base_url=f"{keyed_api}/v1", api_key="sk-wrong", max_retries=0).files.retrieve(file_id)
 
 
-def test_bad_batch_requests_get_clear_errors(service: Service) -> None:
+def test_bad_batch_requests_get_clear_errors(service: Stack) -> None:
     client = _client(service)
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_nope")

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from devtools.photos import EXAMPLES, encode
-from tests.conftest import Service, data_uri
+from tests.support.images import data_uri
 from tests.support.reference import reference_vectors
+from tests.support.stack import Stack
 from worker.batching import BULK, INTERACTIVE, Admission, Batcher
 from worker.model.compute import compute_executor
 from worker.model.loader import LoadedModel, load_model
@@ -163,7 +164,7 @@ def test_images_of_withdrawn_requests_are_dropped_when_a_batch_is_formed(vit_run
     assert sorted(map(str, released)) == ["None", "reply:left", "reply:left", "reply:stays"]
 
 
-def test_concurrent_requests_each_get_their_own_vectors(service: Service) -> None:
+def test_concurrent_requests_each_get_their_own_vectors(service: Stack) -> None:
     family = "vit-tiny"
     requests = [_distinct_images(random.Random(i).randint(1, 4), seed=100 + i) for i in range(24)]
 

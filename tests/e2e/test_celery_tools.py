@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -24,13 +24,15 @@ import redis
 import yaml
 
 from devtools.photos import EXAMPLES
-from devtools.processes import ServiceProcess, wait_until
+from devtools.processes import wait_until
 from devtools.redis_server import RedisServer, free_port
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK, queue_for
 from shared.settings import REPO_ROOT
 from shared.store.registry import WorkerRegistry
-from tests.conftest import ImageServer, data_uri, service_env, start_api, start_worker, wait_served
+from tests.support.images import ImageServer, data_uri
 from tests.support.jobs import submit, wait_done
+from tests.support.processes import cpu_seconds, ready_line
+from tests.support.stack import Stack, private_stack, running_redis, wait_worker_ready
 from worker.probe import missing_models
 
 FLOWER_AUTH = ("ops", "flower-test-password")
@@ -39,50 +41,26 @@ INSPECT_TIMEOUT_MS = 10_000
 TASK_EVENTS = ("task-received", "task-started", "task-succeeded")
 
 
-@dataclass
-class Stack:
-    redis: RedisServer
-    env: dict[str, str]
-    worker: ServiceProcess
-    api: ServiceProcess
-    base_url: str
-    model: str
+@contextmanager
+def _celery_stack(root: Path, redis_url: str, allow_list: Path, tiny_models: dict[str, Path], **overrides: str) -> Iterator[Stack]:
+    """One worker serving vit-tiny, with Celery's events and heartbeats as the settings leave them."""
+    with private_stack(root, redis_url, allow_list, tiny_models, **overrides) as stack:
+        wait_worker_ready(stack.worker, timeout_s=60)
+        yield stack
 
-    def node(self) -> str:
-        """The worker's Celery hostname, from its "worker ready" log line."""
-        for line in self.worker.log_text().split("\n")[:-1]:
-            if line.startswith("{") and (entry := json.loads(line)).get("message") == "worker ready":
-                return entry["node"]
+
+def _node(stack: Stack) -> str:
+    """The worker's Celery hostname, from its "worker ready" log line."""
+    line = ready_line(stack.worker)
+    if line is None:
         raise AssertionError("the worker has not logged its ready line")
-
-
-def _start_stack(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path], **overrides: str) -> Stack:
-    server = RedisServer(tmp_path / "redis").start()
-    model = str(tiny_models["vit-tiny"])
-    env = service_env(server.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model, **overrides)
-    worker = start_worker(env, tmp_path / "worker.log")
-    api, base_url = start_api(env, tmp_path / "api.log")
-    stack = Stack(server, env, worker, api, base_url, model)
-    try:
-        wait_served(base_url, model, worker)
-        wait_until(lambda: '"message": "worker ready"' in worker.log_text(), 60, what="the worker's ready line")
-    except BaseException:
-        _stop_stack(stack)
-        raise
-    return stack
-
-
-def _stop_stack(stack: Stack) -> None:
-    stack.api.stop()
-    stack.worker.stop()
-    stack.redis.stop(graceful=False)
+    return line["node"]
 
 
 @pytest.fixture
-def stack(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[Stack]:
-    stack = _start_stack(tmp_path, allow_list, tiny_models)
-    yield stack
-    _stop_stack(stack)
+def stack(tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[Stack]:
+    with _celery_stack(tmp_path, own_redis.url, allow_list, tiny_models) as stack:
+        yield stack
 
 
 class EventTap:
@@ -143,11 +121,11 @@ def _celery_json(env: dict[str, str], *args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_flower_sees_the_worker_online_and_its_tasks(tmp_path: Path, stack: Stack, image_server: ImageServer) -> None:
+def test_flower_sees_the_worker_online_and_its_tasks(tmp_path: Path, own_redis: RedisServer, stack: Stack, image_server: ImageServer) -> None:
     port = free_port()
-    flower = _flower(stack.redis.url, port, tmp_path / "flower.log")
+    flower = _flower(own_redis.url, port, tmp_path / "flower.log")
     flower_url = f"http://127.0.0.1:{port}"
-    node = stack.node()
+    node = _node(stack)
     try:
         def flower_up() -> bool:
             assert flower.poll() is None, (tmp_path / "flower.log").read_text()
@@ -168,7 +146,10 @@ def test_flower_sees_the_worker_online_and_its_tasks(tmp_path: Path, stack: Stac
             wait_until(lambda: flower_api.get("/api/workers", params={"status": "true"}).json().get(node) is True, 30, what="Flower to see the worker online")
             # Its queues, as Flower asks the worker for them (remote control over the broker).
             workers = flower_api.get("/api/workers", params={"refresh": "true"}).json()
-            assert {queue["name"] for queue in workers[node]["active_queues"]} == {queue_for(stack.model, "interactive"), queue_for(stack.model, "bulk")}
+            assert {queue["name"] for queue in workers[node]["active_queues"]} == {
+                queue_for(stack.default_model, "interactive"),
+                queue_for(stack.default_model, "bulk"),
+            }
 
             def tasks_seen() -> dict[str, dict]:
                 tasks = flower_api.get("/api/tasks").json()
@@ -191,9 +172,9 @@ def test_flower_sees_the_worker_online_and_its_tasks(tmp_path: Path, stack: Stac
 
 
 def test_celery_inspect_lists_the_workers_model_queues(stack: Stack) -> None:
-    node = stack.node()
+    node = _node(stack)
     replies = _celery_json(stack.env, "inspect", "active_queues")
-    assert {queue["name"] for queue in replies[node]} == {queue_for(stack.model, "interactive"), queue_for(stack.model, "bulk")}
+    assert {queue["name"] for queue in replies[node]} == {queue_for(stack.default_model, "interactive"), queue_for(stack.default_model, "bulk")}
     # Addressed to the one worker, inspect returns as soon as it answers.
     stats = _celery_json(stack.env, "inspect", "stats", "--destination", node)
     assert stats[node]["pool"]["implementation"] == "celery.concurrency.thread:TaskPool"
@@ -204,45 +185,37 @@ def _probe(env: dict[str, str], check: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "worker.probe", check], cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
 
 
-def test_worker_probe_follows_the_workers_announcement(stack: Stack) -> None:
+def test_worker_probe_follows_the_workers_announcement(own_redis: RedisServer, stack: Stack) -> None:
     """The Kubernetes exec probe (worker.probe), beside a real worker on the same host."""
     ready, alive = _probe(stack.env, "ready"), _probe(stack.env, "alive")
     assert (ready.returncode, alive.returncode) == (0, 0), ready.stderr + alive.stderr
     # The probe looks for a worker on its own host (pod): another pod's worker does not make it ready.
-    store = redis.Redis.from_url(stack.redis.url)
-    assert missing_models(WorkerRegistry(store, "imb:"), [stack.model], socket.gethostname(), time.time()) == []
-    assert missing_models(WorkerRegistry(store, "imb:"), [stack.model], "another-pod", time.time()) == [stack.model]
+    store = redis.Redis.from_url(own_redis.url)
+    assert missing_models(WorkerRegistry(store, "imb:"), [stack.default_model], socket.gethostname(), time.time()) == []
+    assert missing_models(WorkerRegistry(store, "imb:"), [stack.default_model], "another-pod", time.time()) == [stack.default_model]
     stack.worker.stop()  # warm shutdown withdraws the announcement at once
     for check in ("ready", "alive"):
         gone = _probe(stack.env, check)
-        assert gone.returncode == 1 and stack.model in gone.stderr, gone.stderr
+        assert gone.returncode == 1 and stack.default_model in gone.stderr, gone.stderr
     # Redis away: not ready, but still alive (a Redis outage must not restart the whole fleet).
-    stack.redis.stop(graceful=True)
+    own_redis.stop(graceful=True)
     assert _probe(stack.env, "ready").returncode == 1
     assert _probe(stack.env, "alive").returncode == 0
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _event_cost(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path], image: str, requests: int, **overrides: str) -> tuple[float, float, EventTap]:
+def _event_cost(root: Path, allow_list: Path, tiny_models: dict[str, Path], image: str, requests: int, **overrides: str) -> tuple[float, float, EventTap]:
     """Worker and API CPU seconds per one-image request, and the events seen, over ``requests`` requests."""
-    stack = _start_stack(tmp_path, allow_list, tiny_models, **overrides)
-    try:
-        with httpx.Client(base_url=stack.base_url, timeout=60) as client:
+    with running_redis(root / "redis") as server, _celery_stack(root, server.url, allow_list, tiny_models, **overrides) as stack:
+        with stack.client() as client:
             for _ in range(5):  # warm: the first requests pay one-off costs
                 assert client.post("/v1/embeddings", json={"input": image}).status_code == 200
-            tap = EventTap(stack.redis.url)
-            worker_before, api_before = _cpu_s(stack.worker.pid), _cpu_s(stack.api.pid)
+            tap = EventTap(server.url)
+            worker_before, api_before = cpu_seconds(stack.worker.pid), cpu_seconds(stack.api.pid)
             for _ in range(requests):
                 assert client.post("/v1/embeddings", json={"input": image}).status_code == 200
-            worker_s, api_s = _cpu_s(stack.worker.pid) - worker_before, _cpu_s(stack.api.pid) - api_before
+            worker_s, api_s = cpu_seconds(stack.worker.pid) - worker_before, cpu_seconds(stack.api.pid) - api_before
             tap.close()
         return worker_s / requests, api_s / requests, tap
-    finally:
-        _stop_stack(stack)
 
 
 def test_task_events_cost_a_few_publishes_per_task_and_switch_off(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> None:
@@ -267,17 +240,17 @@ def test_task_events_cost_a_few_publishes_per_task_and_switch_off(tmp_path: Path
     assert on_worker < off_worker * 1.5 + 0.005
 
 
-def test_heartbeats_and_remote_control_come_back_after_a_redis_restart(stack: Stack) -> None:
+def test_heartbeats_and_remote_control_come_back_after_a_redis_restart(own_redis: RedisServer, stack: Stack) -> None:
     """With heartbeats and events on, the worker's connection (shared/broker.py) rides out a restart."""
-    node = stack.node()
-    stack.redis.stop(graceful=True)
+    node = _node(stack)
+    own_redis.stop(graceful=True)
     time.sleep(2)
-    stack.redis.start()  # same port and data directory
-    tap = EventTap(stack.redis.url)
+    own_redis.start()  # same port and data directory
+    tap = EventTap(own_redis.url)
     try:
         wait_until(lambda: tap.counts["worker-heartbeat"] >= 2, 60, what="the worker's heartbeats after the restart")
     finally:
         tap.close()
     assert stack.worker.alive()
     replies = _celery_json(stack.env, "inspect", "active_queues", "--destination", node)
-    assert {queue["name"] for queue in replies[node]} == {queue_for(stack.model, "interactive"), queue_for(stack.model, "bulk")}
+    assert {queue["name"] for queue in replies[node]} == {queue_for(stack.default_model, "interactive"), queue_for(stack.default_model, "bulk")}

@@ -17,14 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.photos import BENCH
 from devtools.random_models import build
-from devtools.redis_server import RedisServer
-from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served
+from tests.support.images import data_uri
+from tests.support.stack import SET_FOR_SPEED, private_stack, running_redis
 
 PHOTOS = [path.read_bytes() for path in sorted(BENCH.glob("*.jpg"))]
 
 
 @dataclass
-class Stack:
+class DeepQueueStack:
     base_url: str
     worker_metrics: str
     model: str
@@ -42,33 +42,30 @@ class Stack:
     def images_through_model(self) -> int:
         """Images the model has computed so far (counted when each batch leaves the model)."""
         text = httpx.get(self.worker_metrics, timeout=5).text
-        return sum(int(sample.value) for family in text_string_to_metric_families(text) for sample in family.samples if sample.name == "imbeddings_worker_batch_size_sum")
+        return sum(
+            int(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "imbeddings_worker_batch_size_sum"
+        )
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[DeepQueueStack]:
     root = tmp_path_factory.mktemp("deep-queue")
     model_dir = build("dinov2-small", root / "dinov2-small")
     models_file = root / "models.txt"
     models_file.write_text(f"{model_dir}\n")
-    server = RedisServer(root / "redis").start()
-    model = str(model_dir)
     # Only what the test needs to point at its own parts; every limit and timeout is the default.
-    env = service_env(server.url, models_file, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model)
-    for name in ("IMBEDDINGS_HEARTBEAT_INTERVAL_S", "IMBEDDINGS_HEARTBEAT_TTL_S", "OMP_NUM_THREADS"):
-        env.pop(name)
-    worker = start_worker(env, root / "worker.log")
-    api, base_url = start_api(env, root / "api.log")
-    try:
-        wait_served(base_url, model, worker, timeout_s=180)
-        with httpx.Client(base_url=base_url, timeout=60) as client:
+    models = {**tiny_models, "dinov2-small": model_dir}
+    with (
+        running_redis(root / "redis") as server,
+        private_stack(root, server.url, models_file, models, model="dinov2-small", unset=SET_FOR_SPEED, served_timeout_s=180) as stack,
+    ):
+        with stack.client() as client:
             assert client.get("/info").json()["settings"]["request_timeout_s"] == 60.0
             assert client.post("/v1/embeddings", json={"input": data_uri(PHOTOS[0])}).status_code == 200
-        yield Stack(base_url, f"http://127.0.0.1:{worker.env['IMBEDDINGS_WORKER_METRICS_PORT']}/metrics", model)
-    finally:
-        api.stop()
-        worker.stop()
-        server.stop(graceful=False)
+        yield DeepQueueStack(stack.base_url, f"http://127.0.0.1:{stack.worker.env['IMBEDDINGS_WORKER_METRICS_PORT']}/metrics", stack.default_model)
 
 
 def _post(base_url: str, images: int, offset: int, timeout_s: float = 120) -> httpx.Response | str:
@@ -92,13 +89,13 @@ def _run(base_url: str, clients: int, images: int, timeout_s: float = 120) -> tu
 
 
 @pytest.mark.parametrize(("clients", "images"), [(64, 1), (16, 4), (1, 120)], ids=["64x1", "16x4", "1x120"])
-def test_a_deep_queue_is_answered_not_refused(stack: Stack, clients: int, images: int) -> None:
+def test_a_deep_queue_is_answered_not_refused(stack: DeepQueueStack, clients: int, images: int) -> None:
     statuses, wall = _run(stack.base_url, clients, images)
     print(f"{clients} x {images}: {dict(statuses)} in {wall:.1f} s")
     assert statuses == Counter({200: clients})
 
 
-def test_clients_that_give_up_take_their_work_with_them(stack: Stack) -> None:
+def test_clients_that_give_up_take_their_work_with_them(stack: DeepQueueStack) -> None:
     before = stack.worker_images()
     statuses, _ = _run(stack.base_url, 48, 1, timeout_s=1.0)
     assert statuses["gave up"] >= 40, statuses
@@ -116,7 +113,7 @@ def test_clients_that_give_up_take_their_work_with_them(stack: Stack) -> None:
     assert withdrawn > 0
 
 
-def test_more_work_than_the_timeout_covers_gets_429_with_retry_after(stack: Stack) -> None:
+def test_more_work_than_the_timeout_covers_gets_429_with_retry_after(stack: DeepQueueStack) -> None:
     """Ten requests of 120 images: the model needs far more than 60 s for all of them, so those
     that would only time out are refused up front, each with a Retry-After from the queue ahead."""
     with ThreadPoolExecutor(max_workers=10) as pool:
@@ -131,7 +128,7 @@ def test_more_work_than_the_timeout_covers_gets_429_with_retry_after(stack: Stac
         assert int(answer.headers["retry-after"]) >= 1
 
 
-def test_a_request_during_a_running_job_waits_for_about_one_batch_of_it(stack: Stack) -> None:
+def test_a_request_during_a_running_job_waits_for_about_one_batch_of_it(stack: DeepQueueStack) -> None:
     """Job images hold at most two batches' worth of the worker's pipeline and interactive images go
     first in every batch, so a one-image request passes the job's backlog: while it is answered, the
     job advances by a couple of batches at most, whatever its size."""

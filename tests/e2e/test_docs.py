@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from tests.conftest import Service
+from tests.support.stack import Stack
 
 CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
 
@@ -29,7 +29,7 @@ def _render(url: str) -> str:
     return result.stdout
 
 
-def test_docs_page_uses_only_local_assets(service: Service) -> None:
+def test_docs_page_uses_only_local_assets(service: Stack) -> None:
     with service.client() as client:
         html = client.get("/docs").text
         sources = re.findall(r"""(?:src|href)=["']([^"']+)""", html) + re.findall(r"""url: *["']([^"']+)""", html)
@@ -41,7 +41,7 @@ def test_docs_page_uses_only_local_assets(service: Service) -> None:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs the Debian package where apt-get is available)")
-def test_docs_render_offline_in_headless_chromium(service: Service) -> None:
+def test_docs_render_offline_in_headless_chromium(service: Stack) -> None:
     dom = _render(f"{service.base_url}/docs")
     # Swagger UI built its page from /openapi.json: the title, and an operation block per route.
     assert 'class="swagger-ui"' in dom and "Imbeddings" in dom

@@ -7,14 +7,15 @@ import pytest
 
 from devtools.photos import EXAMPLES, example_paths
 from shared.vectors import INT8_SCALE, dequantise_int8, unpack_bits
-from tests.conftest import Service, data_uri
+from tests.support.images import data_uri
 from tests.support.jobs import all_results, submit, wait_done
+from tests.support.stack import Stack
 
 IMAGES = [data_uri(path.read_bytes(), "image/png" if path.suffix == ".png" else "image/jpeg") for path in example_paths()]
 DTYPES = {"int8": np.int8, "uint8": np.uint8, "binary": np.int8, "ubinary": np.uint8}
 
 
-def _embed(service: Service, encoding: str, **extra: object) -> list[dict]:
+def _embed(service: Stack, encoding: str, **extra: object) -> list[dict]:
     with service.client() as client:
         response = client.post("/v1/embeddings", json={"input": IMAGES, "encoding_format": encoding, **extra})
     assert response.status_code == 200, response.text
@@ -41,13 +42,13 @@ def _check_against_float(encoding: str, items: list[dict], reference: list[dict]
 
 
 @pytest.mark.parametrize("encoding", ["int8", "uint8", "binary", "ubinary"])
-def test_encodings_match_the_float_vectors(service: Service, encoding: str) -> None:
+def test_encodings_match_the_float_vectors(service: Stack, encoding: str) -> None:
     for pooling in ("cls", "mean"):
         reference = _embed(service, "float", pooling=pooling)
         _check_against_float(encoding, _embed(service, encoding, pooling=pooling), reference, pooling)
 
 
-def test_encodings_follow_truncation_and_each_other(service: Service) -> None:
+def test_encodings_follow_truncation_and_each_other(service: Stack) -> None:
     reference = _embed(service, "float", dimensions=12)
     int8, uint8 = _embed(service, "int8", dimensions=12), _embed(service, "uint8", dimensions=12)
     binary, ubinary = _embed(service, "binary", dimensions=12), _embed(service, "ubinary", dimensions=12)
@@ -61,7 +62,7 @@ def test_encodings_follow_truncation_and_each_other(service: Service) -> None:
     assert all(len(item["embedding"]) == 2 and item["embedding"][1] % 16 == 0 for item in ubinary)
 
 
-def test_jobs_return_the_encoding_they_were_asked_for(service: Service) -> None:
+def test_jobs_return_the_encoding_they_were_asked_for(service: Stack) -> None:
     reference = _embed(service, "float", pooling="mean")
     with service.client() as client:
         job = submit(client, {"input": IMAGES, "encoding_format": "binary", "pooling": "mean"})
@@ -70,7 +71,7 @@ def test_jobs_return_the_encoding_they_were_asked_for(service: Service) -> None:
     _check_against_float("binary", items, reference, "mean")
 
 
-def test_unknown_encoding_is_a_clear_400(service: Service) -> None:
+def test_unknown_encoding_is_a_clear_400(service: Stack) -> None:
     with service.client() as client:
         response = client.post("/v1/embeddings", json={"input": data_uri((EXAMPLES / "cmp1.jpg").read_bytes()), "encoding_format": "int4"})
     assert response.status_code == 400

@@ -15,16 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from pydantic import ValidationError
 
 from devtools.photos import BENCH
-from devtools.processes import ServiceProcess, wait_until
+from devtools.processes import wait_until
 from devtools.redis_server import RedisServer
-from shared.settings import Settings, describe_errors
 from shared.store.admission import LedgerKeys
 from shared.store.jobs import JobKeys
-from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served, wait_worker_ready
-from tests.support.jobs import all_results, elapsed, submit, wait_done
+from tests.support.images import data_uri
+from tests.support.jobs import SMALL_CHUNKS, all_results, elapsed, submit, wait_done
+from tests.support.stack import private_stack, running_redis, wait_served, wait_worker_ready
 
 MAXMEMORY = 32 * 2**20
 COFFEE = (BENCH / "coffee_1600x1200.jpg").read_bytes()  # 282 kB
@@ -33,14 +32,11 @@ FILLER = "test-filler:"
 
 
 @pytest.fixture
-def full_redis(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[tuple[RedisServer, dict[str, str]]]:
-    """A Redis with a 32 MiB maxmemory and noeviction, and the environment of a one-model service
-    with the default memory budget (80% of maxmemory)."""
-    server = RedisServer(tmp_path / "redis", extra_args=("--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction")).start()
-    model = str(tiny_models["vit-tiny"])
-    env = service_env(server.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model)
-    yield server, env
-    server.stop(graceful=False)
+def full_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis with a 32 MiB maxmemory and noeviction; the services on it keep the default memory
+    budget (80% of maxmemory)."""
+    with running_redis(tmp_path / "redis", extra_args=("--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction")) as server:
+        yield server
 
 
 class Filler:
@@ -101,91 +97,71 @@ def _check_every_item_once(client: httpx.Client, store: redis.Redis, job_id: str
     assert all("embedding" in item for item in items)
 
 
-def test_work_over_the_budget_gets_507_before_redis_fills(tmp_path: Path, full_redis: tuple[RedisServer, dict[str, str]]) -> None:
+def test_work_over_the_budget_gets_507_before_redis_fills(tmp_path: Path, full_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]) -> None:
     """Default budget: 80% of maxmemory. A 28 MB job or request: 507 redis_full naming the
     budget, nothing stored; work that fits is accepted and done."""
-    _, env = full_redis
-    store = redis.Redis.from_url(env["IMBEDDINGS_REDIS_URL"])
-    worker = start_worker(env, tmp_path / "worker.log")
-    api, base_url = start_api(env, tmp_path / "api.log")
-    try:
-        wait_served(base_url, env["IMBEDDINGS_DEFAULT_MODEL"], worker)
-        with httpx.Client(base_url=base_url, timeout=60) as client:
-            before = (store.dbsize(), _used(store))
-            refused = client.post("/v1/jobs", json={"input": [data_uri(COFFEE)] * 100})
-            print(f"100 x 282 kB job: {refused.status_code} {refused.json()}; Redis used {_used(store)} bytes of {MAXMEMORY} maxmemory")
-            assert refused.status_code == 507 and refused.headers["Retry-After"]
-            error = refused.json()["error"]
-            assert error["code"] == "redis_full" and error["type"] == "insufficient_storage"
-            assert "Redis has no room for this job" in error["message"] and "80% of Redis's maxmemory of 32.0 MiB" in error["message"]
-            sync = client.post("/v1/embeddings", json={"input": [data_uri(COFFEE)] * 100})
-            assert sync.status_code == 507 and sync.json()["error"]["code"] == "redis_full", sync.text[:300]
-            assert _job_keys(store) == [] and store.dbsize() == before[0]
-            assert _used(store) < before[1] + 2**20
+    store = redis.Redis.from_url(full_redis.url)
+    with private_stack(tmp_path, full_redis.url, allow_list, tiny_models) as stack, stack.client() as client:
+        before = (store.dbsize(), _used(store))
+        refused = client.post("/v1/jobs", json={"input": [data_uri(COFFEE)] * 100})
+        print(f"100 x 282 kB job: {refused.status_code} {refused.json()}; Redis used {_used(store)} bytes of {MAXMEMORY} maxmemory")
+        assert refused.status_code == 507 and refused.headers["Retry-After"]
+        error = refused.json()["error"]
+        assert error["code"] == "redis_full" and error["type"] == "insufficient_storage"
+        assert "Redis has no room for this job" in error["message"] and "80% of Redis's maxmemory of 32.0 MiB" in error["message"]
+        sync = client.post("/v1/embeddings", json={"input": [data_uri(COFFEE)] * 100})
+        assert sync.status_code == 507 and sync.json()["error"]["code"] == "redis_full", sync.text[:300]
+        assert _job_keys(store) == [] and store.dbsize() == before[0]
+        assert _used(store) < before[1] + 2**20
 
-            job = submit(client, {"input": [data_uri(COFFEE)] * 30})
-            wait_done(client, job["id"])
-            _check_every_item_once(client, store, job["id"], 30)
-            assert client.post("/v1/embeddings", json={"input": [data_uri(COFFEE)] * 4}).status_code == 200
-    finally:
-        api.stop()
-        worker.stop()
+        job = submit(client, {"input": [data_uri(COFFEE)] * 30})
+        wait_done(client, job["id"])
+        _check_every_item_once(client, store, job["id"], 30)
+        assert client.post("/v1/embeddings", json={"input": [data_uri(COFFEE)] * 4}).status_code == 200
 
 
-def test_redis_refusal_is_507_and_a_refused_job_leaves_nothing(tmp_path: Path, full_redis: tuple[RedisServer, dict[str, str]]) -> None:
+def test_redis_refusal_is_507_and_a_refused_job_leaves_nothing(tmp_path: Path, full_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]) -> None:
     """With a budget above maxmemory, Redis itself refuses mid-submit (OOM): the answer is 507 (not
     503 "unreachable"), and every key the job or request wrote is gone."""
-    _, env = full_redis
-    env = {**env, "IMBEDDINGS_REDIS_MAX_BYTES": str(2**30)}
-    store = redis.Redis.from_url(env["IMBEDDINGS_REDIS_URL"])
-    worker = start_worker(env, tmp_path / "worker.log")
-    api, base_url = start_api(env, tmp_path / "api.log")
-    try:
-        wait_served(base_url, env["IMBEDDINGS_DEFAULT_MODEL"], worker)
-        with httpx.Client(base_url=base_url, timeout=60) as client:
-            counts_before = store.hgetall(JOB_KEYS.counts())
-            baseline = _used(store)
-            refused = client.post("/v1/jobs", json={"input": [data_uri(COFFEE)] * 150})
-            assert refused.status_code == 507, refused.text[:300]
-            error = refused.json()["error"]
-            assert error["code"] == "redis_full" and "maxmemory" in error["message"] and "nothing of it was kept" in error["message"]
-            assert _job_keys(store) == []
-            assert store.hgetall(JOB_KEYS.counts()) == counts_before
+    store = redis.Redis.from_url(full_redis.url)
+    with private_stack(tmp_path, full_redis.url, allow_list, tiny_models, IMBEDDINGS_REDIS_MAX_BYTES=str(2**30)) as stack, stack.client() as client:
+        counts_before = store.hgetall(JOB_KEYS.counts())
+        baseline = _used(store)
+        refused = client.post("/v1/jobs", json={"input": [data_uri(COFFEE)] * 150})
+        assert refused.status_code == 507, refused.text[:300]
+        error = refused.json()["error"]
+        assert error["code"] == "redis_full" and "maxmemory" in error["message"] and "nothing of it was kept" in error["message"]
+        assert _job_keys(store) == []
+        assert store.hgetall(JOB_KEYS.counts()) == counts_before
 
-            sync = client.post("/v1/embeddings", json={"input": [data_uri(COFFEE)] * 150})
-            assert sync.status_code == 507 and sync.json()["error"]["code"] == "redis_full", sync.text[:300]
-            assert _job_keys(store) == []
-            ledger = store.hget(LedgerKeys("imb:").admitted_images(env["IMBEDDINGS_DEFAULT_MODEL"]), "total")
-            assert ledger in (None, b"0")
-            print(f"after two refused 42 MB submissions: used_memory {_used(store)} bytes (baseline {baseline}), keys {store.dbsize()}")
-            assert _used(store) < baseline + 2**20
-            # Redis has room again: the service works as before.
-            assert client.post("/v1/embeddings", json={"input": [data_uri(COFFEE)] * 2}).status_code == 200
-    finally:
-        api.stop()
-        worker.stop()
+        sync = client.post("/v1/embeddings", json={"input": [data_uri(COFFEE)] * 150})
+        assert sync.status_code == 507 and sync.json()["error"]["code"] == "redis_full", sync.text[:300]
+        assert _job_keys(store) == []
+        ledger = store.hget(LedgerKeys("imb:").admitted_images(stack.default_model), "total")
+        assert ledger in (None, b"0")
+        print(f"after two refused 42 MB submissions: used_memory {_used(store)} bytes (baseline {baseline}), keys {store.dbsize()}")
+        assert _used(store) < baseline + 2**20
+        # Redis has room again: the service works as before.
+        assert client.post("/v1/embeddings", json={"input": [data_uri(COFFEE)] * 2}).status_code == 200
 
 
-def test_worker_starts_while_redis_is_full_and_frees_it(tmp_path: Path, full_redis: tuple[RedisServer, dict[str, str]]) -> None:
+def test_worker_starts_while_redis_is_full_and_frees_it(tmp_path: Path, full_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]) -> None:
     """Jobs wait with their images; Redis is then filled to its maxmemory. A worker started now
     comes up, is announced, and finishes every job: storing results drops the images first."""
-    _, env = full_redis
-    store = redis.Redis.from_url(env["IMBEDDINGS_REDIS_URL"])
-    api, base_url = start_api(env, tmp_path / "api.log")
-    worker: ServiceProcess | None = None
+    store = redis.Redis.from_url(full_redis.url)
     filler: Filler | None = None
-    try:
-        with httpx.Client(base_url=base_url, timeout=60) as client:
+    with private_stack(tmp_path, full_redis.url, allow_list, tiny_models, workers=0) as stack, stack.client() as client:
+        try:
             jobs = [submit(client, {"input": [data_uri(COFFEE)] * 35})["id"] for _ in range(2)]
             filler = Filler(store)
             print(f"Redis full: used_memory {_used(store)} of {MAXMEMORY} ({filler.written} filler keys)")
             refused = client.post("/v1/jobs", json={"input": [data_uri(COFFEE)]})
             assert refused.status_code == 507 and refused.json()["error"]["code"] == "redis_full"
 
-            worker = start_worker(env, tmp_path / "worker.log")
+            worker = stack.add_worker()
             started = time.monotonic()
             wait_worker_ready(worker)
-            wait_served(base_url, env["IMBEDDINGS_DEFAULT_MODEL"], worker)
+            wait_served(stack.base_url, stack.default_model, worker)
             print(f"worker ready and announced {elapsed(started)} s after it was started, Redis full")
             filler.stop()  # from now on, what the worker frees stays free
             full = _used(store)
@@ -196,26 +172,21 @@ def test_worker_starts_while_redis_is_full_and_frees_it(tmp_path: Path, full_red
             assert _used(store) < full - 10 * 2**20
             assert worker.alive()
             assert "Unrecoverable error" not in worker.log_text()
-    finally:
-        if filler is not None:
-            filler.free()
-        api.stop()
-        if worker is not None:
-            worker.stop()
+        finally:
+            if filler is not None:
+                filler.free()
 
 
-def test_chunk_whose_store_hit_oom_is_finished_once_memory_frees(tmp_path: Path, full_redis: tuple[RedisServer, dict[str, str]], slow_images: str) -> None:
+def test_chunk_whose_store_hit_oom_is_finished_once_memory_frees(
+    tmp_path: Path, full_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], slow_images: str
+) -> None:
     """A job of URLs (no image bytes to drop) is under way when Redis fills: its chunks' results are
     refused, the chunks are not acknowledged, and once memory frees every item is stored once."""
-    _, env = full_redis
-    env = {**env, "IMBEDDINGS_BROKER_VISIBILITY_TIMEOUT_S": "10", "IMBEDDINGS_JOB_CHUNK_SIZE": "4", "IMBEDDINGS_BULK_CONCURRENCY": "1"}
-    store = redis.Redis.from_url(env["IMBEDDINGS_REDIS_URL"])
-    worker = start_worker(env, tmp_path / "worker.log")
-    api, base_url = start_api(env, tmp_path / "api.log")
+    store = redis.Redis.from_url(full_redis.url)
     filler: Filler | None = None
-    try:
-        wait_served(base_url, env["IMBEDDINGS_DEFAULT_MODEL"], worker)
-        with httpx.Client(base_url=base_url, timeout=60) as client:
+    with private_stack(tmp_path, full_redis.url, allow_list, tiny_models, **SMALL_CHUNKS) as stack, stack.client() as client:
+        worker = stack.worker
+        try:
             total = 40
             names = ("cmp1.jpg", "cmp2.jpg", "cmp3.png", "cmp4.png", "img.webp")
             job_id = submit(client, {"input": [f"{slow_images}/{names[i % len(names)]}" for i in range(total)]})["id"]
@@ -231,26 +202,22 @@ def test_chunk_whose_store_hit_oom_is_finished_once_memory_frees(tmp_path: Path,
             queue = [key for key in store.scan_iter(match="imbeddings.*.bulk")]
             held = store.hlen("unacked") + sum(store.llen(key) for key in queue)
             refusals = worker.log_text().count("Redis refused or lost a job chunk's write")
-            print(f"Redis full for 5 s: {refusals} chunk stores refused, {held} chunk messages held (unacknowledged or queued), completed stayed {at_full['completed']}")
+            print(
+                f"Redis full for 5 s: {refusals} chunk stores refused, {held} chunk messages held (unacknowledged or queued),"
+                f" completed stayed {at_full['completed']}"
+            )
             assert held == (total - at_full["completed"]) // 4
 
             filler.free()
             freed = time.monotonic()
             wait_done(client, job_id, timeout_s=180)
-            print(f"job completed {elapsed(freed)} s after memory was freed (visibility timeout 10 s); {at_full['completed']} of {total} were done when Redis filled")
+            print(
+                f"job completed {elapsed(freed)} s after memory was freed (visibility timeout 10 s);"
+                f" {at_full['completed']} of {total} were done when Redis filled"
+            )
             _check_every_item_once(client, store, job_id, total)
             wait_until(lambda: store.hlen("unacked") == 0, 30, what="no unacknowledged message left")
             assert worker.alive()
-    finally:
-        if filler is not None:
-            filler.free()
-        api.stop()
-        worker.stop()
-
-
-@pytest.mark.parametrize("value", ["1000", "lots", "-1"])
-def test_a_bad_budget_is_refused_at_start_naming_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    monkeypatch.setenv("IMBEDDINGS_REDIS_MAX_BYTES", value)
-    with pytest.raises(ValidationError) as error:
-        Settings()
-    assert "IMBEDDINGS_REDIS_MAX_BYTES" in describe_errors(error.value)
+        finally:
+            if filler is not None:
+                filler.free()

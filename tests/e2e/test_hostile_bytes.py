@@ -4,7 +4,6 @@ hold up other requests; a worker decoding a heavy image stops promptly on SIGTER
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -18,16 +17,14 @@ import pytest
 
 from devtools.photos import BENCH
 from devtools.processes import ServiceProcess, wait_until
-from devtools.redis_server import RedisServer
-from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served
 from tests.support.hostile_images import heavy_jpeg, refused_by_structure
+from tests.support.images import data_uri
+from tests.support.processes import children, cpu_seconds, reset_peak_rss, status_kb
+from tests.support.stack import SET_FOR_SPEED, private_stack, running_redis
 
 MODEL = "dinov2-tiny"  # shortest-edge resize, the rule that makes a thin image enormous
-# Settings the tests' shared environment sets for speed; removed so the worker runs with the defaults.
-NOT_DEFAULT = ("IMBEDDINGS_HEARTBEAT_INTERVAL_S", "IMBEDDINGS_HEARTBEAT_TTL_S", "OMP_NUM_THREADS")
 CPU_BOUND_S = 2.0
 RSS_BOUND_MB = 300.0
-_TICKS = os.sysconf("SC_CLK_TCK")  # what /proc/<pid>/stat counts CPU time in
 
 
 @dataclass
@@ -39,47 +36,13 @@ class Worker:
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[Worker]:
     root = tmp_path_factory.mktemp("hostile-bytes")
-    server = RedisServer(root / "redis").start()
-    model = str(tiny_models[MODEL])
-    env = service_env(server.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model)
-    for name in NOT_DEFAULT:
-        env.pop(name)
-    process = start_worker(env, root / "worker.log")
-    api, base_url = start_api(env, root / "api.log")
-    try:
-        wait_served(base_url, model, process)
-        yield Worker(base_url, process)
-    finally:
-        api.stop()
-        process.stop()
-        server.stop(graceful=False)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
-def _stat_cpu(pid: int, reaped: bool = False) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
-    return ticks / _TICKS
+    with running_redis(root / "redis") as server, private_stack(root, server.url, allow_list, tiny_models, model=MODEL, unset=SET_FOR_SPEED) as stack:
+        yield Worker(stack.base_url, stack.worker)
 
 
 def _tree_cpu(pid: int) -> float:
     """CPU seconds of the worker, its live decode children, and the children it has reaped."""
-    return _stat_cpu(pid, reaped=True) + sum(_stat_cpu(child) for child in _children(pid))
-
-
-def _status_kb(pid: int, field: str) -> int:
-    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field + ":"))
-    return int(line.split()[1])
-
-
-def _reset_peak(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := current RSS
+    return cpu_seconds(pid, reaped=True) + sum(cpu_seconds(child) for child in children(pid))
 
 
 def _post(base_url: str, inputs: list[str]) -> httpx.Response:
@@ -91,14 +54,14 @@ def _post(base_url: str, inputs: list[str]) -> httpx.Response:
 def test_hostile_file_refused_within_cpu_and_memory_bounds(worker: Worker, name: str) -> None:
     data, code, phrase = refused_by_structure()[name]
     pid = worker.process.pid
-    processes = [pid, *_children(pid)]
+    processes = [pid, *children(pid)]
     for process in processes:
-        _reset_peak(process)
-    rss_before = {process: _status_kb(process, "VmRSS") for process in processes}
+        reset_peak_rss(process)
+    rss_before = {process: status_kb(process, "VmRSS") for process in processes}
     cpu_before = _tree_cpu(pid)
     response = _post(worker.base_url, [data_uri(data)])
     cpu = _tree_cpu(pid) - cpu_before
-    growth_mb = max(_status_kb(process, "VmHWM") - rss_before[process] for process in processes if Path(f"/proc/{process}").exists()) / 1024
+    growth_mb = max(status_kb(process, "VmHWM") - rss_before[process] for process in processes if Path(f"/proc/{process}").exists()) / 1024
     print(f"{name}: {len(data)} bytes -> {response.status_code}, worker+decoders {cpu:.2f} CPU s, peak RSS growth {growth_mb:.0f} MB")
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -129,13 +92,13 @@ def test_heavy_images_do_not_hold_up_other_requests(worker: Worker) -> None:
 def test_sigterm_during_a_heavy_decode_stops_the_worker_promptly(worker: Worker) -> None:
     """Runs last in this module: it stops the module's worker."""
     pid = worker.process.pid
-    before = {child: _stat_cpu(child) for child in _children(pid)}
+    before = {child: cpu_seconds(child) for child in children(pid)}
     answer: list[httpx.Response] = []
     sender = threading.Thread(target=lambda: answer.append(_post(worker.base_url, [data_uri(heavy_jpeg())])))
     sender.start()
 
     def decoding() -> bool:
-        return any(_stat_cpu(child) - before.get(child, 0.0) > 0.2 for child in _children(pid))
+        return any(cpu_seconds(child) - before.get(child, 0.0) > 0.2 for child in children(pid))
 
     wait_until(decoding, 60, interval_s=0.02, what="a decode child to be busy")
     signalled = time.monotonic()
@@ -149,4 +112,4 @@ def test_sigterm_during_a_heavy_decode_stops_the_worker_promptly(worker: Worker)
 
 
 def _children_alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists() and bool(_children(pid))
+    return Path(f"/proc/{pid}").exists() and bool(children(pid))

@@ -7,15 +7,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from devtools.photos import EXAMPLES
-from tests.conftest import Service, data_uri
 from tests.support.hostile_images import accepted, refused
+from tests.support.images import data_uri
 from tests.support.jobs import all_results, submit, wait_done
+from tests.support.stack import Stack
 
 GOOD = data_uri((EXAMPLES / "cmp1.jpg").read_bytes())
 
 
 @pytest.mark.parametrize("name", sorted(refused()))
-def test_refused_with_index_and_reason(service: Service, name: str) -> None:
+def test_refused_with_index_and_reason(service: Stack, name: str) -> None:
     with service.client() as client:
         response = client.post("/v1/embeddings", json={"input": [GOOD, data_uri(refused()[name], "image/png"), GOOD]})
     assert response.status_code == 400, response.text
@@ -25,13 +26,13 @@ def test_refused_with_index_and_reason(service: Service, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(accepted()))
-def test_odd_but_valid_images_are_embedded(service: Service, name: str) -> None:
+def test_odd_but_valid_images_are_embedded(service: Stack, name: str) -> None:
     with service.client() as client:
         response = client.post("/v1/embeddings", json={"input": data_uri(accepted()[name])})
     assert response.status_code == 200, response.text
 
 
-def test_hostile_requests_do_not_disturb_good_ones(service: Service) -> None:
+def test_hostile_requests_do_not_disturb_good_ones(service: Stack) -> None:
     """Hostile and good requests at once: every good one succeeds, and the worker is still there."""
     hostile = [data_uri(data) for data in refused().values()]
 
@@ -52,7 +53,7 @@ def test_hostile_requests_do_not_disturb_good_ones(service: Service) -> None:
         assert client.get("/ready").status_code == 200
 
 
-def test_hostile_items_fail_in_place_in_a_job(service: Service) -> None:
+def test_hostile_items_fail_in_place_in_a_job(service: Stack) -> None:
     names = sorted(refused())
     inputs = [GOOD] + [data_uri(refused()[name]) for name in names] + [GOOD]
     with service.client() as client:

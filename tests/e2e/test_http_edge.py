@@ -28,11 +28,12 @@ from api.json_body import JSON_VALUES_BASE, JSON_VALUES_PER_INPUT
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
 from shared.settings import Settings
-from tests.conftest import service_env, start_api
+from tests.support.processes import cpu_seconds, reset_peak_rss, status_kb
+from tests.support.stack import running_redis, service_env, start_api
 
 MiB = 2**20
 DEFAULTS = Settings(_env_file=None)
-# The API idles near 100 MB; these are the most it may reach under each hostile input.
+# The most the API may reach under each hostile input, idle size included (measured: README, "Hostile inputs").
 PEAK_RSS_BOUND_MB = 400
 CPU_BOUND_S = 5.0
 HEALTH_BOUND_S = 5.0
@@ -48,22 +49,17 @@ class EdgeAPI:
         host, port = self.base_url.removeprefix("http://").split(":")
         return host, int(port)
 
-    def _status(self) -> dict[str, str]:
-        lines = Path(f"/proc/{self.process.pid}/status").read_text().splitlines()
-        return dict(line.split(":", 1) for line in lines if ":" in line)
-
     def peak_rss_mb(self) -> float:
-        return int(self._status()["VmHWM"].split()[0]) / 1024
+        return status_kb(self.process.pid, "VmHWM") / 1024
 
     def rss_mb(self) -> float:
-        return int(self._status()["VmRSS"].split()[0]) / 1024
+        return status_kb(self.process.pid, "VmRSS") / 1024
 
     def reset_peak_rss(self) -> None:
-        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+        reset_peak_rss(self.process.pid)
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.process.pid)
 
     def buffered_body_bytes(self) -> float:
         text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
@@ -76,11 +72,10 @@ def edge_api(allow_list: Path, tiny_models: dict[str, Path], tmp_path_factory: p
     """An API with its own Redis and no worker (what is tested here is decided before any worker
     is involved), edge settings left at their defaults."""
     root = tmp_path_factory.mktemp("edge")
-    store = RedisServer(root / "redis").start()
-    api, base_url = start_api(service_env(store.url, allow_list, tiny_models), root / "api.log")
-    yield EdgeAPI(api, base_url)
-    api.stop()
-    store.stop(graceful=False)
+    with running_redis(root / "redis") as store:
+        api, base_url = start_api(service_env(store.url, allow_list, tiny_models), root / "api.log")
+        yield EdgeAPI(api, base_url)
+        api.stop()
 
 
 # The probe runs in a process of its own, so that what it measures is the API, not this process's GIL.
@@ -124,7 +119,7 @@ def _many(item: bytes, total_bytes: int) -> bytes:
 
 
 HOSTILE_BODIES = {
-    # The issue's case: 4 MiB of 1.4 million empty objects (30 s of the event loop and 2.6 GB before).
+    # The issue's case: 4 MiB of 1.4 million empty objects (what it cost before: README, "Hostile inputs").
     "4MiB-empty-objects": ("/v1/embeddings", b'{"input": [' + _many(b"{}", 4 * MiB) + b"]}", "too_many_json_values"),
     "4MiB-empty-objects-job": ("/v1/jobs", b'{"input": [' + _many(b"{}", 4 * MiB) + b"]}", "too_many_json_values"),
     "16MiB-empty-objects": ("/v1/embeddings", b'{"input": [' + _many(b"{}", 16 * MiB) + b"]}", "too_many_json_values"),
@@ -178,7 +173,9 @@ def test_a_large_valid_job_body_is_parsed_off_the_event_loop(edge_api: EdgeAPI) 
         started = time.perf_counter()
         answer = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
         elapsed = time.perf_counter() - started
-    print(f"100k image objects ({len(body) / MiB:.1f} MiB): {answer.status_code} in {elapsed:.2f} s; slowest /health {max(latencies):.3f} s of {len(latencies)}")
+    print(
+        f"100k image objects ({len(body) / MiB:.1f} MiB): {answer.status_code} in {elapsed:.2f} s; slowest /health {max(latencies):.3f} s of {len(latencies)}"
+    )
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found", answer.text
     assert max(latencies) < HEALTH_BOUND_S
 

@@ -15,14 +15,15 @@ from devtools.photos import EXAMPLES
 from devtools.processes import wait_until
 from shared.store.jobs import STORE_RESULTS, JobKeys, job_created_at, new_job_id
 from shared.store.tenants import TenantKeys
-from tests.conftest import ImageServer, Service, data_uri, start_api
+from tests.support.images import ImageServer, data_uri
 from tests.support.jobs import all_results, submit, wait_done
+from tests.support.stack import Stack, start_api
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 PNG = (EXAMPLES / "cmp3.png").read_bytes()
 
 
-def test_job_lifecycle_with_failures_in_place(service: Service, image_server: ImageServer) -> None:
+def test_job_lifecycle_with_failures_in_place(service: Stack, image_server: ImageServer) -> None:
     inputs = []
     for i in range(40):
         inputs.append(image_server.url("cmp2.jpg") if i % 3 == 0 else data_uri(JPEG if i % 2 else PNG))
@@ -54,7 +55,7 @@ def test_job_lifecycle_with_failures_in_place(service: Service, image_server: Im
         assert lines == items
 
 
-def test_job_applies_pooling_encoding_and_dimensions(service: Service) -> None:
+def test_job_applies_pooling_encoding_and_dimensions(service: Stack) -> None:
     with service.client() as client:
         job = submit(client, {"input": [data_uri(JPEG)] * 3, "pooling": "mean", "encoding_format": "base64", "dimensions": 16})
         wait_done(client, job["id"])
@@ -64,7 +65,7 @@ def test_job_applies_pooling_encoding_and_dimensions(service: Service) -> None:
         assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_large_job_is_split_across_chunks(service: Service, image_server: ImageServer) -> None:
+def test_large_job_is_split_across_chunks(service: Stack, image_server: ImageServer) -> None:
     inputs = [image_server.url(name) for name in ("cmp1.jpg", "cmp2.jpg", "cmp3.png", "cmp4.png", "img.webp")] * 60
     with service.client() as client:
         job = submit(client, {"model": service.model("vit-tiny"), "input": inputs})
@@ -76,7 +77,7 @@ def test_large_job_is_split_across_chunks(service: Service, image_server: ImageS
         assert np.allclose(first, sixth, atol=1e-6)  # same URL, same vector
 
 
-def test_cancel_deletes_results(service: Service) -> None:
+def test_cancel_deletes_results(service: Stack) -> None:
     with service.client() as client:
         job = submit(client, {"input": [data_uri(JPEG)] * 64})
         cancelled = client.delete(f"/v1/jobs/{job['id']}")
@@ -89,7 +90,7 @@ def test_cancel_deletes_results(service: Service) -> None:
         assert after["status"] == cancelled.json()["status"] and after["completed"] + after["failed"] <= 64
 
 
-def test_unknown_and_expired_ids(service: Service) -> None:
+def test_unknown_and_expired_ids(service: Stack) -> None:
     with service.client() as client:
         unknown = client.get(f"/v1/jobs/{new_job_id()}")
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "job_not_found"
@@ -100,7 +101,7 @@ def test_unknown_and_expired_ids(service: Service) -> None:
         assert client.delete(f"/v1/jobs/{new_job_id()}").status_code == 404
 
 
-def test_results_really_expire(service: Service, tmp_path) -> None:
+def test_results_really_expire(service: Stack, tmp_path) -> None:
     """A second API with a 2 s retention: once the job's keys lapse it answers 404 'expired'."""
     api, base_url = start_api({**service.env, "IMBEDDINGS_JOB_RESULT_TTL_S": "2"}, tmp_path / "api.log")
     try:
@@ -114,13 +115,14 @@ def test_results_really_expire(service: Service, tmp_path) -> None:
         api.stop()
 
 
-def test_duplicate_delivery_counts_each_item_once(service: Service) -> None:
+def test_duplicate_delivery_counts_each_item_once(service: Stack) -> None:
     """The store script run twice for the same items (a redelivered chunk) changes nothing."""
     r = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
     keys, tenants = JobKeys("imb:"), TenantKeys("imb:")
     job_id = new_job_id()
-    record = {"id": job_id, "status": "queued", "model": "m", "total": 3, "completed": 0, "failed": 0, "created_at": 0, "finished_at": ""}
-    r.hset(keys.job(job_id), mapping=record)
+    r.hset(
+        keys.job(job_id), mapping={"id": job_id, "status": "queued", "model": "m", "total": 3, "completed": 0, "failed": 0, "created_at": 0, "finished_at": ""}
+    )
     store = r.register_script(STORE_RESULTS)
     script_keys = [keys.job(job_id), keys.results(job_id), f"test-counts:{job_id}", tenants.work(job_id), tenants.images(job_id)]
     args = [3600, 1, 0, '{"index":0}', 0, 1, '{"index":1,"error":{}}', 1]
@@ -132,7 +134,7 @@ def test_duplicate_delivery_counts_each_item_once(service: Service) -> None:
     assert r.hgetall(f"test-counts:{job_id}") == {b"queued": b"-1", b"running": b"0", b"completed": b"1"}
 
 
-def test_job_input_limit_and_model_checks(service: Service) -> None:
+def test_job_input_limit_and_model_checks(service: Stack) -> None:
     with service.client() as client:
         assert client.post("/v1/jobs", json={"model": "nobody/nothing", "input": [data_uri(JPEG)]}).status_code == 404
         assert client.post("/v1/jobs", json={"input": []}).status_code == 400
@@ -140,7 +142,7 @@ def test_job_input_limit_and_model_checks(service: Service) -> None:
         assert too_wide.status_code == 400 and too_wide.json()["error"]["param"] == "dimensions"
 
 
-def test_job_answers_show_what_clients_see_and_nothing_stored_beside_it(service: Service) -> None:
+def test_job_answers_show_what_clients_see_and_nothing_stored_beside_it(service: Stack) -> None:
     """Submit, status and cancel answer the same fields in the same order; how the results are
     presented and whose the job is stay in Redis."""
     fields = ["id", "object", "status", "model", "total", "completed", "failed", "created_at", "finished_at"]

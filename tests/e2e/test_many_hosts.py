@@ -19,12 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
-from tests.conftest import serve_photos, start_api, start_worker, wait_served
-from tests.e2e.test_resilience import job_env
-from tests.support.jobs import check_every_item_once, elapsed, job_under_way, wait_done
+from tests.support.images import serve_photos
+from tests.support.jobs import CHUNK, SMALL_CHUNKS, check_every_item_once, elapsed, job_under_way, wait_done
 from tests.support.netns import Host, NamespacesUnavailable, Network
+from tests.support.stack import one_model_env, start_api, start_worker, wait_served
 
-CHUNK = 4  # IMBEDDINGS_JOB_CHUNK_SIZE of job_env
 METRICS_PORT = 9101  # the default: each host has its own ports
 
 
@@ -56,7 +55,14 @@ def test_two_hosts_share_a_job_and_survive_losing_one(tmp_path: Path, network: N
     home.run(server.start)
     photos = serve_photos(delay_s=0.2, host=home.address)
     images = home.run(photos.__enter__)
-    env = job_env(server.url, allow_list, tiny_models, IMBEDDINGS_URL_ALLOWED_NETWORKS=f"{home.address}/32", IMBEDDINGS_WORKER_METRICS_PORT=str(METRICS_PORT))
+    env = one_model_env(
+        server.url,
+        allow_list,
+        tiny_models,
+        **SMALL_CHUNKS,
+        IMBEDDINGS_URL_ALLOWED_NETWORKS=f"{home.address}/32",
+        IMBEDDINGS_WORKER_METRICS_PORT=str(METRICS_PORT),
+    )
     model = env["IMBEDDINGS_DEFAULT_MODEL"]
     workers: dict[str, ServiceProcess] = {}
     api: ServiceProcess | None = None

@@ -12,10 +12,11 @@ import pytest
 
 from devtools.photos import EXAMPLES
 from shared.settings import REPO_ROOT
-from tests.conftest import Service, data_uri
+from tests.support.images import data_uri
+from tests.support.stack import Stack
 
 
-def test_openai_client_embeddings(service: Service) -> None:
+def test_openai_client_embeddings(service: Stack) -> None:
     client = openai.OpenAI(base_url=f"{service.base_url}/v1", api_key="unused", max_retries=0)
     images = [data_uri((EXAMPLES / "cmp1.jpg").read_bytes()), data_uri((EXAMPLES / "cmp3.png").read_bytes(), "image/png")]
     response = client.embeddings.create(model=service.model("dinov2-tiny"), input=images)
@@ -32,7 +33,7 @@ def test_openai_client_embeddings(service: Service) -> None:
     assert np.linalg.norm(truncated.data[0].embedding) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_openai_client_sees_openai_errors(service: Service) -> None:
+def test_openai_client_sees_openai_errors(service: Stack) -> None:
     client = openai.OpenAI(base_url=f"{service.base_url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError) as not_found:
         client.embeddings.create(model="nobody/nothing", input=data_uri((EXAMPLES / "cmp1.jpg").read_bytes()))
@@ -42,7 +43,7 @@ def test_openai_client_sees_openai_errors(service: Service) -> None:
     assert bad.value.param == "input[0]"
 
 
-def test_readme_openai_example_runs_as_written(service: Service) -> None:
+def test_readme_openai_example_runs_as_written(service: Stack) -> None:
     """The README's client example, run from the repo root against the service (only the address changed)."""
     readme = (REPO_ROOT / "README.md").read_text()
     example = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "from openai import OpenAI" in block)

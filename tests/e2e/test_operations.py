@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,8 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.photos import EXAMPLES
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
-from tests.conftest import SERVED, Service, data_uri, service_env, start_api, start_worker, wait_served, wait_worker_ready
-from tests.support.jobs import submit, wait_done
+from tests.support.images import data_uri
+from tests.support.jobs import SMALL_CHUNKS, submit, wait_done
+from tests.support.processes import log_lines
+from tests.support.stack import SERVED, Stack, private_stack, start_api, wait_served, wait_worker_ready
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 
@@ -27,16 +27,13 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def _value(samples: dict, name: str, **labels: str) -> float:
-    return sum(value for (sample, sample_labels), value in samples.items() if sample == name and all(dict(sample_labels).get(k) == v for k, v in labels.items()))
-
-
-def _log_lines(process: ServiceProcess) -> list[dict]:
-    # Only finished lines: the process may be half-way through writing the last one.
-    return [json.loads(line) for line in process.log_text().split("\n")[:-1] if line.startswith("{")]
+    return sum(
+        value for (sample, sample_labels), value in samples.items() if sample == name and all(dict(sample_labels).get(k) == v for k, v in labels.items())
+    )
 
 
 def _logged(process: ServiceProcess, **fields: str) -> bool:
-    return any(all(line.get(k) == v for k, v in fields.items()) for line in _log_lines(process))
+    return any(all(line.get(k) == v for k, v in fields.items()) for line in log_lines(process))
 
 
 def _wait_logged(process: ServiceProcess, **fields: str) -> None:
@@ -45,23 +42,16 @@ def _wait_logged(process: ServiceProcess, **fields: str) -> None:
     wait_until(lambda: _logged(process, **fields), 10, what=f"a log line with {fields}")
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop(graceful=False)
-
-
-def test_several_models_are_routed_and_a_dead_workers_model_turns_503(tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]) -> None:
+def test_several_models_are_routed_and_a_dead_workers_model_turns_503(
+    tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]
+) -> None:
     vit, dinov2, dinov3 = (str(tiny_models[name]) for name in ("vit-tiny", "dinov2-tiny", "dinov3-tiny"))
-    env = service_env(own_redis.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=vit)
-    first = start_worker({**env, "IMBEDDINGS_WORKER_MODELS": f"{vit},{dinov2}"}, tmp_path / "worker-a.log")
-    second = start_worker({**env, "IMBEDDINGS_WORKER_MODELS": dinov3}, tmp_path / "worker-b.log")
-    api, base_url = start_api(env, tmp_path / "api.log")
-    try:
+    with private_stack(tmp_path, own_redis.url, allow_list, tiny_models, workers=0) as stack:
+        first = stack.add_worker(IMBEDDINGS_WORKER_MODELS=f"{vit},{dinov2}")
+        second = stack.add_worker(IMBEDDINGS_WORKER_MODELS=dinov3)
         for model, worker in ((vit, first), (dinov2, first), (dinov3, second)):
-            wait_served(base_url, model, worker)
-        with httpx.Client(base_url=base_url, timeout=30) as client:
+            wait_served(stack.base_url, model, worker)
+        with stack.client(timeout=30) as client:
             cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
             assert [cards[m]["workers"] for m in (vit, dinov2, dinov3)] == [1, 1, 1]
             assert cards[dinov3]["num_register_tokens"] == 4 and cards[vit]["patch_size"] == 16 and cards[dinov2]["patch_size"] == 14
@@ -74,19 +64,16 @@ def test_several_models_are_routed_and_a_dead_workers_model_turns_503(tmp_path: 
 
             second.stop(signal.SIGKILL)  # no goodbye: only the heartbeat's expiry tells
             killed = time.monotonic()
-            wait_until(lambda: client.post("/v1/embeddings", json={"model": dinov3, "input": data_uri(JPEG)}).status_code == 503, 60, what="503 for the dead worker's model")
+            dead_model = {"model": dinov3, "input": data_uri(JPEG)}
+            wait_until(lambda: client.post("/v1/embeddings", json=dead_model).status_code == 503, 60, what="503 for the dead worker's model")
             print(f"model answered 503 {time.monotonic() - killed:.1f} s after its only worker was killed (heartbeat TTL 4 s)")
-            refused = client.post("/v1/embeddings", json={"model": dinov3, "input": data_uri(JPEG)})
+            refused = client.post("/v1/embeddings", json=dead_model)
             assert refused.json()["error"]["code"] == "model_not_served" and refused.headers["retry-after"]
             assert client.post("/v1/embeddings", json={"model": vit, "input": data_uri(JPEG)}).status_code == 200
             assert {card["id"]: card["served"] for card in client.get("/v1/models").json()["data"]}[dinov3] is False
-    finally:
-        api.stop()
-        first.stop()
-        second.stop(signal.SIGKILL)
 
 
-def test_metrics_after_traffic(service: Service) -> None:
+def test_metrics_after_traffic(service: Stack) -> None:
     model = service.model("dinov2-tiny")
     with service.client() as client:
         for _ in range(3):
@@ -121,7 +108,7 @@ def test_metrics_after_traffic(service: Service) -> None:
     assert _value(worker, "imbeddings_worker_tasks_total", kind="job_chunk", outcome="done") >= 1
 
 
-def test_request_id_reaches_worker_logs_and_logs_hold_no_image_data(service: Service) -> None:
+def test_request_id_reaches_worker_logs_and_logs_hold_no_image_data(service: Stack) -> None:
     b64 = data_uri(JPEG).split(",", 1)[1]
     with service.client() as client:
         answer = client.post("/v1/embeddings", json={"input": data_uri(JPEG)}, headers={"X-Request-ID": "trace-e2e-123"})
@@ -136,17 +123,15 @@ def test_request_id_reaches_worker_logs_and_logs_hold_no_image_data(service: Ser
         assert b64[1000:1100] not in text
 
 
-def test_worker_sigterm_finishes_its_work_and_hands_back_the_rest(tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], slow_images: str) -> None:
-    model = str(tiny_models["vit-tiny"])
+def test_worker_sigterm_finishes_its_work_and_hands_back_the_rest(
+    tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], slow_images: str
+) -> None:
     # A long visibility timeout: if the job finishes promptly, it is because the stopping worker
     # handed its chunks back, not because the broker gave up waiting for them.
-    env = service_env(own_redis.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model, IMBEDDINGS_BROKER_VISIBILITY_TIMEOUT_S="600", IMBEDDINGS_JOB_CHUNK_SIZE="4", IMBEDDINGS_BULK_CONCURRENCY="1")
-    first = start_worker(env, tmp_path / "worker-a.log")
-    api, base_url = start_api(env, tmp_path / "api.log")
-    second: ServiceProcess | None = None
-    try:
-        wait_served(base_url, model, first)
-        with httpx.Client(base_url=base_url, timeout=60) as client:
+    overrides = {**SMALL_CHUNKS, "IMBEDDINGS_BROKER_VISIBILITY_TIMEOUT_S": "600"}
+    with private_stack(tmp_path, own_redis.url, allow_list, tiny_models, **overrides) as stack:
+        first = stack.worker
+        with stack.client() as client:
             total = 48
             job = submit(client, {"input": [f"{slow_images}/cmp1.jpg"] * total})
             wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["completed"] >= 4, 60, what="the job to be under way")
@@ -159,26 +144,21 @@ def test_worker_sigterm_finishes_its_work_and_hands_back_the_rest(tmp_path: Path
             first.process.wait(timeout=60)
             print(f"worker stopped {time.monotonic() - stopping:.1f} s after SIGTERM, exit code {first.process.returncode}")
             assert first.process.returncode == 0
-            lines = _log_lines(first)
+            lines = log_lines(first)
             assert any(line["message"] == "worker stopping: job chunk handed back to the queue" for line in lines)
             partial_state = client.get(f"/v1/jobs/{job['id']}").json()
             assert partial_state["status"] == "running" and partial_state["completed"] < total
 
-            second = start_worker(env, tmp_path / "worker-b.log")
+            second = stack.add_worker()
             wait_worker_ready(second)
             resumed = time.monotonic()
             state = wait_done(client, job["id"], timeout_s=120)
             print(f"job completed {time.monotonic() - resumed:.1f} s after the second worker was up")
             assert (state["completed"], state["failed"]) == (total, 0)
             assert time.monotonic() - resumed < 60
-    finally:
-        api.stop()
-        first.stop(signal.SIGKILL)
-        if second is not None:
-            second.stop()
 
 
-def test_api_sigterm_finishes_in_flight_requests(service: Service, slow_images: str, tmp_path: Path) -> None:
+def test_api_sigterm_finishes_in_flight_requests(service: Stack, slow_images: str, tmp_path: Path) -> None:
     api, base_url = start_api(service.env, tmp_path / "api.log")
     try:
         with httpx.Client(base_url=base_url, timeout=60) as client, ThreadPoolExecutor(max_workers=1) as pool:

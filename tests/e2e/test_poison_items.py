@@ -22,8 +22,9 @@ from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
 from shared.settings import Settings
 from shared.store.jobs import CREATE, JobKeys, JobRecord, new_job_id
 from shared.store.requests import RequestKeys
-from tests.conftest import IMAGE_HOST, ImageServer, Service
+from tests.support.images import ImageServer
 from tests.support.jobs import all_results, submit, wait_done
+from tests.support.stack import IMAGE_HOST, Stack
 
 LONG_LABEL = "a" * 64
 # Hosts no DNS name can have (a label over 63 characters, an empty label): refused before any lookup,
@@ -63,7 +64,7 @@ def _is_url_error(item: dict) -> bool:
     return error.get("type") == "invalid_request_error" and (error.get("code", "").startswith("url_") or error.get("code") == "invalid_url")
 
 
-def test_urls_the_fetcher_trips_over_fail_only_their_item(service: Service, image_server: ImageServer, poison_redirect: str) -> None:
+def test_urls_the_fetcher_trips_over_fail_only_their_item(service: Stack, image_server: ImageServer, poison_redirect: str) -> None:
     names = ("cmp1.jpg", "cmp2.jpg", "cmp3.png", "cmp4.png", "img.webp")
     inputs = [image_server.url(names[i % len(names)]) for i in range(36)]
     poisoned = {3: POISON_URLS[0], 7: POISON_URLS[1], 12: POISON_URLS[2], 20: poison_redirect, 33: POISON_URLS[1]}
@@ -93,7 +94,7 @@ def test_urls_the_fetcher_trips_over_fail_only_their_item(service: Service, imag
         assert service.worker.alive()
 
 
-def _publish(service: Service, name: str, payload: dict) -> None:
+def _publish(service: Stack, name: str, payload: dict) -> None:
     app = create_celery_app(Settings(redis_url=service.env["IMBEDDINGS_REDIS_URL"]))
     try:
         app.send_task(name, kwargs={"payload": payload})
@@ -101,7 +102,7 @@ def _publish(service: Service, name: str, payload: dict) -> None:
         app.close()
 
 
-def test_a_chunk_that_always_fails_is_tried_a_bounded_number_of_times_then_its_items_fail(service: Service) -> None:
+def test_a_chunk_that_always_fails_is_tried_a_bounded_number_of_times_then_its_items_fail(service: Stack) -> None:
     """A chunk whose image-bytes key holds the wrong type makes every try raise (WRONGTYPE) outside
     any one item: tried 3 more times, then its 4 items fail in place and the job completes."""
     store = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
@@ -130,7 +131,7 @@ def test_a_chunk_that_always_fails_is_tried_a_bounded_number_of_times_then_its_i
     assert service.worker.alive()
 
 
-def test_a_request_whose_task_fails_still_gets_an_answer(service: Service) -> None:
+def test_a_request_whose_task_fails_still_gets_an_answer(service: Stack) -> None:
     """The same broken key under a synchronous request: the waiting side gets every image's error at
     once, not a timeout."""
     store = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
@@ -139,8 +140,13 @@ def test_a_request_whose_task_fails_still_gets_an_answer(service: Service) -> No
     broken = f"imb:test-broken-blobs:{work}"
     store.set(broken, b"not a hash", ex=600)
     reply_key = RequestKeys("imb:").reply(work)
-    items = [BlobRef(index=i, blob_key=broken) for i in range(2)]
-    payload = EmbedPayload(request_id=f"poison-{work}", model=model, items=items, reply_key=reply_key, deadline=time.time() + 60)
+    payload = EmbedPayload(
+        request_id=f"poison-{work}",
+        model=model,
+        items=[BlobRef(index=i, blob_key=broken) for i in range(2)],
+        reply_key=reply_key,
+        deadline=time.time() + 60,
+    )
     _publish(service, EMBED_TASK, payload.model_dump())
     popped = store.blpop([reply_key], timeout=60)
     assert popped is not None

@@ -14,103 +14,65 @@ import httpx
 import pytest
 import redis
 
-from devtools.processes import ServiceProcess, wait_until
+from devtools.processes import wait_until
 from devtools.redis_server import RedisServer, SentinelServer
 from shared.redis_client import sync_client
 from shared.store.jobs import JobKeys
-from tests.conftest import service_env, start_api, start_worker, wait_served, wait_worker_ready
-from tests.support.jobs import check_every_item_once, elapsed, job_under_way, wait_done
-
-VISIBILITY_S = 10
+from tests.support.jobs import SMALL_CHUNKS, VISIBILITY_S, check_every_item_once, elapsed, job_under_way, wait_done
+from tests.support.stack import private_stack, wait_worker_ready
 
 
-def job_env(redis_url: str, allow_list: Path, tiny_models: dict[str, Path], **overrides: str) -> dict[str, str]:
-    """One small model, small chunks, and a visibility timeout a test can wait out."""
-    model = str(tiny_models["vit-tiny"])
-    return service_env(
-        redis_url, allow_list, tiny_models,
-        IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model,
-        IMBEDDINGS_BROKER_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S), IMBEDDINGS_JOB_CHUNK_SIZE="4", IMBEDDINGS_BULK_CONCURRENCY="1",
-        **overrides,
-    )
+def test_worker_killed_mid_chunk(tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], slow_images: str) -> None:
+    with private_stack(tmp_path, own_redis.url, allow_list, tiny_models, **SMALL_CHUNKS) as stack, stack.client(timeout=30) as client:
+        total = 80
+        job_id, expected = job_under_way(client, slow_images, total)
+        stack.worker.stop(signal.SIGKILL, timeout_s=10)
+        killed = time.monotonic()
+        at_kill = client.get(f"/v1/jobs/{job_id}").json()
+        assert at_kill["status"] == "running" and at_kill["completed"] < total
 
-
-@pytest.fixture
-def stack_env(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[tuple[RedisServer, dict[str, str]]]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server, job_env(server.url, allow_list, tiny_models)
-    server.stop(graceful=False)
-
-
-def test_worker_killed_mid_chunk(tmp_path: Path, stack_env: tuple[RedisServer, dict[str, str]], slow_images: str) -> None:
-    _, env = stack_env
-    model = env["IMBEDDINGS_DEFAULT_MODEL"]
-    first = start_worker(env, tmp_path / "worker-a.log")
-    api, base_url = start_api(env, tmp_path / "api.log")
-    second: ServiceProcess | None = None
-    try:
-        wait_served(base_url, model, first)
-        with httpx.Client(base_url=base_url, timeout=30) as client:
-            total = 80
-            job_id, expected = job_under_way(client, slow_images, total)
-            first.stop(signal.SIGKILL, timeout_s=10)
-            killed = time.monotonic()
-            at_kill = client.get(f"/v1/jobs/{job_id}").json()
-            assert at_kill["status"] == "running" and at_kill["completed"] < total
-
-            second = start_worker(env, tmp_path / "worker-b.log")
-            wait_worker_ready(second)
-            available = time.monotonic()
-            wait_done(client, job_id, timeout_s=180)
-            print(f"recovery: job completed {elapsed(available)} s after the second worker was up ({elapsed(killed)} s after the kill)")
-            assert time.monotonic() - available < 180
-            check_every_item_once(client, redis.Redis.from_url(env["IMBEDDINGS_REDIS_URL"]), job_id, total, expected)
-    finally:
-        api.stop()
-        first.stop(signal.SIGKILL)
-        if second is not None:
-            second.stop()
+        second = stack.add_worker()
+        wait_worker_ready(second)
+        available = time.monotonic()
+        wait_done(client, job_id, timeout_s=180)
+        print(f"recovery: job completed {elapsed(available)} s after the second worker was up ({elapsed(killed)} s after the kill)")
+        assert time.monotonic() - available < 180
+        check_every_item_once(client, redis.Redis.from_url(own_redis.url), job_id, total, expected)
 
 
 @pytest.mark.parametrize("graceful", [True, False], ids=["shutdown", "sigkill"])
-def test_redis_restarted_mid_job(tmp_path: Path, stack_env: tuple[RedisServer, dict[str, str]], slow_images: str, graceful: bool) -> None:
+def test_redis_restarted_mid_job(
+    tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], slow_images: str, graceful: bool
+) -> None:
     """SHUTDOWN completes the append-only file; SIGKILL leaves it as the kernel had it: with
     ``appendfsync everysec`` Redis writes each command to the file before it answers, so a killed
     process (as opposed to a crashed host) loses nothing it acknowledged."""
-    server, env = stack_env
-    model = env["IMBEDDINGS_DEFAULT_MODEL"]
-    worker = start_worker(env, tmp_path / "worker.log")
-    api, base_url = start_api(env, tmp_path / "api.log")
-    try:
-        wait_served(base_url, model, worker)
-        with httpx.Client(base_url=base_url, timeout=30) as client:
-            total = 60
-            job_id, expected = job_under_way(client, slow_images, total)
+    server = own_redis
+    with private_stack(tmp_path, server.url, allow_list, tiny_models, **SMALL_CHUNKS) as stack, stack.client(timeout=30) as client:
+        total = 60
+        job_id, expected = job_under_way(client, slow_images, total)
 
-            server.stop(graceful=graceful)
-            down = time.monotonic()
-            for path in (f"/v1/jobs/{job_id}", "/ready", "/v1/models"):
-                started = time.monotonic()
-                answer = client.get(path)
-                assert answer.status_code == 503 and time.monotonic() - started < 5, (path, answer.text)
-            refused = client.post("/v1/embeddings", json={"input": f"{slow_images}/cmp1.jpg"})
-            assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_unavailable"
-            time.sleep(2)
+        server.stop(graceful=graceful)
+        down = time.monotonic()
+        for path in (f"/v1/jobs/{job_id}", "/ready", "/v1/models"):
+            started = time.monotonic()
+            answer = client.get(path)
+            assert answer.status_code == 503 and time.monotonic() - started < 5, (path, answer.text)
+        refused = client.post("/v1/embeddings", json={"input": f"{slow_images}/cmp1.jpg"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_unavailable"
+        time.sleep(2)
 
-            server.start()  # same port, same data directory: it reloads the append-only file
-            up = time.monotonic()
-            wait_until(lambda: client.get(f"/v1/jobs/{job_id}").status_code == 200, 30, what="the API to recover")
-            print(f"API answered again {elapsed(up)} s after Redis came back")
-            wait_done(client, job_id, timeout_s=180)
-            print(f"job completed {elapsed(up)} s after Redis came back ({elapsed(down)} s after it went away)")
-            check_every_item_once(client, redis.Redis.from_url(env["IMBEDDINGS_REDIS_URL"]), job_id, total, expected)
-            # The worker rode out the outage: its heartbeat resumes and it takes new work.
-            wait_until(lambda: client.get("/ready").status_code == 200, 30, what="/ready after the restart")
-            assert worker.alive()
-            assert client.post("/v1/embeddings", json={"input": f"{slow_images}/cmp1.jpg"}).status_code == 200
-    finally:
-        api.stop()
-        worker.stop()
+        server.start()  # same port, same data directory: it reloads the append-only file
+        up = time.monotonic()
+        wait_until(lambda: client.get(f"/v1/jobs/{job_id}").status_code == 200, 30, what="the API to recover")
+        print(f"API answered again {elapsed(up)} s after Redis came back")
+        wait_done(client, job_id, timeout_s=180)
+        print(f"job completed {elapsed(up)} s after Redis came back ({elapsed(down)} s after it went away)")
+        check_every_item_once(client, redis.Redis.from_url(own_redis.url), job_id, total, expected)
+        # The worker rode out the outage: its heartbeat resumes and it takes new work.
+        wait_until(lambda: client.get("/ready").status_code == 200, 30, what="/ready after the restart")
+        assert stack.worker.alive()
+        assert client.post("/v1/embeddings", json={"input": f"{slow_images}/cmp1.jpg"}).status_code == 200
 
 
 # How long the Sentinels wait before calling a silent primary down. Sentinel's default is 30 s; the
@@ -243,71 +205,66 @@ def unfinished_after(client: httpx.Client, job_ids: list[str], timeout_s: float)
 
 
 def test_sentinel_failover_mid_job(tmp_path: Path, sentinel_group: SentinelGroup, allow_list: Path, tiny_models: dict[str, Path], slow_images: str) -> None:
-    env = job_env(sentinel_group.url, allow_list, tiny_models, IMBEDDINGS_REDIS_SENTINEL_MASTER=MASTER)
-    model = env["IMBEDDINGS_DEFAULT_MODEL"]
-    worker = start_worker(env, tmp_path / "worker.log")
-    api, base_url = start_api(env, tmp_path / "api.log")
     writer = AckedWriter(sentinel_group.url)
-    submitter = Submitter(base_url, f"{slow_images}/cmp2.jpg")
     poller: Poller | None = None
-    try:
-        wait_served(base_url, model, worker)
-        with httpx.Client(base_url=base_url, timeout=30) as client:
-            total = 60
-            job_id, expected = job_under_way(client, slow_images, total)
-            poller = Poller(base_url, f"/v1/jobs/{job_id}")
-            for thread in (poller, submitter, writer):
-                thread.start()
-            time.sleep(1)
+    with private_stack(tmp_path, sentinel_group.url, allow_list, tiny_models, IMBEDDINGS_REDIS_SENTINEL_MASTER=MASTER, **SMALL_CHUNKS) as stack:
+        submitter = Submitter(stack.base_url, f"{slow_images}/cmp2.jpg")
+        try:
+            with stack.client(timeout=30) as client:
+                total = 60
+                job_id, expected = job_under_way(client, slow_images, total)
+                poller = Poller(stack.base_url, f"/v1/jobs/{job_id}")
+                for thread in (poller, submitter, writer):
+                    thread.start()
+                time.sleep(1)
 
-            sentinel_group.primary.stop(graceful=False)
-            killed = time.monotonic()
-            completed_at_kill = int(sentinel_group.replica.client().hget(JobKeys("imb:").job(job_id), "completed") or 0)
-            wait_until(sentinel_group.promoted, 60, interval_s=0.1, what="the Sentinels to promote the replica")
-            promoted = time.monotonic()
-            # The write in flight at the kill is retried through the Sentinels and lands on the new primary
-            # within the client's backoff (2 s at most between tries), not after its minute of retries.
-            wait_until(lambda: writer.last_acknowledged_at > promoted, 15, what="the writer's retried write to reach the new primary")
-            writer.stop()
-            wait_until(lambda: client.get(f"/v1/jobs/{job_id}").status_code == 200, 30, what="the API to recover")
-            time.sleep(1)
-            submitter.stop()
-            wait_done(client, job_id, timeout_s=120)
-            completed = time.monotonic()
-            poller.stop()
-            missing = [small for small in submitter.accepted if client.get(f"/v1/jobs/{small}").status_code == 404]
-            stuck = unfinished_after(client, submitter.accepted, 3 * VISIBILITY_S)
+                sentinel_group.primary.stop(graceful=False)
+                killed = time.monotonic()
+                completed_at_kill = int(sentinel_group.replica.client().hget(JobKeys("imb:").job(job_id), "completed") or 0)
+                wait_until(sentinel_group.promoted, 60, interval_s=0.1, what="the Sentinels to promote the replica")
+                promoted = time.monotonic()
+                # The write in flight at the kill is retried through the Sentinels and lands on the new primary
+                # within the client's backoff (2 s at most between tries), not after its minute of retries.
+                wait_until(lambda: writer.last_acknowledged_at > promoted, 15, what="the writer's retried write to reach the new primary")
+                writer.stop()
+                wait_until(lambda: client.get(f"/v1/jobs/{job_id}").status_code == 200, 30, what="the API to recover")
+                time.sleep(1)
+                submitter.stop()
+                wait_done(client, job_id, timeout_s=120)
+                completed = time.monotonic()
+                poller.stop()
+                missing = [small for small in submitter.accepted if client.get(f"/v1/jobs/{small}").status_code == 404]
+                stuck = unfinished_after(client, submitter.accepted, 3 * VISIBILITY_S)
 
-            outages = [at for at, status in poller.seen if status != 200]
-            statuses = {status for _, status in poller.seen}
-            first_200_after = min(at for at, status in poller.seen if status == 200 and at > killed)
-            new_primary = sentinel_group.replica.client()
-            stored = {int(value) for value in new_primary.lrange("acked-writes", 0, -1)}
-            lost = [n for n in writer.acknowledged if n not in stored]
-            print(
-                f"failover: replica promoted {promoted - killed:.1f} s after the SIGKILL; API answered 200 again {first_200_after - killed:.1f} s after it"
-                f" (the poller saw 503 for {(max(outages) - min(outages)) if outages else 0:.1f} s, {len(outages)} of {len(poller.seen)} polls);"
-                f" job ({completed_at_kill} of {total} items done at the kill) completed {completed - killed:.1f} s after the kill;"
-                f" one-image jobs accepted (202) around it: {len(submitter.accepted)}, missing after it {len(missing)}, never completed {len(stuck)}; acknowledged writes lost: {len(lost)} of {len(writer.acknowledged)}"
-            )
-            assert completed_at_kill < total
-            # 503 and nothing else, only from the kill to the promotion (and the API's next check after it).
-            assert statuses <= {200, 503}, statuses
-            assert outages and min(outages) >= killed and max(outages) <= promoted + 2, (outages, killed, promoted)
-            assert all(status == 200 for at, status in poller.seen if at > max(outages))
-            check_every_item_once(client, new_primary, job_id, total, expected)
-            assert lost == [], f"{len(lost)} acknowledged writes lost: {lost[:20]}"
-            # Every job the API accepted around the failover exists on the new primary. One accepted in the
-            # last instant before the kill may never complete: a measured loss (README, "What a failover can lose").
-            assert submitter.statuses <= {202, 503} and submitter.accepted, submitter.statuses
-            assert missing == []
-            # The worker rode out the failover and takes new work on the new primary.
-            assert worker.alive()
-            assert client.post("/v1/embeddings", json={"input": f"{slow_images}/cmp1.jpg"}).status_code == 200
-    finally:
-        writer.done.set()
-        submitter.done.set()
-        if poller is not None:
-            poller.done.set()
-        api.stop()
-        worker.stop()
+                outages = [at for at, status in poller.seen if status != 200]
+                statuses = {status for _, status in poller.seen}
+                first_200_after = min(at for at, status in poller.seen if status == 200 and at > killed)
+                new_primary = sentinel_group.replica.client()
+                stored = {int(value) for value in new_primary.lrange("acked-writes", 0, -1)}
+                lost = [n for n in writer.acknowledged if n not in stored]
+                print(
+                    f"failover: replica promoted {promoted - killed:.1f} s after the SIGKILL; API answered 200 again {first_200_after - killed:.1f} s after it"
+                    f" (the poller saw 503 for {(max(outages) - min(outages)) if outages else 0:.1f} s, {len(outages)} of {len(poller.seen)} polls);"
+                    f" job ({completed_at_kill} of {total} items done at the kill) completed {completed - killed:.1f} s after the kill;"
+                    f" one-image jobs accepted (202) around it: {len(submitter.accepted)}, missing after it {len(missing)}, never completed {len(stuck)};"
+                    f" acknowledged writes lost: {len(lost)} of {len(writer.acknowledged)}"
+                )
+                assert completed_at_kill < total
+                # 503 and nothing else, only from the kill to the promotion (and the API's next check after it).
+                assert statuses <= {200, 503}, statuses
+                assert outages and min(outages) >= killed and max(outages) <= promoted + 2, (outages, killed, promoted)
+                assert all(status == 200 for at, status in poller.seen if at > max(outages))
+                check_every_item_once(client, new_primary, job_id, total, expected)
+                assert lost == [], f"{len(lost)} acknowledged writes lost: {lost[:20]}"
+                # Every job the API accepted around the failover exists on the new primary. One accepted in the
+                # last instant before the kill may never complete: a measured loss (README, "What a failover can lose").
+                assert submitter.statuses <= {202, 503} and submitter.accepted, submitter.statuses
+                assert missing == []
+                # The worker rode out the failover and takes new work on the new primary.
+                assert stack.worker.alive()
+                assert client.post("/v1/embeddings", json={"input": f"{slow_images}/cmp1.jpg"}).status_code == 200
+        finally:
+            writer.done.set()
+            submitter.done.set()
+            if poller is not None:
+                poller.done.set()

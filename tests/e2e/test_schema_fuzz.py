@@ -15,7 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
-from tests.conftest import Service
+from tests.support.stack import Stack
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 
@@ -33,7 +33,7 @@ def _fuzz(operation: schemathesis.APIOperation, tried: dict[str, int]) -> None:
     check()
 
 
-def test_no_server_errors(service: Service) -> None:
+def test_no_server_errors(service: Stack) -> None:
     schema = schemathesis.openapi.from_url(f"{service.base_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10

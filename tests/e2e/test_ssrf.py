@@ -13,12 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from devtools.photos import EXAMPLES
-from tests.conftest import IMAGE_HOST, Service
+from tests.support.sockets import accept_each
+from tests.support.stack import IMAGE_HOST, Stack
 from worker.errors import ImageInputError
-from worker.images.fetch import FetchLimits, fetch_url, is_forbidden
-
-JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
+from worker.images.fetch import FetchLimits, fetch_url
 
 
 @dataclass
@@ -37,16 +35,11 @@ def _canary(host: str, family: int = socket.AF_INET) -> Iterator[Canary]:
     listener.listen(16)
     canary = Canary(host, listener.getsockname()[1])
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, peer = listener.accept()
-            except OSError:
-                return
-            canary.connections.append(str(peer))
-            conn.close()
+    def record(conn: socket.socket, peer: object) -> None:
+        canary.connections.append(str(peer))
+        conn.close()
 
-    threading.Thread(target=accept, daemon=True).start()
+    accept_each(listener, record)
     yield canary
     listener.close()
 
@@ -65,7 +58,7 @@ def _has_ipv6_loopback() -> bool:
         return False
 
 
-def _refused(service: Service, url: str) -> dict:
+def _refused(service: Stack, url: str) -> dict:
     with service.client() as client:
         response = client.post("/v1/embeddings", json={"input": [url]})
     assert response.status_code == 400, (url, response.text)
@@ -79,14 +72,14 @@ LOOPBACK_SPELLINGS = [
 
 
 @pytest.mark.parametrize("host", LOOPBACK_SPELLINGS)
-def test_loopback_spellings_are_refused_before_connecting(service: Service, canary: Canary, host: str) -> None:
+def test_loopback_spellings_are_refused_before_connecting(service: Stack, canary: Canary, host: str) -> None:
     error = _refused(service, f"http://{host}:{canary.port}/cat.jpg")
     assert error["code"] in ("url_forbidden_address", "url_fetch_failed"), error
     time.sleep(0.05)
     assert canary.connections == [], f"{host} reached the refused server"
 
 
-def test_ipv6_loopback_is_refused(service: Service) -> None:
+def test_ipv6_loopback_is_refused(service: Stack) -> None:
     if not _has_ipv6_loopback():
         pytest.skip("this machine has no IPv6 loopback to listen on")  # the address check itself is covered below
     for canary in _canary("::1", socket.AF_INET6):
@@ -102,7 +95,7 @@ FORBIDDEN_ELSEWHERE = [
 
 
 @pytest.mark.parametrize("host", FORBIDDEN_ELSEWHERE)
-def test_private_link_local_multicast_reserved_are_refused(service: Service, host: str) -> None:
+def test_private_link_local_multicast_reserved_are_refused(service: Stack, host: str) -> None:
     started = time.monotonic()
     error = _refused(service, f"http://{host}/latest/meta-data/")
     assert error["code"] == "url_forbidden_address", error
@@ -110,7 +103,7 @@ def test_private_link_local_multicast_reserved_are_refused(service: Service, hos
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "gopher://127.0.0.1:70/", "ftp://example.com/a.jpg", "dict://127.0.0.1:11211/", "http:///nohost"])
-def test_other_schemes_are_refused(service: Service, url: str) -> None:
+def test_other_schemes_are_refused(service: Stack, url: str) -> None:
     assert _refused(service, url)["code"] == "invalid_url"
 
 
@@ -137,35 +130,14 @@ def redirector(canary: Canary) -> Iterator[str]:
     server.shutdown()
 
 
-def test_redirect_into_the_network_is_refused(service: Service, canary: Canary, redirector: str) -> None:
+def test_redirect_into_the_network_is_refused(service: Stack, canary: Canary, redirector: str) -> None:
     assert _refused(service, f"{redirector}/0")["code"] == "url_forbidden_address"
     assert _refused(service, f"{redirector}/2")["code"] == "url_forbidden_address"  # re-checked at every hop
     assert canary.connections == []
 
 
-def test_redirect_limit(service: Service, redirector: str) -> None:
+def test_redirect_limit(service: Stack, redirector: str) -> None:
     assert _refused(service, f"{redirector}/9")["code"] == "url_too_many_redirects"
-
-
-@pytest.mark.parametrize(
-    ("address", "forbidden"),
-    [
-        ("8.8.8.8", False), ("1.1.1.1", False), ("2606:4700:4700::1111", False), ("93.184.216.34", False),
-        ("127.0.0.1", True), ("10.1.2.3", True), ("169.254.169.254", True), ("100.100.100.200", True),
-        ("0.0.0.0", True), ("224.0.0.251", True), ("240.1.2.3", True), ("::1", True), ("::", True),
-        ("::ffff:10.0.0.1", True), ("::ffff:8.8.8.8", False), ("2002:0a00:0001::", True), ("2002:0808:0808::", False),
-        ("64:ff9b::a00:1", True), ("64:ff9b::808:808", False), ("2001:0:4136:e378:8000:63bf:f5ff:fffe", True),
-        ("fe80::1", True), ("fc00::1", True), ("ff02::1", True), ("2001:db8::1", True),
-    ],
-)
-def test_address_rules(address: str, forbidden: bool) -> None:
-    assert is_forbidden(ipaddress.ip_address(address)) is forbidden
-
-
-def test_allowed_networks_open_a_range() -> None:
-    internal = (ipaddress.ip_network("10.20.0.0/16"),)
-    assert not is_forbidden(ipaddress.ip_address("10.20.3.4"), internal)
-    assert is_forbidden(ipaddress.ip_address("10.21.3.4"), internal)
 
 
 # --- the fetcher itself, in process, against local servers ---------------------------------------

@@ -22,8 +22,9 @@ from shared.api_keys import derived_key_id
 from shared.queues import queue_for
 from shared.store.jobs import JobKeys, new_job_id
 from shared.store.tenants import TenantKeys
-from tests.conftest import IMAGE_HOST, Service, data_uri, service_env, start_api, start_worker, wait_served
+from tests.support.images import data_uri
 from tests.support.jobs import all_results, submit, wait_done
+from tests.support.stack import IMAGE_HOST, Stack, private_stack, running_redis, start_api, wait_served
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 SECRET_A = "sk-tenant-a-5f1e2d3c9b"
@@ -35,7 +36,7 @@ TENANT_KEYS = TenantKeys("imb:")
 
 
 @pytest.fixture(scope="module")
-def tenants(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def tenants(service: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A second API on the shared Redis and worker, with one named and one bare key (from a keys
     file) and a small per-key quota."""
     folder = tmp_path_factory.mktemp("tenants")
@@ -60,7 +61,7 @@ def _not_found_message(response: httpx.Response, job_id: str) -> str:
     return error["message"].replace(job_id, "<id>")
 
 
-def test_jobs_belong_to_the_key_that_created_them(service: Service, tenants: tuple[str, Path]) -> None:
+def test_jobs_belong_to_the_key_that_created_them(service: Stack, tenants: tuple[str, Path]) -> None:
     base_url, _ = tenants
     with _client(base_url, SECRET_A) as a, _client(base_url, SECRET_B) as b:
         job = submit(a, {"input": [data_uri(JPEG)] * 3})
@@ -127,7 +128,7 @@ def test_info_needs_a_key_when_keys_are_configured(tenants: tuple[str, Path]) ->
 
 
 @pytest.mark.parametrize("suffix", [":results", ":blobs", "0", "x"])
-def test_malformed_job_ids_are_404_not_500(service: Service, suffix: str) -> None:
+def test_malformed_job_ids_are_404_not_500(service: Stack, suffix: str) -> None:
     with service.client() as client:
         job_id = submit(client, {"input": ["ftp://nowhere/x.jpg"]})["id"]
         wait_done(client, job_id)
@@ -142,7 +143,7 @@ def _quota_total(store: redis.Redis, key_id: str) -> int:
     return int(store.hget(TENANT_KEYS.images(key_id), "total") or 0)
 
 
-def test_key_quota_counts_requests_and_jobs(service: Service, tenants: tuple[str, Path]) -> None:
+def test_key_quota_counts_requests_and_jobs(service: Stack, tenants: tuple[str, Path]) -> None:
     base_url, _ = tenants
     store = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
     waiting = service.model("unserved")  # its jobs stay queued: no worker serves it
@@ -179,7 +180,7 @@ def test_key_quota_counts_requests_and_jobs(service: Service, tenants: tuple[str
     store.delete(queue_for(waiting, "bulk"))  # the cancelled jobs' chunks, which no worker would take
 
 
-def test_key_quota_entries_lapse_with_their_jobs(service: Service, tmp_path: Path) -> None:
+def test_key_quota_entries_lapse_with_their_jobs(service: Stack, tmp_path: Path) -> None:
     """A job that expires unfinished (no worker ever took it) stops counting when it expires."""
     secret = "sk-expiring-tenant-c-0d9e8f"
     env = {**service.env, "IMBEDDINGS_API_KEYS": f"tenant-c:{secret}", "IMBEDDINGS_KEY_MAX_QUEUED_IMAGES": str(QUOTA), "IMBEDDINGS_JOB_RESULT_TTL_S": "2"}
@@ -200,31 +201,24 @@ PASSWORD = "t-P4ss@word"
 
 
 @pytest.fixture
-def passworded_stack(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[tuple[str, RedisServer, dict[str, str], Path]]:
+def passworded_stack(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[tuple[RedisServer, Stack]]:
     """Its own Redis, with a password containing '@', and an API; no worker yet."""
-    store = RedisServer(tmp_path / "redis", password=PASSWORD).start()
-    model = str(tiny_models["vit-tiny"])
-    env = service_env(store.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model)
-    api, base_url = start_api(env, tmp_path / "api.log")
-    try:
-        yield base_url, store, env, tmp_path
-    finally:
-        api.stop()
-        store.stop(graceful=False)
+    with running_redis(tmp_path / "redis", password=PASSWORD) as store, private_stack(tmp_path, store.url, allow_list, tiny_models, workers=0) as stack:
+        yield store, stack
 
 
-def test_dimensions_beyond_the_model_fail_the_items_never_the_read(passworded_stack: tuple[str, RedisServer, dict[str, str], Path]) -> None:
-    base_url, store, env, logs = passworded_stack
-    model = env["IMBEDDINGS_DEFAULT_MODEL"]
-    with httpx.Client(base_url=base_url, timeout=60) as client:
+def test_dimensions_beyond_the_model_fail_the_items_never_the_read(passworded_stack: tuple[RedisServer, Stack]) -> None:
+    store, stack = passworded_stack
+    model = stack.default_model
+    with stack.client() as client:
         info = client.get("/info").json()["settings"]
         assert info["redis_url"] == f"redis://***@127.0.0.1:{store.port}/0" and "P4ss" not in json.dumps(info) and "word" not in info["redis_url"]
         # No worker has described the model yet, so the API cannot check the dimensions at submit.
         inputs = [data_uri(JPEG)] * 20 + ["ftp://nowhere/x.jpg"]
         job = submit(client, {"input": inputs, "dimensions": 999})
-        worker = start_worker(env, logs / "worker.log")
+        worker = stack.add_worker()
         try:
-            wait_served(base_url, model, worker)
+            wait_served(stack.base_url, model, worker)
             state = wait_done(client, job["id"])
             assert (state["status"], state["completed"], state["failed"]) == ("completed", 0, 21)
             items = all_results(client, job["id"], page=7)
@@ -241,11 +235,11 @@ def test_dimensions_beyond_the_model_fail_the_items_never_the_read(passworded_st
         finally:
             worker.stop()
         assert PASSWORD not in worker.log_text() and "P4ss" not in worker.log_text()
-        assert "P4ss" not in (logs / "api.log").read_text()
+        assert "P4ss" not in stack.api.log_text()
         assert "TypeError" not in worker.log_text()
 
 
-def test_default_key_quota_holds_two_maximal_jobs(service: Service, tmp_path: Path) -> None:
+def test_default_key_quota_holds_two_maximal_jobs(service: Stack, tmp_path: Path) -> None:
     """With the default quota and job size a key may queue two jobs of the most images a job may
     have (2 x 100,000); the next image waits for room. (Large chunks only make the 200,000 images
     quick to publish: the quota does not depend on them.)"""
@@ -274,7 +268,7 @@ def test_default_key_quota_holds_two_maximal_jobs(service: Service, tmp_path: Pa
         store.delete(queue_for(waiting, "bulk"))
 
 
-def test_stored_vectors_shorter_than_the_jobs_dimensions_fail_items_not_reads(service: Service) -> None:
+def test_stored_vectors_shorter_than_the_jobs_dimensions_fail_items_not_reads(service: Stack) -> None:
     """Results stored without the worker's check (by a worker from before it) still read: the
     items say what is wrong, the pages and the JSONL answer 200."""
     store = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])

@@ -21,16 +21,17 @@ import pytest
 
 from devtools.image_server import ServedImages, serve_images
 from devtools.photos import EXAMPLES
-from tests.conftest import IMAGE_HOST, ImageServer, Service
+from tests.support.images import LONG_LABEL_HOST, ImageServer
 from tests.support.jobs import all_results, submit, wait_done
+from tests.support.sockets import accept_each
+from tests.support.stack import IMAGE_HOST, Stack
 from worker.errors import ImageInputError
 from worker.images.connections import ConnectionPool
-from worker.images.fetch import Fetcher, FetchLimits, fetch_url, parse_target
+from worker.images.fetch import Fetcher, FetchLimits, fetch_url
 from worker.images.fetch_queue import FetchQueue
 
 OTHER_HOST = "127.0.0.3"
 LOCAL = (ipaddress.ip_network(f"{IMAGE_HOST}/32"), ipaddress.ip_network(f"{OTHER_HOST}/32"))
-LONG_LABEL_HOST = "a" * 64 + ".example"
 PHOTO = (EXAMPLES / "cmp1.jpg").read_bytes()
 
 
@@ -45,32 +46,6 @@ def keep_alive() -> Iterator[ServedImages]:
 
 
 # --- hosts ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "reason"),
-    [
-        (f"http://{LONG_LABEL_HOST}/x.png", "label of 64 characters"),
-        ("http://" + ".".join(["a" * 60] * 5) + "/x.png", "at most 253"),
-        ("http://a..b/x.png", "not a valid host name"),
-        ("http://exa mple.com/x.png", "not a valid host name"),
-        ("http://ex%41mple.com/x.png", "not a valid host name"),
-        ("http://-\u0301.example/x.png", "not a valid internationalized domain name"),
-        ("http://a\u200db.example/x.png", "not a valid internationalized domain name"),
-        ("http://[::1/x.png", "malformed URL"),
-        ("http://host:99999/x.png", "malformed URL"),
-    ],
-)
-def test_hosts_no_resolver_takes_are_invalid_urls(url: str, reason: str) -> None:
-    with pytest.raises(ImageInputError) as error:
-        parse_target(url)
-    assert error.value.code == "invalid_url" and reason in error.value.message, error.value.message
-
-
-def test_internationalized_names_and_paths_are_sent_in_ascii() -> None:
-    target = parse_target("https://Bücher.example:8443/bild ä.png?q=ü#frag")
-    assert (target.host, target.port, target.path, target.host_header) == ("xn--bcher-kva.example", 8443, "/bild%20%C3%A4.png?q=%C3%BC", "xn--bcher-kva.example:8443")
-    assert parse_target("http://[2001:db8::1]/").host_header == "[2001:db8::1]"
 
 
 def test_redirect_to_a_host_no_resolver_takes_is_an_invalid_url(keep_alive: ServedImages) -> None:
@@ -172,20 +147,15 @@ def closes_after_answering() -> Iterator[tuple[str, list[int]]]:
     listener.listen(16)
     accepted: list[int] = []
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            accepted.append(1)
-            with conn:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    request += conn.recv(4096)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(PHOTO) + PHOTO)
+    def serve(conn: socket.socket, _: object) -> None:
+        accepted.append(1)
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(PHOTO) + PHOTO)
 
-    threading.Thread(target=serve, daemon=True).start()
+    accept_each(listener, serve)
     yield f"http://{IMAGE_HOST}:{listener.getsockname()[1]}", accepted
     listener.close()
 
@@ -226,18 +196,13 @@ def silent() -> Iterator[SilentServer]:
         with server.lock:
             server.open_now -= 1
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with server.lock:
-                server.opened += 1
-                server.open_now += 1
-            threading.Thread(target=hold, args=(conn,), daemon=True).start()
+    def opened(conn: socket.socket, _: object) -> None:
+        with server.lock:
+            server.opened += 1
+            server.open_now += 1
+        threading.Thread(target=hold, args=(conn,), daemon=True).start()
 
-    threading.Thread(target=accept, daemon=True).start()
+    accept_each(listener, opened)
     yield server
     listener.close()
 
@@ -278,7 +243,7 @@ def test_a_request_holds_at_most_its_share_of_fetched_bodies(keep_alive: ServedI
 # --- through the service -------------------------------------------------------------------------
 
 
-def test_hosts_that_used_to_poison_a_chunk_are_item_errors(service: Service, image_server: ImageServer) -> None:
+def test_hosts_that_used_to_poison_a_chunk_are_item_errors(service: Stack, image_server: ImageServer) -> None:
     inputs = [
         image_server.url("cmp1.jpg"),
         "http://bücher.example/x.png",
@@ -303,7 +268,7 @@ def test_hosts_that_used_to_poison_a_chunk_are_item_errors(service: Service, ima
     assert service.worker.alive()
 
 
-def test_a_request_of_256_silent_urls_does_not_delay_another_and_stops_when_withdrawn(service: Service, image_server: ImageServer, silent: SilentServer) -> None:
+def test_a_request_of_256_silent_urls_does_not_delay_another_and_stops_when_withdrawn(service: Stack, image_server: ImageServer, silent: SilentServer) -> None:
     hostile_done = threading.Event()
 
     def hostile() -> None:
@@ -327,7 +292,10 @@ def test_a_request_of_256_silent_urls_does_not_delay_another_and_stops_when_with
             job = submit(client, {"input": [image_server.url("cmp2.jpg")]})
             state = wait_done(client, job["id"], timeout_s=60)
             one_job_s = time.monotonic() - started
-        print(f"beside 256 silent URLs: one-URL request answered in {one_request_s:.2f} s, one-URL job completed in {one_job_s:.2f} s; silent server saw {silent.opened} connections")
+        print(
+            f"beside 256 silent URLs: one-URL request answered in {one_request_s:.2f} s, one-URL job completed in {one_job_s:.2f} s;"
+            f" silent server saw {silent.opened} connections"
+        )
         assert state["status"] == "completed" and state["completed"] == 1
         assert one_request_s < 8 and one_job_s < 8  # the old fetcher made them wait for 16 x 10 s timeouts
         assert silent.opened <= 4  # IMBEDDINGS_URL_FETCH_CONCURRENCY_PER_REQUEST's default
@@ -344,7 +312,7 @@ def test_a_request_of_256_silent_urls_does_not_delay_another_and_stops_when_with
     assert silent.opened == opened <= 4, "the withdrawn request went on fetching"
 
 
-def test_a_cancelled_job_stops_fetching(service: Service, silent: SilentServer) -> None:
+def test_a_cancelled_job_stops_fetching(service: Stack, silent: SilentServer) -> None:
     with service.client() as client:
         job = submit(client, {"input": [f"{silent.base_url}/{i}.jpg" for i in range(64)]})
         deadline = time.monotonic() + 30

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 
 from devtools.photos import decoding_variants
-from tests.conftest import SERVED, Service, data_uri
+from tests.support.images import data_uri
 from tests.support.reference import reference_vectors
+from tests.support.stack import SERVED, Stack
 
 VARIANTS = decoding_variants()
 TOLERANCE = 1e-5
 
 
 @pytest.mark.parametrize("family", SERVED)
-def test_vectors_equal_transformers_reference(service: Service, family: str) -> None:
+def test_vectors_equal_transformers_reference(service: Stack, family: str) -> None:
     model = service.model(family)
     with service.client() as client:
         response = client.post("/v1/embeddings", json={"model": model, "input": [data_uri(v.data) for v in VARIANTS], "encoding_format": "float"})
@@ -38,7 +39,7 @@ def test_vectors_equal_transformers_reference(service: Service, family: str) -> 
     print(f"{family}: largest difference to Transformers {worst:.2e} over {len(VARIANTS)} images")
 
 
-def test_registers_are_excluded_from_mean(service: Service) -> None:
+def test_registers_are_excluded_from_mean(service: Stack) -> None:
     """For a model with registers, MEAN is over patches only; a MEAN over [1:] would differ."""
     import torch
     from transformers import AutoImageProcessor, AutoModel

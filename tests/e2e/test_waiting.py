@@ -14,22 +14,23 @@ import redis
 
 from devtools.processes import wait_until
 from shared.store.admission import LedgerKeys
-from tests.conftest import Service, serve_photos
+from tests.support.images import serve_photos
+from tests.support.stack import Stack
 
 MiB = 2**20
 
 
-def _api_lines(service: Service) -> list[dict]:
+def _api_lines(service: Stack) -> list[dict]:
     return [json.loads(line) for line in service.api.log_text().split("\n")[:-1] if line.startswith("{")]
 
 
-def test_service_under_test_runs_the_default_timeout_and_body_limit(service: Service) -> None:
+def test_service_under_test_runs_the_default_timeout_and_body_limit(service: Stack) -> None:
     with service.client() as client:
         settings = client.get("/info").json()["settings"]
     assert (settings["request_timeout_s"], settings["max_request_bytes"]) == (60.0, 64 * MiB)
 
 
-def test_a_wait_longer_than_five_seconds_is_answered(service: Service) -> None:
+def test_a_wait_longer_than_five_seconds_is_answered(service: Stack) -> None:
     """redis-py's default 5 s socket timeout once cut every such wait into a 503."""
     with serve_photos(delay_s=7) as slow, service.client(timeout=90) as client:
         started = time.monotonic()
@@ -40,7 +41,7 @@ def test_a_wait_longer_than_five_seconds_is_answered(service: Service) -> None:
     print(f"answered after {waited:.1f} s")
 
 
-def test_a_client_that_hangs_up_withdraws_its_request(service: Service) -> None:
+def test_a_client_that_hangs_up_withdraws_its_request(service: Stack) -> None:
     store = redis.Redis.from_url(service.env["IMBEDDINGS_REDIS_URL"])
     keys = LedgerKeys("imb:")
     model = service.model("dinov2-tiny")
@@ -75,7 +76,7 @@ def _send_then_read(base_url: str, head: bytes, body: Iterator[bytes]) -> bytes:
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
-def test_an_oversize_body_gets_a_readable_413(service: Service, declared: bool) -> None:
+def test_an_oversize_body_gets_a_readable_413(service: Stack, declared: bool) -> None:
     """A 65 MiB body against the default 64 MiB limit."""
     pieces = [b'{"input": "', *[b"A" * MiB] * 65, b'"}']
     if declared:
@@ -91,7 +92,7 @@ def test_an_oversize_body_gets_a_readable_413(service: Service, declared: bool) 
     assert error["code"] == "request_too_large" and str(64 * MiB) in error["message"]
 
 
-def test_an_oversize_declared_body_is_answered_before_it_is_sent(service: Service) -> None:
+def test_an_oversize_declared_body_is_answered_before_it_is_sent(service: Stack) -> None:
     host, port = service.base_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\n\r\n")

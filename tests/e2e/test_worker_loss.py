@@ -16,31 +16,18 @@ import redis
 
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer
-from tests.conftest import serve_photos, service_env, start_api, start_worker, wait_served
+from tests.support.images import serve_photos
+from tests.support.stack import private_stack
 
 DEFAULTS = ("IMBEDDINGS_HEARTBEAT_INTERVAL_S", "IMBEDDINGS_HEARTBEAT_TTL_S")
 
 
 @pytest.fixture
-def two_workers(tmp_path: Path, allow_list: Path, tiny_models: dict[str, Path]) -> Iterator[tuple[str, list[ServiceProcess], redis.Redis]]:
-    server = RedisServer(tmp_path / "redis").start()
-    model = str(tiny_models["vit-tiny"])
-    env = service_env(server.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model)
-    for name in DEFAULTS:
-        env.pop(name)
-    workers = [start_worker(env, tmp_path / f"worker-{n}.log") for n in range(2)]
-    api, base_url = start_api(env, tmp_path / "api.log")
-    try:
-        for worker in workers:
-            wait_served(base_url, model, worker, count=2)
-        yield base_url, workers, redis.Redis.from_url(server.url)
-    finally:
-        api.stop()
-        for worker in workers:
-            if worker.alive():
-                worker.send(signal.SIGCONT)
-            worker.stop(signal.SIGKILL)
-        server.stop(graceful=False)
+def two_workers(
+    tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]
+) -> Iterator[tuple[str, list[ServiceProcess], redis.Redis]]:
+    with private_stack(tmp_path, own_redis.url, allow_list, tiny_models, workers=2, unset=DEFAULTS) as stack:
+        yield stack.base_url, stack.workers, redis.Redis.from_url(own_redis.url)
 
 
 def _holder(store: redis.Redis, workers: list[ServiceProcess]) -> ServiceProcess:

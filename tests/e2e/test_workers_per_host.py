@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from pathlib import Path
 
@@ -21,30 +20,19 @@ from devtools.photos import EXAMPLES
 from devtools.processes import ServiceProcess, wait_until
 from devtools.redis_server import RedisServer, free_port
 from devtools.run_local import split_cpus
-from shared.cpus import available_cpus, format_cpu_list, parse_cpu_list
+from shared.cpus import available_cpus, parse_cpu_list
 from shared.protocol import ModelInfo
 from shared.redis_client import sync_client
 from shared.settings import REPO_ROOT, Settings
 from shared.store.registry import RegistryKeys
-from tests.conftest import data_uri, service_env, start_api, start_worker, wait_served
-from worker.cpu_budget import FETCH_THREADS, ThreadBudget
+from tests.support.images import data_uri
+from tests.support.processes import ready_line
+from tests.support.stack import private_stack, service_env, wait_served
 from worker.heartbeat import Heartbeat
 from worker.metrics import FALLBACK_PORTS
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
 DEFAULT_METRICS_PORT = Settings.model_fields["worker_metrics_port"].default
-
-
-def _defaults() -> Settings:
-    """Settings with the thread counts unset, whatever the environment running the tests says."""
-    return Settings(torch_threads=None, preprocess_threads=None)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop(graceful=False)
 
 
 def _port_free(port: int) -> bool:
@@ -56,22 +44,14 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _ready_line(worker: ServiceProcess) -> dict | None:
-    # Only finished lines: the process may be half-way through writing the last one.
-    for line in worker.log_text().split("\n")[:-1]:
-        if line.startswith("{") and (entry := json.loads(line)).get("message") == "worker ready":
-            return entry
-    return None
-
-
 def _wait_ready_line(worker: ServiceProcess) -> dict:
     def ready() -> bool:
         if not worker.alive():
             raise RuntimeError(f"worker exited:\n{worker.log_text()[-3000:]}")
-        return _ready_line(worker) is not None
+        return ready_line(worker) is not None
 
     wait_until(ready, 120, interval_s=0.25, what="the worker's ready line")
-    entry = _ready_line(worker)
+    entry = ready_line(worker)
     assert entry is not None
     return entry
 
@@ -86,61 +66,57 @@ def _images_embedded(port: int, model: str) -> float:
     )
 
 
-def test_two_workers_with_the_same_metrics_port_are_both_announced_and_both_serve(tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]) -> None:
+def test_two_workers_with_the_same_metrics_port_are_both_announced_and_both_serve(
+    tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path]
+) -> None:
     model = str(tiny_models["dinov2-tiny"])
     # The default port when this machine leaves it free; otherwise any port both workers are given.
     port = DEFAULT_METRICS_PORT if _port_free(DEFAULT_METRICS_PORT) else free_port()
-    env = service_env(own_redis.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model, IMBEDDINGS_WORKER_METRICS_PORT=str(port))
-    workers = [start_worker(env, tmp_path / f"worker-{i}.log") for i in range(2)]
-    api, base_url = start_api(env, tmp_path / "api.log")
-    try:
-        ready = [_wait_ready_line(worker) for worker in workers]
-        wait_served(base_url, model, workers[0], count=2)
-        assert httpx.get(f"{base_url}/v1/models/{model}").json()["workers"] == 2
+    with private_stack(tmp_path, own_redis.url, allow_list, tiny_models, model="dinov2-tiny", workers=2, IMBEDDINGS_WORKER_METRICS_PORT=str(port)) as stack:
+        ready = [_wait_ready_line(worker) for worker in stack.workers]
+        wait_served(stack.base_url, model, stack.worker, count=2)
+        assert httpx.get(f"{stack.base_url}/v1/models/{model}").json()["workers"] == 2
 
         ports = sorted(entry["metrics_port"] for entry in ready)
         assert ports[0] == port and port < ports[1] <= port + FALLBACK_PORTS, ports
-        fallback = next(worker for worker, entry in zip(workers, ready) if entry["metrics_port"] != port)
+        fallback = next(worker for worker, entry in zip(stack.workers, ready) if entry["metrics_port"] != port)
         assert "IMBEDDINGS_WORKER_METRICS_PORT is in use" in fallback.log_text()
 
         # Idle workers take turns at the queue, so a few requests in a row reach both.
         def both_served() -> bool:
-            assert httpx.post(f"{base_url}/v1/embeddings", json={"model": model, "input": data_uri(JPEG)}, timeout=30).status_code == 200
+            assert httpx.post(f"{stack.base_url}/v1/embeddings", json={"model": model, "input": data_uri(JPEG)}, timeout=30).status_code == 200
             return all(_images_embedded(p, model) > 0 for p in ports)
 
         wait_until(both_served, 60, interval_s=0, what="both workers to embed images")
-    finally:
-        api.stop()
-        for worker in workers:
-            worker.stop()
 
 
-def test_worker_cpus_sets_the_thread_budget(tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_cpus_sets_the_thread_budget(
+    tmp_path: Path, own_redis: RedisServer, allow_list: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cpu = min(available_cpus())
     model = str(tiny_models["vit-tiny"])
     # Only the CPU list may decide the budget here, not a thread count from the environment.
     monkeypatch.delenv("IMBEDDINGS_TORCH_THREADS", raising=False)
     monkeypatch.delenv("IMBEDDINGS_PREPROCESS_THREADS", raising=False)
-    env = service_env(own_redis.url, allow_list, tiny_models, IMBEDDINGS_DEFAULT_MODEL=model, IMBEDDINGS_WORKER_MODELS=model, IMBEDDINGS_WORKER_CPUS=str(cpu))
-    del env["OMP_NUM_THREADS"]
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    worker = start_worker(env, tmp_path / "worker.log")
-    api, base_url = start_api(env, tmp_path / "api.log")
-    try:
-        ready = _wait_ready_line(worker)
+    with private_stack(tmp_path, own_redis.url, allow_list, tiny_models, unset=("OMP_NUM_THREADS",), IMBEDDINGS_WORKER_CPUS=str(cpu)) as stack:
+        ready = _wait_ready_line(stack.worker)
         assert (ready["cpu_list"], ready["cpus"], ready["torch_threads"], ready["preprocess_threads"]) == (str(cpu), 1, 1, 1)
-        assert os.sched_getaffinity(worker.pid) == {cpu}
-        wait_served(base_url, model, worker)
-        answer = httpx.post(f"{base_url}/v1/embeddings", json={"model": model, "input": [data_uri(JPEG)] * 3}, timeout=30)
+        assert os.sched_getaffinity(stack.worker.pid) == {cpu}
+        answer = httpx.post(f"{stack.base_url}/v1/embeddings", json={"model": model, "input": [data_uri(JPEG)] * 3}, timeout=30)
         assert answer.status_code == 200 and len(answer.json()["data"]) == 3
-    finally:
-        api.stop()
-        worker.stop()
 
 
 @pytest.mark.parametrize("value", ["0-x", "3-1", "0,,1", str(max(available_cpus()) + 1)])
 def test_invalid_worker_cpus_stop_the_worker_naming_the_variable(value: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "worker"], cwd=REPO_ROOT, env={"IMBEDDINGS_WORKER_CPUS": value, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "worker"],
+        cwd=REPO_ROOT,
+        env={"IMBEDDINGS_WORKER_CPUS": value, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "IMBEDDINGS_WORKER_CPUS" in result.stderr, result.stderr
 
@@ -148,7 +124,9 @@ def test_invalid_worker_cpus_stop_the_worker_naming_the_variable(value: str) -> 
 def test_heartbeat_starts_while_redis_is_away_and_announces_once_it_is_back(tmp_path: Path) -> None:
     port = free_port()
     keys = RegistryKeys("imb:")
-    info = ModelInfo(id="m", model_type="vit", dim=8, patch_size=16, image_size=(32, 32), num_register_tokens=0, tokens_per_image=5, dtype="float32", device="cpu")
+    info = ModelInfo(
+        id="m", model_type="vit", dim=8, patch_size=16, image_size=(32, 32), num_register_tokens=0, tokens_per_image=5, dtype="float32", device="cpu"
+    )
     heartbeat = Heartbeat(sync_client(f"redis://127.0.0.1:{port}/0", retries=1), keys.prefix, "worker-1@host", [info], interval_s=0.2, ttl_s=2)
     heartbeat.start()  # Redis is not there yet: must not raise
     server = RedisServer(tmp_path / "redis", port).start()
@@ -197,7 +175,15 @@ def test_run_local_splits_the_cpus_between_its_workers(tmp_path: Path, own_redis
     del env["IMBEDDINGS_WORKER_METRICS_PORT"]  # the default, for both workers
     log_path = tmp_path / "run_local.log"
     with open(log_path, "wb") as log:
-        runner = subprocess.Popen([sys.executable, "-m", "devtools.run_local", "--workers", "2"], cwd=REPO_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "devtools.run_local", "--workers", "2"],
+            cwd=REPO_ROOT,
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         def both_ready() -> list[dict]:
             assert runner.poll() is None, log_path.read_text()
@@ -218,36 +204,3 @@ def test_run_local_splits_the_cpus_between_its_workers(tmp_path: Path, own_redis
             os.killpg(runner.pid, signal.SIGKILL)
             runner.wait()
     assert runner.returncode == 0, log_path.read_text()[-3000:]
-
-
-def test_cpu_split() -> None:
-    assert split_cpus(frozenset(range(8)), 2) == [frozenset(range(4)), frozenset(range(4, 8))]
-    assert split_cpus(frozenset({0, 1, 2, 8, 9}), 2) == [frozenset({0, 1}), frozenset({2, 8, 9})]
-    assert split_cpus(frozenset(range(3)), 3) == [frozenset({0}), frozenset({1}), frozenset({2})]
-
-
-@pytest.mark.parametrize(
-    ("cpus", "device", "torch_threads", "preprocess_threads"),
-    [(1, "cpu", 1, 1), (2, "cpu", 2, 2), (8, "cpu", 8, 2), (16, "cpu", 16, 4), (64, "cpu", 64, 16), (1, "cuda", 1, 1), (8, "cuda", 8, 8)],
-)
-def test_thread_budget_follows_the_cpus(cpus: int, device: str, torch_threads: int, preprocess_threads: int) -> None:
-    budget = ThreadBudget.for_cpus(cpus, device, _defaults())
-    assert budget == ThreadBudget(cpus=cpus, torch_threads=torch_threads, preprocess_threads=preprocess_threads, fetch_threads=FETCH_THREADS)
-
-
-def test_thread_budget_honours_explicit_settings() -> None:
-    explicit = Settings(torch_threads=3, preprocess_threads=5)
-    assert ThreadBudget.for_cpus(8, "cpu", explicit, omp_num_threads="2") == ThreadBudget(cpus=8, torch_threads=3, preprocess_threads=5, fetch_threads=FETCH_THREADS)
-    assert ThreadBudget.for_cpus(8, "cpu", _defaults(), omp_num_threads="2").torch_threads == 2
-    assert ThreadBudget.for_cpus(8, "cpu", _defaults(), omp_num_threads="4,2").torch_threads == 4
-    for ignored in ("", "0", "many"):
-        assert ThreadBudget.for_cpus(8, "cpu", _defaults(), omp_num_threads=ignored).torch_threads == 8
-
-
-def test_cpu_lists() -> None:
-    assert parse_cpu_list(" 0-3, 8,10-11") == frozenset({0, 1, 2, 3, 8, 10, 11})
-    assert format_cpu_list(frozenset({11, 0, 1, 2, 3, 8, 10})) == "0-3,8,10-11"
-    assert format_cpu_list(frozenset({5})) == "5"
-    for bad in ("", "a", "1-", "-1", "3-1", "0,,1", "1.5"):
-        with pytest.raises(ValueError):
-            parse_cpu_list(bad)

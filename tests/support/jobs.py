@@ -13,6 +13,10 @@ from shared.store.jobs import JobKeys
 
 # Photos a job cycles through, so each item's vector can be checked against its photo's.
 NAMES = ("cmp1.jpg", "cmp2.jpg", "cmp3.png", "cmp4.png", "img.webp")
+VISIBILITY_S = 10
+CHUNK = 4
+# Small chunks, one at a time per worker, and a visibility timeout a test can wait out.
+SMALL_CHUNKS = {"IMBEDDINGS_BROKER_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S), "IMBEDDINGS_JOB_CHUNK_SIZE": str(CHUNK), "IMBEDDINGS_BULK_CONCURRENCY": "1"}
 
 
 def submit(client: httpx.Client, body: dict) -> dict:

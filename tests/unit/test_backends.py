@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModel
 
 from devtools.photos import decoding_variants
-from tests.conftest import SERVED
 from tests.support.reference import reference_vectors
+from tests.support.stack import SERVED
 from worker.images.decode import DecodeLimits, decode_image
 from worker.model.embedder import BackendUnavailable, resolve_backend
 from worker.model.loader import load_model, probe_image
@@ -30,7 +30,9 @@ TOLERANCE = 1e-5
 @pytest.mark.parametrize("backend", ["torch", "openvino"])
 @pytest.mark.parametrize("family", SERVED)
 def test_backend_vectors_equal_transformers_reference(tiny_models: dict[str, Path], openvino_cache: Path, family: str, backend: str) -> None:
-    loaded = load_model(str(tiny_models[family]), torch.device("cpu"), torch.float32, None, warmup_batch=2, backend=backend, threads=1, openvino_cache_dir=openvino_cache)
+    loaded = load_model(
+        str(tiny_models[family]), torch.device("cpu"), torch.float32, None, warmup_batch=2, backend=backend, threads=1, openvino_cache_dir=openvino_cache
+    )
     assert loaded.info.backend == backend
     preprocess = choose_preprocessor(loaded.processor, "fast", probe_image())
     cls, mean = loaded.embedder.embed(torch.stack([preprocess(decode_image(v.data, LIMITS)) for v in VARIANTS]))
@@ -45,7 +47,9 @@ def test_backend_vectors_equal_transformers_reference(tiny_models: dict[str, Pat
 
 def test_openvino_bfloat16_stays_close(tiny_models: dict[str, Path], openvino_cache: Path) -> None:
     reference = load_model(str(tiny_models["dinov2-tiny"]), torch.device("cpu"), torch.float32, None, warmup_batch=1)
-    reduced = load_model(str(tiny_models["dinov2-tiny"]), torch.device("cpu"), torch.bfloat16, None, warmup_batch=1, backend="openvino", openvino_cache_dir=openvino_cache)
+    reduced = load_model(
+        str(tiny_models["dinov2-tiny"]), torch.device("cpu"), torch.bfloat16, None, warmup_batch=1, backend="openvino", openvino_cache_dir=openvino_cache
+    )
     pixels = torch.stack([choose_preprocessor(reference.processor, "fast", probe_image())(decode_image(v.data, LIMITS)) for v in VARIANTS])
     cosines = [float((a * b).sum(-1).min()) for a, b in zip(reference.embedder.embed(pixels), reduced.embedder.embed(pixels))]
     print(f"openvino bfloat16 vs float32: smallest cosine CLS {cosines[0]:.6f}, MEAN {cosines[1]:.6f}")
