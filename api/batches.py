@@ -210,7 +210,11 @@ async def _outcome(state: AppState, owner: str, line: BatchLine, request_number:
     results = await item_results(state, job, 0, job.total)
     failure = first_failure(results)
     if failure is not None:
-        entry["response"] = {"status_code": failure.status, "request_id": job.id, "body": {"error": error_body(failure.code, failure.message, failure.param)}}
+        entry["response"] = {
+            "status_code": failure.status,
+            "request_id": job.id,
+            "body": {"error": error_body(failure.code, failure.message, failure.param, failure.type)},
+        }
         return entry, False
     tokens = sum(result.tokens or 0 for result in results)
     usage = {"prompt_tokens": tokens, "total_tokens": tokens, "input_images": len(results), "embedding_dim": job.dimensions or embedding_dim(results[0])}

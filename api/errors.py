@@ -86,6 +86,11 @@ ERRORS: dict[ErrorCode, tuple[int, str]] = {
 }
 
 
+# An image's error inside results: the same table, except that a worker handed an image of a model it
+# does not load is the service's failure (500), where the API finding no worker at all is a 503.
+ITEM_ERRORS: dict[ErrorCode, tuple[int, str]] = {**ERRORS, ErrorCode.MODEL_NOT_SERVED: (500, SERVER)}
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -116,24 +121,25 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 class ApiError(Exception):
     """A refusal: its code gives the status and type (``ERRORS``), the message says what was wrong, ``param`` where."""
 
-    def __init__(self, code: ErrorCode, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        table: dict[ErrorCode, tuple[int, str]] = ERRORS,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         self.headers = headers
-
-    @property
-    def status(self) -> int:
-        return ERRORS[self.code][0]
-
-    @property
-    def type(self) -> str:
-        return ERRORS[self.code][1]
+        self.status, self.type = table[code]
 
 
-def error_body(code: ErrorCode, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"message": message, "type": ERRORS[code][1], "param": param, "code": code}
+def error_body(code: ErrorCode, message: str, param: str | None = None, error_type: str | None = None) -> dict[str, Any]:
+    return {"message": message, "type": error_type or ERRORS[code][1], "param": param, "code": code}
 
 
 def error_json(code: ErrorCode, message: str) -> bytes:
@@ -142,12 +148,12 @@ def error_json(code: ErrorCode, message: str) -> bytes:
 
 
 def error_response(error: ApiError) -> JSONBytesResponse:
-    return JSONBytesResponse({"error": error_body(error.code, error.message, error.param)}, status_code=error.status, headers=error.headers)
+    return JSONBytesResponse({"error": error_body(error.code, error.message, error.param, error.type)}, status_code=error.status, headers=error.headers)
 
 
 def item_error(index: int, code: ErrorCode, message: str) -> dict[str, Any]:
     """One failed item among results (a job's page, a batch's output): the error without ``param``."""
-    return {"index": index, "error": {"message": message, "type": ERRORS[code][1], "code": code}}
+    return {"index": index, "error": {"message": message, "type": ITEM_ERRORS[code][1], "code": code}}
 
 
 def item_error_body(result: ItemResult) -> dict[str, Any]:
@@ -163,7 +169,7 @@ def first_failure(results: list[ItemResult]) -> ApiError | None:
     first = failed[0]
     assert first.error is not None
     more = f" ({len(failed) - 1} more input{'s' if len(failed) > 2 else ''} failed too)" if len(failed) > 1 else ""
-    return ApiError(first.error.code, f"input[{first.index}]: {first.error.message}{more}", param=f"input[{first.index}]")
+    return ApiError(first.error.code, f"input[{first.index}]: {first.error.message}{more}", param=f"input[{first.index}]", table=ITEM_ERRORS)
 
 
 def _location(loc: tuple[object, ...]) -> str:

@@ -55,8 +55,9 @@ async def render(state: AppState) -> tuple[bytes, str]:
     for model in state.allowed_models:
         count_queued(pipe, model)
         state.registry.count_live_workers(pipe, model, now)
-    per_model = await pipe.execute()
-    counts = await state.jobs.counts()
+    state.jobs.count_jobs(pipe)
+    *per_model, raw_counts = await pipe.execute()
+    counts = state.jobs.job_counts(raw_counts)
     QUEUE_DEPTH.clear()
     SERVED_BY.clear()
     stride = len(QUEUE_KINDS) + 1

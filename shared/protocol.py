@@ -8,15 +8,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import ErrorCode
 
+# On the wire both references keep the field name ``data`` they had before the split, so task
+# messages already queued (a job's chunks can wait for hours) still read after an upgrade.
+_WIRE = ConfigDict(frozen=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
 
 class UrlRef(BaseModel):
     """An input image the worker fetches itself."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = _WIRE
 
     kind: Literal["url"] = "url"
     index: int = Field(ge=0, description="Position in the request, or in the whole job.")
-    url: str = Field(description="The http(s) URL to fetch, already checked for form by the API.")
+    url: str = Field(alias="data", description="The http(s) URL to fetch, already checked for form by the API.")
 
 
 class BlobRef(BaseModel):
@@ -27,11 +31,11 @@ class BlobRef(BaseModel):
     its way.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = _WIRE
 
     kind: Literal["blob"] = "blob"
     index: int = Field(ge=0, description="Position in the request, or in the whole job.")
-    blob_key: str = Field(description="The Redis hash holding the image bytes, under the item's index.")
+    blob_key: str = Field(alias="data", description="The Redis hash holding the image bytes, under the item's index.")
 
 
 # One input image, already checked for form by the API.

@@ -20,7 +20,7 @@ from celery.signals import worker_ready, worker_shutting_down
 from shared.celery_app import create_celery_app
 from shared.cpus import available_cpus, format_cpu_list
 from shared.model_catalog import CatalogError, allowed_models
-from shared.queues import queue_for
+from shared.queues import QUEUE_KINDS, queue_for
 from shared.redis_client import sync_client
 from shared.settings import Settings
 from worker import metrics
@@ -209,7 +209,7 @@ def install(worker: Worker) -> None:
 
 def consume(app: Celery, settings: Settings, node: str) -> None:
     """Run Celery's worker on this process's model queues until it shuts down."""
-    queues = [queue_for(model, kind) for model in settings.worker_models for kind in ("interactive", "bulk")]
+    queues = [queue_for(model, kind) for model in settings.worker_models for kind in QUEUE_KINDS]
     # Gossip would make every worker consume every other worker's events (with task events on, a
     # fleet's whole event stream per worker); mingle only delays start-up. Flower needs neither.
     events = ["--task-events"] if settings.celery_events else ["--without-heartbeat"]

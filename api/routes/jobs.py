@@ -54,10 +54,7 @@ async def job_results(
     job_id: JobId,
     key_id: KeyIdDep,
     state: StateDep,
-    offset: int = Query(
-        0,
-        ge=0,
-    ),
+    offset: int = Query(0, ge=0),
     limit: int = Query(100, ge=1, le=1000),
 ) -> JSONBytesResponse:
     return JSONBytesResponse(await result_page(state, job_id, key_id, offset, limit))

@@ -17,6 +17,7 @@ from typing import Literal
 import redis.asyncio
 from pydantic import BaseModel, Field
 from redis import Redis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.exceptions import OutOfMemoryError
 
 from shared.protocol import ItemResult
@@ -34,14 +35,18 @@ class JobView(BaseModel):
     status: JobStatus
     model: str
     total: int
-    completed: int = 0
-    failed: int = 0
+    completed: int
+    failed: int
     created_at: int
-    finished_at: int | None = None
+    finished_at: int | None
 
 
 class JobRecord(JobView):
     """The stored job: what clients see, plus how to present its results and whose it is."""
+
+    completed: int = 0
+    failed: int = 0
+    finished_at: int | None = None
 
     encoding_format: EncodingFormat = "float"
     pooling: Literal["cls", "mean"] = "cls"
@@ -335,6 +340,12 @@ class AsyncJobStore(_JobScripts):
     async def discard(self, job_id: str) -> None:
         await self._discard(**self._discard_call(job_id))
 
-    async def counts(self) -> dict[str, int]:
-        """Job status -> number of jobs, service-wide."""
-        return {status.decode(): int(count) for status, count in (await self._redis.hgetall(self.keys.counts())).items()}
+    def count_jobs(self, pipe: AsyncPipeline) -> None:
+        """Queue the read of the service-wide job counts on ``pipe`` (for a caller's single round trip);
+        ``job_counts`` reads its answer."""
+        pipe.hgetall(self.keys.counts())
+
+    @staticmethod
+    def job_counts(raw: dict[bytes, bytes]) -> dict[str, int]:
+        """Job status -> number of jobs, from the answer to ``count_jobs``."""
+        return {status.decode(): int(count) for status, count in raw.items()}
