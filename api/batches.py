@@ -154,7 +154,9 @@ async def create_batch(
     pipe.zadd(_owner_batches_key(state, owner), {batch.id: now})
     pipe.expire(_owner_batches_key(state, owner), ttl)
     await pipe.execute()
-    return await get_batch(state, owner, batch.id)
+    # The answer is the batch as created (in_progress), as OpenAI's create answers: reading its jobs
+    # back here could already find them all done and answer "completed" to the create call.
+    return batch
 
 
 async def _load(state: AppState, owner: str, batch_id: str) -> _Record:
