@@ -9,7 +9,7 @@ from redis import Redis
 
 from shared.protocol import EmbedPayload, ItemResult, JobChunkPayload
 from shared.store.jobs import JobStore
-from shared.store.requests import RequestReplies
+from shared.store.requests import RequestReplies, StartedRequest
 from worker.tickets import Ticket
 
 
@@ -22,7 +22,7 @@ class ResultStore:
         self._jobs = JobStore(redis, prefix, job_ttl_s)
         self._replies = RequestReplies(redis, prefix, reply_ttl_s)
 
-    def start(self, payload: EmbedPayload, worker_name: str) -> list[bytes | None] | None:
+    def start(self, payload: EmbedPayload, worker_name: str) -> StartedRequest | None:
         """Claim a request and read its image bytes; None when the API has stopped waiting for it."""
         return self._replies.start(payload, worker_name)
 

@@ -131,8 +131,8 @@ def embed(self: WorkerTask, payload: dict) -> None:
         context = self.resources
         # Named as the request's holder, so the waiting API sends it again should this worker stop
         # heartbeating: the broker would redeliver it only after the visibility timeout, past its deadline.
-        stored = None if time.time() > request.deadline else context.store.start(request, context.node)
-        if stored is None:
+        started_request = None if time.time() > request.deadline else context.store.start(request, context.node)
+        if started_request is None:
             log.info("skipping request the API stopped waiting for", extra={"model": request.model, "images": len(request.items)})
             metrics.TASKS.labels("embed", "skipped").inc()
             return
@@ -140,7 +140,7 @@ def embed(self: WorkerTask, payload: dict) -> None:
         try:
             ticket = Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key), looked_up_at=time.monotonic())
             pipeline = context.pipelines.get(request.model)
-            loaded = inputs_from(request.items, stored)
+            loaded = inputs_from(request.items, started_request.image_bytes())
             results = _not_served(request.model, request.items) if pipeline is None else embed_inputs(pipeline, loaded, ticket=ticket)
         except WorkerStopping:
             # Not answered: the API sees this worker withdrawn and sends the request to another one.

@@ -148,6 +148,24 @@ class RequestExchange:
         await pipe.execute(raise_on_error=False)
 
 
+@dataclass(frozen=True)
+class StartedRequest:
+    """A request a worker has claimed, with the replies to the read of its image bytes."""
+
+    _read: _ImageBytesRead
+    _replies: list[list[bytes | None] | Exception]
+
+    def image_bytes(self) -> list[bytes | None]:
+        """The bytes of each ``BlobRef`` of the request's items, in order (None where they expired);
+        raises what Redis refused."""
+        values: list[list[bytes | None]] = []
+        for reply in self._replies:
+            if isinstance(reply, Exception):
+                raise reply
+            values.append(reply)
+        return self._read.result(values)
+
+
 class RequestReplies:
     """The worker's side (synchronous client): whether a request is still wanted, and its reply."""
 
@@ -158,26 +176,21 @@ class RequestReplies:
         self._ttl_s = reply_ttl_s
         self._reply = redis.register_script(REPLY)
 
-    def start(self, payload: EmbedPayload, worker_name: str) -> list[bytes | None] | None:
+    def start(self, payload: EmbedPayload, worker_name: str) -> StartedRequest | None:
         """Claim the request for ``worker_name``, check that the API still waits for it, and read its
         image bytes, in one round trip. None when the API has stopped waiting (the claim, set anyway,
-        expires unread); otherwise the bytes of each ``BlobRef`` in ``payload.items`` in order, None
-        where they expired. Raises what Redis refused (a full Redis refuses the claim)."""
-        blobs = [ref for ref in payload.items if isinstance(ref, BlobRef)]
-        read = _ImageBytesRead(blobs)
+        expires unread). Raises what Redis refused of the claim (a full Redis refuses it); what it
+        refused of the read is raised by ``StartedRequest.image_bytes``."""
+        read = _ImageBytesRead([ref for ref in payload.items if isinstance(ref, BlobRef)])
         pipe = self._redis.pipeline(transaction=False)
         pipe.exists(self._keys.abandoned(payload.reply_key))
         claim(pipe, self._prefix, payload.reply_key, worker_name, payload.deadline)
         read.queue(pipe)
-        abandoned, *rest = pipe.execute(raise_on_error=False)
-        if isinstance(abandoned, Exception):
-            raise abandoned
-        if abandoned:
-            return None
-        for reply in rest:
+        abandoned, claimed, *replies = pipe.execute(raise_on_error=False)
+        for reply in (abandoned, claimed):
             if isinstance(reply, Exception):
                 raise reply
-        return read.result(rest[1:])
+        return None if abandoned else StartedRequest(read, replies)
 
     def abandoned(self, reply_key: str) -> bool:
         return bool(self._redis.exists(self._keys.abandoned(reply_key)))
