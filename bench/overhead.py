@@ -6,6 +6,12 @@ CPU milliseconds per request of the API, the worker (its decode children include
 the requests per second reached. With a tiny model and a small JPEG, what is left is the service's own
 overhead: HTTP, JSON, base64, Redis round trips, Celery publish and consume, batching, reply.
 
+The worker's own share is its CPU per image less what decoding, preprocessing and the forward pass
+cost on their own: the same JPEGs decoded, preprocessed and embedded in this process, at the batch
+size the worker ran, with the worker's code and one torch thread. The worker runs torch on one
+thread too (``IMBEDDINGS_TORCH_THREADS=1`` unless ``--env`` says otherwise): OpenMP helpers spinning
+between the tiny model's sub-millisecond ops would otherwise be billed to the service.
+
 ``--profile DIR`` also records py-spy stacks (collapsed, flamegraph.pl input) of the API and the worker during the measured run
 (py-spy must be on PATH or given with ``--py-spy``).
 """
@@ -19,16 +25,23 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import redis
+import torch
 
 from bench.load import run_load
 from bench.photos import bench_jpegs
 from bench.service import cpu_seconds, one_image_bodies, rss_mb, start_stack
 from devtools.random_models import build
-from shared.settings import REPO_ROOT
+from shared.settings import REPO_ROOT, Settings
+from worker.images.decode import decode_image
+from worker.images.limits import InputLimits
+from worker.model.loader import load_model, probe_image
+from worker.model.preprocess import choose_preprocessor, resize_rule
 
 
 def _descendants(pid: int) -> list[int]:
@@ -56,6 +69,24 @@ def _command_calls(client: redis.Redis) -> Counter[str]:
     return Counter({name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in client.info("commandstats").items()})
 
 
+def pipeline_cpu_ms_per_img(model_dir: Path, jpegs: list[bytes], batch: int, images: int) -> float:
+    """CPU milliseconds per image of decode + preprocess + forward + pooling alone, in this process."""
+    torch.set_num_threads(1)
+    settings = Settings()
+    model = load_model(str(model_dir), torch.device("cpu"), torch.float32, None, batch)
+    limits = replace(InputLimits.from_settings(settings).decode, resize=resize_rule(model.processor))
+    preprocess = choose_preprocessor(model.processor, settings.preprocessing, probe_image())
+
+    def run(count: int) -> None:
+        for start in range(0, count, batch):
+            model.embedder.embed([preprocess(decode_image(jpegs[(start + i) % len(jpegs)], limits)) for i in range(batch)])
+
+    run(batch * 10)  # warm-up
+    started = time.process_time()
+    run(images)
+    return (time.process_time() - started) / images * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dinov2-tiny", help="tiny preset from devtools.random_models")
@@ -71,7 +102,7 @@ def main() -> None:
     jpegs = list(bench_jpegs(args.side).values())
     model_dir = build(args.model, args.model_cache / args.model)
     with tempfile.TemporaryDirectory(prefix="imbeddings-overhead-") as tmp:
-        stack = start_stack(Path(tmp), model_dir, "float32", {"IMBEDDINGS_BACKEND": "torch", **dict(args.env)})
+        stack = start_stack(Path(tmp), model_dir, "float32", {"IMBEDDINGS_BACKEND": "torch", "IMBEDDINGS_TORCH_THREADS": "1", **dict(args.env)})
         try:
             bodies = one_image_bodies(jpegs, stack.port)
             warm = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, max(200, args.requests // 10)))
@@ -93,9 +124,11 @@ def main() -> None:
             redis_client = stack.redis.client()
             commands_before = _command_calls(redis_client)
             before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+            worker_main_before = cpu_seconds(stack.worker.pid)
             batches_before = stack.batch_totals()
             result = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, args.requests))
             after = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+            decoders = after["worker"] - before["worker"] - (cpu_seconds(stack.worker.pid) - worker_main_before)
             batches_after = stack.batch_totals()
             commands = _command_calls(redis_client) - commands_before
             for recorder in recorders:
@@ -112,6 +145,7 @@ def main() -> None:
                 "requests": args.requests,
                 "req_s": round(args.requests / result.wall_s, 1),
                 **{f"{name}_cpu_ms_per_req": round((after[name] - before[name]) / args.requests * 1000, 3) for name in pids},
+                "worker_decoders_cpu_ms_per_req": round(decoders / args.requests * 1000, 3),
                 "redis_commands_per_req": round(sum(commands.values()) / args.requests, 1),
                 "redis_top_commands_per_req": {name: round(n / args.requests, 2) for name, n in commands.most_common(12)},
                 "forward_ms_per_img": round((batches_after[2] - batches_before[2]) / (batches_after[1] - batches_before[1]) * 1000, 3),
@@ -123,9 +157,13 @@ def main() -> None:
             # The ceilings: requests per second one process would reach on a core of its own.
             row["api_ceiling_req_s"] = round(1000 / row["api_cpu_ms_per_req"], 1)
             row["worker_ceiling_img_s"] = round(1000 / row["worker_cpu_ms_per_req"], 1)
-            print(json.dumps(row), flush=True)
         finally:
             stack.stop()
+    # After the stack has stopped, so the reference does not share the CPUs with it.
+    row["pipeline_cpu_ms_per_img"] = round(pipeline_cpu_ms_per_img(model_dir, jpegs, max(1, round(row["mean_batch"])), args.requests), 3)
+    row["worker_own_cpu_ms_per_img"] = round(row["worker_cpu_ms_per_req"] - row["pipeline_cpu_ms_per_img"], 3)
+    row["worker_own_ceiling_img_s"] = round(1000 / max(row["worker_own_cpu_ms_per_img"], 1e-3), 1)
+    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

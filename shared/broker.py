@@ -24,6 +24,12 @@ treats that refusal as fatal in three places, each of which this transport chang
   stays in the unacknowledged hash and the sweep hands it out once Redis has room again.
 
 Script flags (``#!lua flags=...``) need Redis 7 or Valkey 7.2 or later.
+
+kombu builds a new ``redis.Redis`` for every command it sends outside the event loop (each
+delivery's bookkeeping, each acknowledgement), and building one costs more than the round trip on
+a local Redis (it copies the client's table of reply callbacks). The channels here build one per
+connection pool and reuse it: clients are thread-safe, and a new pool (after kombu drops its pools
+on a connection error) gets a new client.
 """
 
 from __future__ import annotations
@@ -94,6 +100,15 @@ class _ChannelFixes:
 
     QoS = QoS
     connection: Any
+    _pool_client: Any = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[misc]
+        pool = self.pool  # type: ignore[attr-defined]
+        if self._pool_client is None or self._pool_client.connection_pool is not pool:
+            self._pool_client = super()._create_client()  # type: ignore[misc]
+        return self._pool_client
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         if self.connection.client is None:

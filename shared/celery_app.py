@@ -29,6 +29,10 @@ def create_celery_app(settings: Settings) -> Celery:
         # Tasks running when the broker drops finish and store their results (stores are idempotent);
         # their messages, not acknowledged, come back once and are skipped as already done.
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # One message reserved per task thread. kombu's Redis transport pops one message per BRPOP
+        # whatever the multiplier, so a larger one saves no round trip; it would only hold more
+        # requests, unacknowledged, in a worker whose threads are all busy while another idles, and
+        # leave more for the visibility timeout to hand out again should that worker die.
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,

@@ -235,4 +235,6 @@ def node_name() -> str:
 def create_app(settings: Settings) -> Celery:
     from worker import tasks  # noqa: F401  (registers the Celery tasks with the app)
 
-    return create_celery_app(settings)
+    app = create_celery_app(settings)
+    app.conf.worker_consumer = "worker.consumer:EventBatchingConsumer"
+    return app

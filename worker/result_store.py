@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 from redis import Redis
 
 from shared.protocol import EmbedPayload, ItemResult, JobChunkPayload
 from shared.store.jobs import JobStore
-from shared.store.requests import RequestReplies
+from shared.store.requests import RequestReplies, StartedRequest
 from worker.tickets import Ticket
 
 
@@ -21,13 +22,22 @@ class ResultStore:
         self._jobs = JobStore(redis, prefix, job_ttl_s)
         self._replies = RequestReplies(redis, prefix, reply_ttl_s)
 
+    def start(self, payload: EmbedPayload, worker_name: str) -> StartedRequest | None:
+        """Claim a request and read its image bytes; None when the API has stopped waiting for it."""
+        return self._replies.start(payload, worker_name)
+
     def is_abandoned(self, reply_key: str) -> bool:
         return self._replies.abandoned(reply_key)
 
     def mark_withdrawn(self, tickets: list[Ticket]) -> None:
-        """Flag the tickets whose request the API has withdrawn (one round trip for them all)."""
-        asked = [ticket for ticket in tickets if ticket.reply_key is not None]
+        """Flag the tickets whose request the API has withdrawn (one round trip for them all; none
+        for tickets looked up moments ago)."""
+        asked = [ticket for ticket in tickets if ticket.reply_key is not None and ticket.lookup_due()]
+        if not asked:
+            return
+        now = time.monotonic()
         for ticket, abandoned in zip(asked, self._replies.abandoned_among([ticket.reply_key for ticket in asked])):
+            ticket.looked_up_at = now
             if abandoned:
                 ticket.withdrawn = True
 

@@ -23,9 +23,8 @@ from shared.errors import ErrorCode, oversized_dimensions
 from shared.logs import request_id_var
 from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult, JobChunkPayload
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
-from shared.store.claims import claim
 from worker import metrics
-from worker.images.sources import ImageInput, load_inputs
+from worker.images.sources import ImageInput, inputs_from, load_inputs
 from worker.pipeline import ModelPipeline, WorkerStopping
 from worker.result_store import ResultStore
 from worker.tickets import Ticket
@@ -77,11 +76,18 @@ def embed_refs(context: WorkerResources, model: str, refs: list[ImageRef], bulk:
     """Every ref's result, in order: a vector or an in-place error."""
     pipeline = context.pipelines.get(model)
     if pipeline is None:
-        error = ItemError(message=f"this worker does not serve model {model!r}", code=ErrorCode.MODEL_NOT_SERVED)
-        return [ItemResult(index=ref.index, error=error) for ref in refs]
-    loaded = load_inputs(context.redis, refs)
+        return _not_served(model, refs)
+    return embed_inputs(pipeline, load_inputs(context.redis, refs), bulk, ticket)
+
+
+def embed_inputs(pipeline: ModelPipeline, loaded: list[ImageInput | ItemResult], bulk: bool = False, ticket: Ticket | None = None) -> list[ItemResult]:
+    """Every input's result, in order; those already answered (their bytes expired) keep their error."""
     embedded = iter(pipeline.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk, ticket=ticket))
     return [next(embedded) if isinstance(item, ImageInput) else item for item in loaded]
+
+
+def _not_served(model: str, refs: list[ImageRef]) -> list[ItemResult]:
+    return _failed(refs, f"this worker does not serve model {model!r}", ErrorCode.MODEL_NOT_SERVED)
 
 
 def unsatisfiable_dimensions(context: WorkerResources, chunk: JobChunkPayload) -> ItemError | None:
@@ -123,17 +129,19 @@ def embed(self: WorkerTask, payload: dict) -> None:
         if request is None:
             return
         context = self.resources
-        if time.time() > request.deadline or context.store.is_abandoned(request.reply_key):
+        # Named as the request's holder, so the waiting API sends it again should this worker stop
+        # heartbeating: the broker would redeliver it only after the visibility timeout, past its deadline.
+        started_request = None if time.time() > request.deadline else context.store.start(request, context.node)
+        if started_request is None:
             log.info("skipping request the API stopped waiting for", extra={"model": request.model, "images": len(request.items)})
             metrics.TASKS.labels("embed", "skipped").inc()
             return
-        # Named as the request's holder, so the waiting API sends it again should this worker stop
-        # heartbeating: the broker would redeliver it only after the visibility timeout, past its deadline.
-        claim(context.redis, context.key_prefix, request.reply_key, context.node, request.deadline)
         started = time.perf_counter()
         try:
-            ticket = Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key))
-            results = embed_refs(context, request.model, request.items, ticket=ticket)
+            ticket = Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key), looked_up_at=time.monotonic())
+            pipeline = context.pipelines.get(request.model)
+            loaded = inputs_from(request.items, started_request.image_bytes())
+            results = _not_served(request.model, request.items) if pipeline is None else embed_inputs(pipeline, loaded, ticket=ticket)
         except WorkerStopping:
             # Not answered: the API sees this worker withdrawn and sends the request to another one.
             log.info("worker stopping: request left unanswered for the API to re-send", extra={"model": request.model})

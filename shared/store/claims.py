@@ -16,6 +16,7 @@ from enum import IntEnum
 
 import redis.asyncio
 from redis import Redis
+from redis.client import Pipeline
 
 from shared.store.registry import RegistryKeys
 
@@ -54,8 +55,9 @@ class ClaimKeys:
         return f"{self.prefix}claim:{reply_key}"
 
 
-def claim(redis: Redis, prefix: str, reply_key: str, worker_name: str, deadline: float) -> None:
-    """Mark the request as started by ``worker_name`` until a little past its deadline."""
+def claim(redis: Redis | Pipeline, prefix: str, reply_key: str, worker_name: str, deadline: float) -> None:
+    """Mark the request as started by ``worker_name`` until a little past its deadline (queued, when
+    ``redis`` is a pipeline)."""
     redis.set(ClaimKeys(prefix).claim(reply_key), worker_name, ex=max(1, math.ceil(deadline - time.time()) + 5))
 
 

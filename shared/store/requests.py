@@ -10,6 +10,9 @@ Three structures per request, all owned here:
 
 A job's image bytes live in a hash of the same layout named by the jobs store; ``store_image_bytes``
 and ``read_image_bytes`` serve both, the hash being named in each ``BlobRef``.
+
+A worker starting a request claims it (``shared.store.claims``), checks the flag and reads the bytes
+in one round trip (``RequestReplies.start``); its reply and the deletion of the bytes are one script.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from dataclasses import dataclass
 import redis.asyncio
 from redis import Redis
 from redis.asyncio.client import Pipeline as AsyncPipeline
+from redis.client import Pipeline
 
 from shared.protocol import BlobRef, EmbedPayload
+from shared.store.claims import claim
 
 # Commands per pipeline when storing image bytes: a 100,000-image job is not one giant command buffer.
 PIPELINE_COMMANDS = 256
@@ -76,15 +81,35 @@ async def _flush_with_expiry(pipe: AsyncPipeline, blob_key: str, ttl_s: int) -> 
     await pipe.execute()
 
 
+class _ImageBytesRead:
+    """One HMGET per hash holding the refs' bytes, queued on a pipeline; then each ref's bytes."""
+
+    def __init__(self, refs: list[BlobRef]) -> None:
+        self._refs = refs
+        self._fields: dict[str, list[str]] = {}
+        for ref in refs:
+            self._fields.setdefault(ref.blob_key, []).append(str(ref.index))
+
+    def queue(self, pipe: Pipeline) -> None:
+        for key, names in self._fields.items():
+            pipe.hmget(key, names)
+
+    def result(self, replies: list[list[bytes | None]]) -> list[bytes | None]:
+        """Each ref's bytes (None where they expired), from the replies to ``queue``'s commands."""
+        found: dict[tuple[str, str], bytes | None] = {}
+        for (key, names), values in zip(self._fields.items(), replies, strict=True):
+            found.update(zip(((key, name) for name in names), values))
+        return [found[(ref.blob_key, str(ref.index))] for ref in self._refs]
+
+
 def read_image_bytes(redis: Redis, refs: list[BlobRef]) -> list[bytes | None]:
-    """Each ref's image bytes (None where they expired), one round trip per hash."""
-    fields: dict[str, list[str]] = {}
-    for ref in refs:
-        fields.setdefault(ref.blob_key, []).append(str(ref.index))
-    found: dict[tuple[str, str], bytes | None] = {}
-    for key, names in fields.items():
-        found.update(zip(((key, name) for name in names), redis.hmget(key, names)))
-    return [found[(ref.blob_key, str(ref.index))] for ref in refs]
+    """Each ref's image bytes (None where they expired), in one round trip."""
+    if not refs:
+        return []
+    read = _ImageBytesRead(refs)
+    pipe = redis.pipeline(transaction=False)
+    read.queue(pipe)
+    return read.result(pipe.execute())
 
 
 @dataclass(frozen=True)
@@ -123,14 +148,49 @@ class RequestExchange:
         await pipe.execute(raise_on_error=False)
 
 
+@dataclass(frozen=True)
+class StartedRequest:
+    """A request a worker has claimed, with the replies to the read of its image bytes."""
+
+    _read: _ImageBytesRead
+    _replies: list[list[bytes | None] | Exception]
+
+    def image_bytes(self) -> list[bytes | None]:
+        """The bytes of each ``BlobRef`` of the request's items, in order (None where they expired);
+        raises what Redis refused."""
+        values: list[list[bytes | None]] = []
+        for reply in self._replies:
+            if isinstance(reply, Exception):
+                raise reply
+            values.append(reply)
+        return self._read.result(values)
+
+
 class RequestReplies:
     """The worker's side (synchronous client): whether a request is still wanted, and its reply."""
 
     def __init__(self, redis: Redis, prefix: str, reply_ttl_s: int) -> None:
         self._redis = redis
+        self._prefix = prefix
         self._keys = RequestKeys(prefix)
         self._ttl_s = reply_ttl_s
         self._reply = redis.register_script(REPLY)
+
+    def start(self, payload: EmbedPayload, worker_name: str) -> StartedRequest | None:
+        """Claim the request for ``worker_name``, check that the API still waits for it, and read its
+        image bytes, in one round trip. None when the API has stopped waiting (the claim, set anyway,
+        expires unread). Raises what Redis refused of the claim (a full Redis refuses it); what it
+        refused of the read is raised by ``StartedRequest.image_bytes``."""
+        read = _ImageBytesRead([ref for ref in payload.items if isinstance(ref, BlobRef)])
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.exists(self._keys.abandoned(payload.reply_key))
+        claim(pipe, self._prefix, payload.reply_key, worker_name, payload.deadline)
+        read.queue(pipe)
+        abandoned, claimed, *replies = pipe.execute(raise_on_error=False)
+        for reply in (abandoned, claimed):
+            if isinstance(reply, Exception):
+                raise reply
+        return None if abandoned else StartedRequest(read, replies)
 
     def abandoned(self, reply_key: str) -> bool:
         return bool(self._redis.exists(self._keys.abandoned(reply_key)))

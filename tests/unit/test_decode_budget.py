@@ -18,7 +18,7 @@ from shared.settings import REPO_ROOT, Settings
 from tests.support import hostile_images as hostile
 from worker.errors import ImageInputError
 from worker.images.decode import DecodeLimits, ResizeRule, decode_image
-from worker.images.decode_pool import DecodePool
+from worker.images.decode_pool import DecodePool, decodes_in_place
 from worker.images.limits import InputLimits
 
 DEFAULTS = Settings()
@@ -148,3 +148,29 @@ def test_a_child_killed_while_idle_is_replaced_without_failing_the_image(pool: D
     child.process.wait()
     assert pool.decode(photo, LIMITS).shape == (600, 800, 3)
     assert child not in pool._all
+
+
+def test_small_jpegs_and_pngs_are_decoded_in_place_within_a_small_share_of_the_budget(pool: DecodePool) -> None:
+    """Small JPEGs and PNGs skip the child (it may be dead: it is not asked) and give the same pixels;
+    the heaviest JPEG that qualifies (the largest size, the most scans allowed) costs a small share of
+    the CPU budget, and small hostile files are refused in place with the limit named."""
+    photo = Image.open(BENCH / "horse_800x600.jpg")
+    small = [encode(photo.resize((256, 192)), "JPEG", quality=90), encode(photo.resize((512, 384)), "PNG")]
+    (child,) = pool._all
+    child.process.kill()
+    child.process.wait()
+    for data in small:
+        assert decodes_in_place(data)
+        assert np.array_equal(pool.decode(data, LIMITS), np.asarray(decode_image(data, LIMITS)))
+    assert child in pool._all  # never asked, so never replaced
+    heaviest = hostile.jpeg_many_scans(DEFAULTS.jpeg_max_scans, (512, 512))
+    assert decodes_in_place(heaviest)
+    started = time.process_time()
+    assert pool.decode(heaviest, LIMITS).shape == (512, 512, 3)
+    spent = time.process_time() - started
+    print(f"heaviest in-place JPEG: {len(heaviest)} bytes, {DEFAULTS.jpeg_max_scans} scans, {spent * 1000:.1f} ms CPU")
+    assert spent < DEFAULTS.decode_cpu_seconds / 10
+    with pytest.raises(ImageInputError, match="IMBEDDINGS_JPEG_MAX_SCANS"):
+        pool.decode(hostile.jpeg_many_scans(DEFAULTS.jpeg_max_scans + 1, (256, 192)), LIMITS)
+    assert not decodes_in_place((BENCH / "horse_800x600.jpg").read_bytes())  # 800x600: over the pixels
+    assert not decodes_in_place(hostile.tiff_gray16(64))  # not JPEG or PNG

@@ -9,6 +9,12 @@ child's address space is capped, so a decode past the byte budget fails inside i
 MemoryError. A killed or crashed child is replaced by a fresh one. Pixels come back as 8-bit RGB
 in the child's memfd, which the worker reads into an array of its own before the child may take
 the next image.
+
+Small JPEGs and PNGs (``IN_PLACE_MAX_BYTES``, ``IN_PLACE_MAX_PIXELS``) are decoded in the calling
+thread instead: their bytes and pixels bound their decode far below the CPU and byte budgets
+(``tests/unit/test_decode_budget.py`` decodes the heaviest such file), and the round trip to a
+child would cost more than the decode itself. Only libjpeg's and libpng's decoders, the most
+exercised ones, run in the worker this way; every other format always goes to a child.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import queue
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -30,7 +37,7 @@ import numpy as np
 
 from shared.errors import ErrorCode
 from worker.errors import ImageInputError
-from worker.images.decode import DecodeLimits
+from worker.images.decode import DecodeLimits, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,9 @@ STOP_GRACE_S = 2.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _ROOT = Path(__file__).resolve().parents[2]
 READY = b"ready"
+# A JPEG or PNG at most this large, declaring at most this many pixels, is decoded in the calling thread.
+IN_PLACE_MAX_BYTES = 64 * 1024
+IN_PLACE_MAX_PIXELS = 512 * 512
 
 
 class DecodeAbandoned(Exception):
@@ -141,6 +151,10 @@ class DecodePool:
     def decode(self, data: bytes, limits: DecodeLimits, deadline: float | None = None) -> np.ndarray:
         """The image as an ``(H, W, 3)`` uint8 array; ``ImageInputError`` when it cannot be used,
         including when its decode ran past the CPU budget or ``deadline`` (epoch seconds)."""
+        if decodes_in_place(data):
+            if self._stopped():
+                raise DecodeAbandoned
+            return np.asarray(decode_image(data, limits))
         child = self._take()
         try:
             try:
@@ -216,6 +230,43 @@ class DecodePool:
         self._closed = True
         for child in list(self._all):
             self._retire(child)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Start-of-frame markers (the frame header holds the size); C4, C8 and CC share the range but are not frames.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def decodes_in_place(data: bytes) -> bool:
+    """A JPEG or PNG small enough in bytes and in the pixels its header declares to skip the child."""
+    if len(data) > IN_PLACE_MAX_BYTES:
+        return False
+    size = _declared_size(data)
+    return size is not None and 0 < size[0] * size[1] <= IN_PLACE_MAX_PIXELS
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR or a JPEG's first frame header; None for anything else."""
+    if data.startswith(_PNG_SIGNATURE):
+        return struct.unpack_from(">II", data, 16) if len(data) >= 24 and data[12:16] == b"IHDR" else None
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    position = 2
+    while position + 9 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker in _JPEG_FRAMES:
+            height, width = struct.unpack_from(">HH", data, position + 5)
+            return width, height
+        elif marker in (0xDA, 0xD9):  # scan data or the end before any frame header
+            return None
+        elif marker in _JPEG_STANDALONE:
+            position += 2
+        else:
+            position += 2 + struct.unpack_from(">H", data, position + 2)[0]
+    return None
 
 
 def _read_rgb(pixels: int, width: int, height: int) -> np.ndarray:

@@ -21,9 +21,14 @@ class ImageInput:
 
 
 def load_inputs(redis: Redis, refs: list[ImageRef]) -> list[ImageInput | ItemResult]:
-    """Read a task's stored images (one round trip per hash); a missing one is reported in place."""
-    blobs = [ref for ref in refs if isinstance(ref, BlobRef)]
-    stored = iter(read_image_bytes(redis, blobs))  # in the order of ``blobs``
+    """Read a task's stored images (one round trip); a missing one is reported in place."""
+    return inputs_from(refs, read_image_bytes(redis, [ref for ref in refs if isinstance(ref, BlobRef)]))
+
+
+def inputs_from(refs: list[ImageRef], stored_bytes: list[bytes | None]) -> list[ImageInput | ItemResult]:
+    """The pipeline's inputs, given the bytes read for the refs' ``BlobRef``s (in their order; None
+    where they expired, reported in place)."""
+    stored = iter(stored_bytes)
     loaded: list[ImageInput | ItemResult] = []
     for ref in refs:
         if isinstance(ref, UrlRef):
