@@ -41,6 +41,8 @@ from shared.errors import ErrorCode
 from shared.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
+# The C parser by name: ijson would fall back to its pure-Python one, far too slow for a job's body.
+_IJSON = ijson.get_backend("yajl2_c")
 
 # A request names each image in at most 10 JSON values and separators
 # (`{"type":"image","image_url":"..."},`) and says the rest (model, pooling, ...) in under 64:
@@ -150,7 +152,7 @@ class StreamedJSONObject:
         self._members: dict[str, Any] = {}
         self._document: Any = _ABSENT  # the whole body, when it is not an object
         self._events = ijson.sendable_list()
-        self._parser = ijson.basic_parse_coro(self._events, use_float=True)
+        self._parser = _IJSON.basic_parse_coro(self._events, use_float=True)
         self._values = 0
         self._in_object = False
         self._in_array = False
@@ -161,6 +163,8 @@ class StreamedJSONObject:
 
     def feed(self, data: bytes) -> list[tuple[int, Any]]:
         """The items ``data`` completed, with their positions; ApiError when the body is malformed or over a bound."""
+        if not data:  # to the parser, an empty send is the end of the body
+            return []
         try:
             self._parser.send(data)
         except ijson.JSONError as exc:
