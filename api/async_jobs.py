@@ -207,7 +207,9 @@ class _BodyWindow:
         self._in_parser = 0
 
     def hold(self, unread: int, unstored: int) -> None:
-        if not self._hold.resize(unread + self._in_parser + unstored):
+        # The three are parts of what was received (an image decoded is smaller than its base64), so
+        # never more than that: a job within the body limit fits the smallest budget allowed.
+        if not self._hold.resize(min(unread + self._in_parser + unstored, self.received)):
             raise self._hold.budget.refusal(self.received)
 
     def fed(self, size: int, completed_items: bool) -> None:

@@ -50,8 +50,7 @@ class UploadAPI:
         return host, int(port)
 
     def buffered_body_bytes(self) -> float:
-        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
-        return float(next(line for line in text.splitlines() if line.startswith("imbeddings_http_buffered_body_bytes ")).split()[1])
+        return _buffered(self.base_url)
 
     def job_keys(self) -> list[bytes]:
         return sorted(self.store.scan_iter(match="imb:job:*", count=1000))
@@ -187,3 +186,36 @@ def test_a_stalled_job_upload_gets_408_and_leaves_nothing(allow_list: Path, tiny
         wait_until(lambda: list(store.scan_iter(match="imb:job:*")) == [], 10, what="the job's images to be deleted")
     finally:
         api.stop()
+
+
+def test_a_job_upload_shares_the_body_budget(allow_list: Path, tiny_models: dict[str, Path], tmp_path: Path, own_redis: RedisServer) -> None:
+    """With the budget at its smallest (the body limit, 16 MiB here) and held by another upload, a job
+    gets 429 with Retry-After once it holds its first bytes, and leaves nothing; once the other
+    upload is gone, the same job goes in."""
+    limit = str(16 * MiB)
+    env = service_env(own_redis.url, allow_list, tiny_models, IMBEDDINGS_MAX_REQUEST_BYTES=limit, IMBEDDINGS_MAX_BUFFERED_BYTES=limit)
+    api, base_url = start_api(env, tmp_path / "api.log")
+    store = redis.Redis.from_url(own_redis.url)
+    host, port = base_url.removeprefix("http://").split(":")
+    body = b'{"input": [' + _items(30, data_uri(PHOTO)) + b"]}"
+    try:
+        with socket.create_connection((host, int(port)), timeout=30) as other:
+            other.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{" % (16 * MiB))
+            wait_until(lambda: _buffered(base_url) == 16 * MiB, 10, what="the other upload to hold the budget")
+            with httpx.Client(base_url=base_url, timeout=60) as client:
+                refused = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+            print(f"job while the budget is held: {refused.status_code} {refused.text[:200]}")
+            assert refused.status_code == 429 and refused.headers["Retry-After"] == "2"
+            assert refused.json()["error"]["code"] == "too_many_bytes_in_flight"
+            assert list(store.scan_iter(match="imb:job:*")) == []
+        wait_until(lambda: _buffered(base_url) == 0, 10, what="the budget to be released")
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            accepted = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+        assert accepted.status_code == 202 and accepted.json()["total"] == 30, accepted.text
+    finally:
+        api.stop()
+
+
+def _buffered(base_url: str) -> float:
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return float(next(line for line in text.splitlines() if line.startswith("imbeddings_http_buffered_body_bytes ")).split()[1])
