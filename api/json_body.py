@@ -289,7 +289,7 @@ class _ParsedRequest(Request):
         return self._document
 
 
-def not_json(request: Request) -> None:
+def require_json(request: Request) -> None:
     """For a route that reads its body itself: a body that is not declared JSON is refused as FastAPI
     refuses it (a request without Content-Type included)."""
     if not _is_json(request.headers.get("content-type", "")):

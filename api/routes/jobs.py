@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from api.async_jobs import cancel_job, create_streamed_job, get_job, job_not_found, result_lines, result_page
 from api.deps import KeyIdDep, StateDep
 from api.errors import ERROR_RESPONSES
-from api.json_body import not_json
+from api.json_body import require_json
 from api.responses import JSONBytesResponse
 from shared.store.jobs import JobView, is_job_id
 
@@ -19,7 +19,7 @@ router = APIRouter()
 
 SUBMIT_PATH = "/jobs"
 
-# A job's body is read as it arrives (api.async_jobs.submit_job), not by FastAPI, so its schema, that of
+# A job's body is read as it arrives (api.async_jobs.create_streamed_job), not by FastAPI, so its schema, that of
 # /v1/embeddings, is named here.
 JOB_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}}}
 
@@ -50,7 +50,7 @@ class JobResultsPage(BaseModel):
     summary="Submit an embedding job (large inputs allowed)",
 )
 async def submit_job(request: Request, key_id: KeyIdDep, state: StateDep) -> JobView:
-    not_json(request)
+    require_json(request)
     job = await create_streamed_job(state, request.stream(), request.state.body_hold, request.state.request_id, key_id)
     request.state.model = job.model
     return job
