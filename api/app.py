@@ -68,6 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_bytes=settings.max_request_bytes,
         budget=BodyBudget(settings.max_buffered_bytes),
         timeout_s=settings.body_timeout_s,
+        streamed_paths=frozenset({v1.prefix + jobs.SUBMIT_PATH}),
     )
     app.add_middleware(ObservabilityMiddleware)
     return app

@@ -89,26 +89,25 @@ def parse_one(index: int, value: str, max_image_bytes: int) -> ParsedInput:
     return _base64_ref(index, text, max_image_bytes)
 
 
-def parse_inputs(raw: str | list[str | ImageObject], max_inputs: int, max_image_bytes: int, strict: bool = True) -> list[ParsedInput]:
-    """Strict (a request): the first malformed input refuses the whole request with a 400.
-    Lenient (a job): a malformed input becomes that item's error and the rest go ahead."""
+def parse_inputs(raw: str | list[str | ImageObject], max_inputs: int, max_image_bytes: int) -> list[ParsedInput]:
+    """A request's images: the first malformed input refuses the whole request with a 400."""
     values = [raw] if isinstance(raw, str) else raw
     if not values:
         raise ApiError(ErrorCode.INVALID_REQUEST, "input is empty: give at least one image", param="input")
     if len(values) > max_inputs:
         raise ApiError(ErrorCode.TOO_MANY_INPUTS, f"input has {len(values)} images, over the limit of {max_inputs} per request", param="input")
-    images = []
-    for index, value in enumerate(values):
-        try:
-            images.append(_parse_value(index, value, max_image_bytes))
-        except ApiError as exc:
-            if strict:
-                raise
-            images.append(ParsedInput(index=index, error=ItemError(message=exc.message, code=exc.code)))
-    return images
+    return [parse_item(index, value, max_image_bytes) for index, value in enumerate(values)]
 
 
-def _parse_value(index: int, value: str | ImageObject, max_image_bytes: int) -> ParsedInput:
+def parse_job_item(index: int, value: str | ImageObject, max_image_bytes: int) -> ParsedInput:
+    """One image of a job: a malformed one becomes that item's error, and the rest of the job goes ahead."""
+    try:
+        return parse_item(index, value, max_image_bytes)
+    except ApiError as exc:
+        return ParsedInput(index=index, error=ItemError(message=exc.message, code=exc.code))
+
+
+def parse_item(index: int, value: str | ImageObject, max_image_bytes: int) -> ParsedInput:
     if not isinstance(value, ImageObject):
         return parse_one(index, value, max_image_bytes)
     if value.image_base64 is None:

@@ -71,9 +71,12 @@ class MemoryBudget:
 
     async def need(self, model: str, images: list[ParsedInput]) -> int:
         """What storing these images and, later, their results adds to Redis."""
+        return sum(len(image.data) for image in images if image.data is not None) + await self.results_need(model, len(images))
+
+    async def results_need(self, model: str, count: int) -> int:
+        """What ``count`` results of ``model`` will add to Redis."""
         info = await self._registry.model_info(model)
-        dim = info.dim if info is not None else UNKNOWN_DIM
-        return sum(len(image.data) for image in images if image.data is not None) + len(images) * result_bytes(dim)
+        return count * result_bytes(info.dim if info is not None else UNKNOWN_DIM)
 
     @asynccontextmanager
     async def reserve(self, need: int, what: str) -> AsyncIterator[None]:

@@ -8,11 +8,12 @@ import time
 import uuid
 
 import anyio
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
 from api.body_budget import BodyBudget
-from api.errors import ERRORS, error_json
+from api.errors import ERRORS, ApiError, error_json
 from shared.errors import ErrorCode
 from shared.logs import request_id_var
 
@@ -21,8 +22,8 @@ access_log = logging.getLogger("api.access")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # How long a refused upload is read and discarded after its 413 or 429, so the client can read the answer.
 DRAIN_SECONDS = 10.0
-# A body refused for want of room is worth retrying soon: most bodies in flight are parsed and answered within seconds.
-BUSY_RETRY_AFTER_S = 2
+# Refusals made while a body is still arriving end the connection: the rest of it is not worth reading.
+CLOSE = {"Connection": "close"}
 
 
 class ObservabilityMiddleware:
@@ -94,7 +95,8 @@ class BodyLimitMiddleware:
       hundreds of slow uploads announcing 60 MB each cannot buffer 60 MB each.
 
     The body is then replayed to the app (FastAPI would buffer it anyway), so a refused upload never
-    reaches a route.
+    reaches a route. Routes in ``streamed_paths`` (``POST /v1/jobs``) read their body as it arrives
+    instead, under the same limits (see ``_stream``).
 
     A refusal sent while the client is still uploading would be lost to most clients if the server
     then closed the socket: closing with unread input makes the kernel reset the connection, and
@@ -104,9 +106,17 @@ class BodyLimitMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, budget: BodyBudget, timeout_s: float, drain_bytes: int | None = None, drain_s: float = DRAIN_SECONDS
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        budget: BodyBudget,
+        timeout_s: float,
+        drain_bytes: int | None = None,
+        drain_s: float = DRAIN_SECONDS,
+        streamed_paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
+        self.streamed_paths = streamed_paths
         self.max_bytes = max_bytes
         self.budget = budget
         self.timeout_s = timeout_s
@@ -125,6 +135,9 @@ class BodyLimitMiddleware:
         expects_continue = headers.get(b"expect", b"").lower() == b"100-continue"
         if declared is not None and declared > self.max_bytes:
             await self._too_large(receive, send, drain=not expects_continue)
+            return
+        if scope["path"] in self.streamed_paths:
+            await self._stream(scope, receive, send, expects_continue)
             return
         with self.budget.hold() as held:
             if declared is not None and not held.grow_to(declared):
@@ -150,7 +163,7 @@ class BodyLimitMiddleware:
                         break
                     chunks.append(chunk)
             if deadline.cancelled_caught:
-                await self._refuse(send, ErrorCode.BODY_TIMEOUT, f"the request body did not arrive within {self.timeout_s:g} s of its headers", {})
+                await self._refuse(send, ErrorCode.BODY_TIMEOUT, self._late_message(), {})
                 return
             if refused == 413:
                 await self._too_large(receive, send, drain=more)
@@ -171,18 +184,68 @@ class BodyLimitMiddleware:
 
             await self.app(scope, replay, send)
 
+    async def _stream(self, scope: Scope, receive: Receive, send: Send, expects_continue: bool) -> None:
+        """The app reads the body as it arrives. The size and time limits hold chunk by chunk: a
+        chunk past them raises the 413 or 408 into the route (which then undoes what it stored) and
+        the error answer goes out as FastAPI's. The route accounts on ``request.state.body_hold``
+        what it holds of the body at a time, against the same budget. Whatever the app answers
+        before the body has been read (a refusal, a 401), the rest of the upload is read and thrown
+        away before the answer ends, so the client can read it (see the class's note)."""
+        deadline = anyio.current_time() + self.timeout_s
+        size = 0
+        read = False
+        done = False
+        late = False
+
+        async def receive_within_limits() -> Message:
+            nonlocal size, read, done, late
+            if done:
+                return await receive()  # after the body only the disconnect is left
+            read = True
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return message
+                size += len(message.get("body", b""))
+                done = not message.get("more_body", False)
+                if size > self.max_bytes:
+                    raise ApiError(ErrorCode.REQUEST_TOO_LARGE, self._too_large_message(), headers=CLOSE)
+                return message
+            late = True
+            raise ApiError(ErrorCode.BODY_TIMEOUT, self._late_message(), headers=CLOSE)
+
+        async def send_after_the_body(message: Message) -> None:
+            # A client that asked to continue and was never told to has sent nothing to read.
+            unread = not done and not late and (read or not expects_continue)
+            if message["type"] != "http.response.body" or message.get("more_body", False) or not unread:
+                await send(message)
+                return
+            await send({**message, "more_body": True})
+            await self._drain(receive)
+            await send({"type": "http.response.body", "body": b""})
+
+        with self.budget.hold() as held:
+            scope["state"]["body_hold"] = held
+            try:
+                await self.app(scope, receive_within_limits, send_after_the_body)
+            except ClientDisconnect:
+                return
+
+    def _too_large_message(self) -> str:
+        return f"request body is larger than the limit of {self.max_bytes} bytes"
+
+    def _late_message(self) -> str:
+        return f"the request body did not arrive within {self.timeout_s:g} s of its headers"
+
     async def _too_large(self, receive: Receive, send: Send, drain: bool) -> None:
-        await self._refuse(send, ErrorCode.REQUEST_TOO_LARGE, f"request body is larger than the limit of {self.max_bytes} bytes", {}, more=drain)
+        await self._refuse(send, ErrorCode.REQUEST_TOO_LARGE, self._too_large_message(), {}, more=drain)
         if drain:
             await self._drain(receive)
             await send({"type": "http.response.body", "body": b""})
 
     async def _over_budget(self, size: int, receive: Receive, send: Send, drain: bool) -> None:
-        message = (
-            f"the server is receiving too many request bodies at once ({self.budget.held} bytes held, limit {self.budget.limit}); "
-            f"this one ({size} bytes so far or declared) does not fit now: retry after {BUSY_RETRY_AFTER_S} s"
-        )
-        await self._refuse(send, ErrorCode.TOO_MANY_BYTES_IN_FLIGHT, message, {"retry-after": str(BUSY_RETRY_AFTER_S)}, more=drain)
+        refusal = self.budget.refusal(size)
+        await self._refuse(send, refusal.code, refusal.message, {name.lower(): value for name, value in (refusal.headers or {}).items()}, more=drain)
         if drain:
             await self._drain(receive)
             await send({"type": "http.response.body", "body": b""})

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from api.async_jobs import cancel_job, create_job, get_job, job_not_found, result_lines, result_page
+from api.async_jobs import cancel_job, create_streamed_job, get_job, job_not_found, result_lines, result_page
 from api.deps import KeyIdDep, StateDep
 from api.errors import ERROR_RESPONSES
-from api.json_body import bounded_json_route
+from api.json_body import require_json
 from api.responses import JSONBytesResponse
-from api.schemas import EmbeddingRequest
 from shared.store.jobs import JobView, is_job_id
 
-router = APIRouter(route_class=bounded_json_route(attrgetter("max_job_inputs")))
+router = APIRouter()
+
+SUBMIT_PATH = "/jobs"
+
+# A job's body is read as it arrives (api.async_jobs.create_streamed_job), not by FastAPI, so its schema, that of
+# /v1/embeddings, is named here.
+JOB_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}}}
 
 
 def valid_job_id(job_id: Annotated[str, Path(description="A job id as POST /v1/jobs returned it: job_ and 24 hex digits.")], state: StateDep) -> str:
@@ -37,9 +41,17 @@ class JobResultsPage(BaseModel):
 
 
 # The routes return the stored JobRecord; response_model=JobView keeps the answer to what clients see.
-@router.post("/jobs", status_code=202, response_model=JobView, responses=ERROR_RESPONSES, summary="Submit an embedding job (large inputs allowed)")
-async def submit_job(body: EmbeddingRequest, request: Request, key_id: KeyIdDep, state: StateDep) -> JobView:
-    job = await create_job(state, body, request.state.request_id, key_id)
+@router.post(
+    SUBMIT_PATH,
+    status_code=202,
+    response_model=JobView,
+    responses=ERROR_RESPONSES,
+    openapi_extra=JOB_BODY,
+    summary="Submit an embedding job (large inputs allowed)",
+)
+async def submit_job(request: Request, key_id: KeyIdDep, state: StateDep) -> JobView:
+    require_json(request)
+    job = await create_streamed_job(state, request.stream(), request.state.body_hold, request.state.request_id, key_id)
     request.state.model = job.model
     return job
 
