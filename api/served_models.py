@@ -14,10 +14,6 @@ def resolve_model(state: AppState, requested: str | None) -> str:
     return model
 
 
-async def live_workers(state: AppState, model: str) -> int:
-    return await state.registry.live_workers(model)
-
-
 async def validate_dimensions(state: AppState, model: str, dimensions: int | None) -> None:
     """Refuse a truncation longer than the vectors, when a worker has told us how long they are."""
     if dimensions is None:
@@ -28,5 +24,5 @@ async def validate_dimensions(state: AppState, model: str, dimensions: int | Non
 
 
 async def require_served(state: AppState, model: str) -> None:
-    if await live_workers(state, model) == 0:
+    if await state.registry.live_workers(model) == 0:
         raise ApiError(ErrorCode.MODEL_NOT_SERVED, f"no worker is serving model {model!r} right now; retry later", param="model", headers={"Retry-After": "5"})

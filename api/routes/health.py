@@ -15,7 +15,6 @@ from api import metrics
 from api.auth import require_api_key
 from api.deps import StateDep
 from api.responses import JSONBytesResponse
-from api.served_models import live_workers
 
 router = APIRouter()
 
@@ -30,7 +29,7 @@ async def ready(state: StateDep) -> JSONBytesResponse:
     model = state.settings.default_model
     try:
         await state.redis.ping()
-        workers = await live_workers(state, model)
+        workers = await state.registry.live_workers(model)
     except RedisError as exc:
         return JSONBytesResponse(
             {"status": "unavailable", "redis": f"unreachable ({type(exc).__name__})", "default_model": model, "workers": 0},

@@ -7,7 +7,6 @@ from fastapi import APIRouter
 from api.deps import StateDep
 from api.errors import ERROR_RESPONSES, ApiError
 from api.schemas import ModelCard, ModelList
-from api.served_models import live_workers
 from api.state import AppState
 from shared.errors import ErrorCode
 from shared.protocol import ModelInfo, ModelShape
@@ -16,7 +15,7 @@ router = APIRouter()
 
 
 async def _card(state: AppState, model: str, infos: dict[str, ModelInfo]) -> ModelCard:
-    workers = await live_workers(state, model)
+    workers = await state.registry.live_workers(model)
     info = infos.get(model)
     shape = info.model_dump(include=set(ModelShape.model_fields)) if info else {}
     return ModelCard(id=model, served=workers > 0, workers=workers, **shape)
