@@ -19,6 +19,7 @@ import redis.asyncio
 from celery import Celery
 from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as frame
+from redis.asyncio.client import Pipeline as AsyncPipeline
 
 # kombu's default: a message for the anonymous exchange on a queue without priorities.
 PRIORITY = 0
@@ -54,10 +55,14 @@ class TaskPublisher:
             {"body": encoded, "content-encoding": content_encoding, "content-type": content_type, "headers": task.headers, "properties": properties}
         )
 
+    def queue(self, pipe: AsyncPipeline, name: str, payload: dict[str, Any]) -> None:
+        """Queue the task's publish on ``pipe`` (a caller's transaction or pipeline)."""
+        pipe.lpush(*self.message(name, payload))
+
     async def publish(self, name: str, payloads: list[dict[str, Any]]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for payload in payloads:
-            pipe.lpush(*self.message(name, payload))
+            self.queue(pipe, name, payload)
             if len(pipe) >= PIPELINE_MESSAGES:
                 await pipe.execute()
         if len(pipe):

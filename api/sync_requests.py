@@ -37,14 +37,8 @@ async def check_job_backpressure(state: AppState, model: str) -> None:
 
 async def stash_images(state: AppState, blobs_key: str, images: list[ParsedInput], ttl_s: int) -> list[ImageRef]:
     """Store image bytes in one Redis hash for the workers, and reference them; URLs pass as they are."""
-    refs: list[ImageRef] = []
-    for image in images:
-        if image.data is not None:
-            refs.append(BlobRef(index=image.index, blob_key=blobs_key))
-        elif image.url is not None:
-            refs.append(UrlRef(index=image.index, url=image.url))
     await store_image_bytes(state.redis, blobs_key, ((image.index, image.data) for image in images if image.data is not None), ttl_s)
-    return refs
+    return _refs(blobs_key, images)
 
 
 async def publish(state: AppState, name: str, payloads: list[dict[str, object]]) -> None:
@@ -59,9 +53,11 @@ class ClientGone(Exception):
 async def embed_and_wait(
     state: AppState, key_id: str, model: str, images: list[ParsedInput], request_id: str, client_gone: Callable[[], Awaitable[None]]
 ) -> list[ItemResult]:
-    """Enqueue the images and wait for their results until the request's deadline; they count
-    against the key's quota until then.
+    """Admit the request, enqueue its images and wait for their results until the request's
+    deadline; they count against the key's quota until then.
 
+    Three round trips to Redis before the wait's end: the admission script, the image bytes with the
+    task (one transaction, so a full Redis cannot take the task without its bytes), and the release.
     However the wait ends without an answer (deadline, client gone, an error), the request is
     withdrawn, so no worker computes it. ``client_gone()`` completes when the client disconnects.
     """
@@ -69,38 +65,50 @@ async def embed_and_wait(
     deadline = time.time() + timeout
     # Keys are per dispatch, not per request id: clients choose X-Request-ID and may reuse it.
     work_id = uuid.uuid4().hex
-    await state.quotas.admit(key_id, model, work_id, len(images), deadline)
     exchange = state.requests.open(work_id)
     admitted: Admission | None = None
     reply: bytes | None = None
+    need = await state.memory.need(model, images)
     try:
         # The images' bytes are held against the memory budget until Redis counts them itself.
-        async with state.memory.reserve(await state.memory.need(model, images), "request"):
-            admitted = await state.ledger.admit(model, work_id, len(images), deadline)
-            refs = await stash_images(state, exchange.blobs_key, images, ttl_s=int(timeout) + 60)
-        payload = EmbedPayload(request_id=request_id, model=model, items=refs, reply_key=exchange.reply_key, deadline=deadline)
-        await publish(state, EMBED_TASK, [payload.model_dump()])
+        with state.memory.hold(need) as others_in_flight:
+            admitted = await state.admission.admit(key_id, model, work_id, len(images), deadline, need, others_in_flight)
+            refs = _refs(exchange.blobs_key, images)
+            payload = EmbedPayload(request_id=request_id, model=model, items=refs, reply_key=exchange.reply_key, deadline=deadline)
+            send = state.redis.pipeline(transaction=True)
+            state.requests.stash(send, exchange, ((image.index, image.data) for image in images if image.data is not None), ttl_s=int(timeout) + 60)
+            state.tasks.queue(send, EMBED_TASK, payload.model_dump())
+            await send.execute()
         reply = await _wait_for_reply(state, exchange, payload, client_gone)
     finally:
-        # Shielded: a cancelled request (its client left) must still withdraw and leave the ledger.
-        # A request refused before it entered the ledger was never queued: nothing to withdraw.
-        await asyncio.shield(_finish(state, key_id, work_id, admitted, admitted is not None and reply is None, exchange, timeout))
+        # Shielded: a cancelled request (its client left) must still withdraw and release what it held.
+        # A request refused at admission was never queued and holds nothing.
+        if admitted is not None:
+            await asyncio.shield(_finish(state, admitted, reply is None, exchange, timeout))
     if reply is None:
         raise ApiError(ErrorCode.TIMEOUT, f"no worker answered within {timeout:g} s; the request was withdrawn")
     return [ItemResult.model_validate(item) for item in orjson.loads(reply)]
 
 
-async def _finish(state: AppState, key_id: str, work_id: str, admitted: Admission | None, withdrawn: bool, exchange: SyncRequest, timeout: float) -> None:
-    """Withdraw the request if it had no answer, and release what it held (``admitted`` is None
-    when it was refused before it entered the ledger)."""
+def _refs(blobs_key: str, images: list[ParsedInput]) -> list[ImageRef]:
+    """What crosses the queue for each image: its bytes' place in Redis, or its URL."""
+    refs: list[ImageRef] = []
+    for image in images:
+        if image.data is not None:
+            refs.append(BlobRef(index=image.index, blob_key=blobs_key))
+        elif image.url is not None:
+            refs.append(UrlRef(index=image.index, url=image.url))
+    return refs
+
+
+async def _finish(state: AppState, admitted: Admission, withdrawn: bool, exchange: SyncRequest, timeout: float) -> None:
+    """Withdraw the request if it had no answer, and leave the ledger and the key's quota."""
     try:
         if withdrawn:
             # Workers skip a withdrawn request at task start and drop its images from batches; the
             # ledger is released even when a full Redis refused the flag.
             await state.requests.withdraw(exchange, ttl_s=int(timeout) + 60)
-        if admitted is not None:
-            await state.ledger.release(admitted)
-        await state.quotas.release(key_id, work_id)
+        await state.admission.release(admitted)
     except Exception as exc:  # Redis went away: ledger and quota entries expire at the deadline by themselves
         log.warning("could not withdraw a request", extra={"error": type(exc).__name__})
 

@@ -22,6 +22,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import redis
 
 from bench.load import run_load
@@ -54,6 +55,24 @@ def tree_cpu_seconds(pid: int) -> float:
 def _command_calls(client: redis.Redis) -> Counter[str]:
     """Redis commands run so far, by name (scripts count as EVALSHA plus the commands inside)."""
     return Counter({name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in client.info("commandstats").items()})
+
+
+def _round_trips(client: redis.Redis) -> int:
+    """Answers Redis has written to its clients so far: one per round trip (a pipeline's or a
+    transaction's answers go out in one write)."""
+    return int(client.info("stats")["total_writes_processed"])
+
+
+def _commands_by_connection(client: redis.Redis, pid: int) -> dict[str, int]:
+    """Commands run so far on each connection that process ``pid`` holds to Redis (the client's id ->
+    its ``tot-cmds``; the commands inside a script are not counted)."""
+    ports = {f"127.0.0.1:{conn.laddr.port}" for conn in psutil.Process(pid).net_connections(kind="tcp") if conn.raddr}
+    return {entry["id"]: int(entry["tot-cmds"]) for entry in client.client_list() if entry["addr"] in ports}
+
+
+def _user_system_seconds(pid: int) -> tuple[float, float]:
+    times = psutil.Process(pid).cpu_times()
+    return times.user, times.system
 
 
 def main() -> None:
@@ -92,12 +111,18 @@ def main() -> None:
                     )
             redis_client = stack.redis.client()
             commands_before = _command_calls(redis_client)
+            trips_before = _round_trips(redis_client)
+            api_commands_before = _commands_by_connection(redis_client, stack.api.pid)
+            api_times_before = _user_system_seconds(stack.api.pid)
             before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
             batches_before = stack.batch_totals()
             result = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, args.requests))
             after = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+            api_times = [now - then for now, then in zip(_user_system_seconds(stack.api.pid), api_times_before)]
             batches_after = stack.batch_totals()
             commands = _command_calls(redis_client) - commands_before
+            trips = _round_trips(redis_client) - trips_before
+            api_commands = sum(n - api_commands_before.get(client_id, 0) for client_id, n in _commands_by_connection(redis_client, stack.api.pid).items())
             for recorder in recorders:
                 recorder.send_signal(2)
                 recorder.wait(timeout=60)
@@ -112,7 +137,10 @@ def main() -> None:
                 "requests": args.requests,
                 "req_s": round(args.requests / result.wall_s, 1),
                 **{f"{name}_cpu_ms_per_req": round((after[name] - before[name]) / args.requests * 1000, 3) for name in pids},
+                "api_user_system_ms_per_req": [round(seconds / args.requests * 1000, 3) for seconds in api_times],
                 "redis_commands_per_req": round(sum(commands.values()) / args.requests, 1),
+                "redis_round_trips_per_req": round(trips / args.requests, 2),
+                "api_redis_commands_per_req": round(api_commands / args.requests, 2),
                 "redis_top_commands_per_req": {name: round(n / args.requests, 2) for name, n in commands.most_common(12)},
                 "forward_ms_per_img": round((batches_after[2] - batches_before[2]) / (batches_after[1] - batches_before[1]) * 1000, 3),
                 "mean_batch": round((batches_after[1] - batches_before[1]) / batches, 2),
