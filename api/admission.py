@@ -20,7 +20,7 @@ from api.errors import ApiError
 from api.memory_budget import MemoryBudget
 from api.quotas import TenantQuota
 from shared.errors import ErrorCode
-from shared.store.admission import AdmissionStore, RequestAsk, Verdict
+from shared.store.admission import AdmissionStore, QueuedTask, RequestAsk, Verdict
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,37 @@ class RequestAdmission:
         self._timeout_s = request_timeout_s
         self._max_requests = max_requests
 
-    async def admit(self, key_id: str, model: str, work_id: str, images: int, deadline: float, bytes_needed: int, bytes_in_flight: int) -> Admission:
+    async def admit(
+        self,
+        key_id: str,
+        model: str,
+        work_id: str,
+        images: int,
+        deadline: float,
+        bytes_needed: int,
+        bytes_in_flight: int,
+        task: QueuedTask,
+        store_task: bool,
+    ) -> Admission:
         """Enter the request in the key's quota and the model's ledger until ``deadline`` at the
         latest, or raise the first refusal that applies. ``bytes_in_flight``: what this process's
-        other submissions are storing now."""
+        other submissions are storing now. With ``store_task``, an admitted request's image bytes
+        and task are stored and queued in the same step."""
         budget = await self._memory.budget()
         ask = RequestAsk(
-            key_id, model, work_id, images, deadline, self._quota.limit, bytes_needed, bytes_in_flight, budget.limit, self._timeout_s, self._max_requests
+            key_id=key_id,
+            model=model,
+            work_id=work_id,
+            images=images,
+            deadline=deadline,
+            key_limit=self._quota.limit,
+            bytes_needed=bytes_needed,
+            bytes_in_flight=bytes_in_flight,
+            memory_budget=budget.limit,
+            timeout_s=self._timeout_s,
+            max_requests=self._max_requests,
+            task=task,
+            store_task=store_task,
         )
         verdict = await self._store.admit(ask)
         if verdict.memory is not None:

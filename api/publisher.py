@@ -55,14 +55,15 @@ class TaskPublisher:
             {"body": encoded, "content-encoding": content_encoding, "content-type": content_type, "headers": task.headers, "properties": properties}
         )
 
-    def queue(self, pipe: AsyncPipeline, name: str, payload: dict[str, Any]) -> None:
-        """Queue the task's publish on ``pipe`` (a caller's transaction or pipeline)."""
-        pipe.lpush(*self.message(name, payload))
+    @staticmethod
+    def push(pipe: AsyncPipeline, queue: str, message: str) -> None:
+        """Queue on ``pipe`` (a caller's transaction or pipeline) the push of a ``message`` onto its ``queue``."""
+        pipe.lpush(queue, message)
 
     async def publish(self, name: str, payloads: list[dict[str, Any]]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for payload in payloads:
-            self.queue(pipe, name, payload)
+            self.push(pipe, *self.message(name, payload))
             if len(pipe) >= PIPELINE_MESSAGES:
                 await pipe.execute()
         if len(pipe):

@@ -17,11 +17,17 @@ from api.state import AppState
 from shared.errors import ErrorCode
 from shared.protocol import BlobRef, EmbedPayload, ImageRef, ItemResult, UrlRef
 from shared.queues import EMBED_TASK, queue_depth
+from shared.store.admission import QueuedTask
 from shared.store.claims import HolderState
 from shared.store.requests import SyncRequest, store_image_bytes
 
 log = logging.getLogger(__name__)
 
+# A request whose images total at most this many bytes is stored and queued by its admission script,
+# in the same round trip; larger ones follow in a transaction of their own, so that megabytes of
+# image bytes are not copied once more into Redis's Lua interpreter and kept there until its next
+# garbage collection.
+INLINE_TASK_BYTES = 64 * 1024
 # A worker that stopped heartbeating has its request sent again at most this often: a request that
 # kills every worker it reaches must not take the fleet down one worker at a time.
 MAX_REDISPATCHES = 2
@@ -56,29 +62,33 @@ async def embed_and_wait(
     """Admit the request, enqueue its images and wait for their results until the request's
     deadline; they count against the key's quota until then.
 
-    Three round trips to Redis before the wait's end: the admission script, the image bytes with the
-    task (one transaction, so a full Redis cannot take the task without its bytes), and the release.
-    However the wait ends without an answer (deadline, client gone, an error), the request is
-    withdrawn, so no worker computes it. ``client_gone()`` completes when the client disconnects.
+    Three round trips to Redis: the admission script, which also stores the images' bytes and queues
+    the task of a small request (a larger one's follow in one transaction, so a full Redis cannot
+    take the task without its bytes), the wait, and the release. However the wait ends without an
+    answer (deadline, client gone, an error), the request is withdrawn, so no worker computes it.
+    ``client_gone()`` completes when the client disconnects.
     """
     timeout = state.settings.request_timeout_s
     deadline = time.time() + timeout
     # Keys are per dispatch, not per request id: clients choose X-Request-ID and may reuse it.
     work_id = uuid.uuid4().hex
     exchange = state.requests.open(work_id)
+    blobs = [(image.index, image.data) for image in images if image.data is not None]
+    payload = EmbedPayload(request_id=request_id, model=model, items=_refs(exchange.blobs_key, images), reply_key=exchange.reply_key, deadline=deadline)
+    task = QueuedTask(exchange.blobs_key, blobs, int(timeout) + 60, *state.tasks.message(EMBED_TASK, payload.model_dump()))
+    inline = sum(len(data) for _, data in blobs) <= INLINE_TASK_BYTES
     admitted: Admission | None = None
     reply: bytes | None = None
     need = await state.memory.need(model, images)
     try:
         # The images' bytes are held against the memory budget until Redis counts them itself.
         with state.memory.hold(need) as others_in_flight:
-            admitted = await state.admission.admit(key_id, model, work_id, len(images), deadline, need, others_in_flight)
-            refs = _refs(exchange.blobs_key, images)
-            payload = EmbedPayload(request_id=request_id, model=model, items=refs, reply_key=exchange.reply_key, deadline=deadline)
-            send = state.redis.pipeline(transaction=True)
-            state.requests.stash(send, exchange, ((image.index, image.data) for image in images if image.data is not None), ttl_s=int(timeout) + 60)
-            state.tasks.queue(send, EMBED_TASK, payload.model_dump())
-            await send.execute()
+            admitted = await state.admission.admit(key_id, model, work_id, len(images), deadline, need, others_in_flight, task, store_task=inline)
+            if not inline:
+                send = state.redis.pipeline(transaction=True)
+                state.requests.stash(send, exchange, blobs, task.ttl_s)
+                state.tasks.push(send, task.queue, task.message)
+                await send.execute()
         reply = await _wait_for_reply(state, exchange, payload, client_gone)
     finally:
         # Shielded: a cancelled request (its client left) must still withdraw and release what it held.

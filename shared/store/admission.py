@@ -39,8 +39,11 @@ end
 """
 
 # KEYS: the model's worker registry, its speeds, the key's quota (work, images), the model's ledger
-# (entries, counts). ARGV: now, work id, deadline, images, the key's limit, bytes needed, bytes this
-# API process is storing, the memory budget ('' for none), timeout s, max requests, ledger ttl s.
+# (entries, counts), the request's image-bytes hash, the model's task queue. ARGV: now, work id,
+# deadline, images, the key's limit, bytes needed, bytes this API process is storing, the memory
+# budget ('' for none), timeout s, max requests, ledger ttl s, image-bytes ttl s, then either '' or
+# the task message followed by index, bytes pairs: an admitted request's bytes and task are then
+# stored here too (the task after its bytes, in the same atomic step).
 # Returns {'admitted', used_memory, maxmemory, total_system_memory} or the first refusal:
 # {'not_served'}, {'over_key_limit'}, {'key_quota', queued, s/img}, {'redis_full', used_memory,
 # maxmemory, total_system_memory}, {'exceeds_timeout', s/img}, {'depth', requests, s/img}, {'wait', ms}.
@@ -99,6 +102,13 @@ redis.call('HSET', KEYS[6], ARGV[2], images)
 redis.call('HINCRBY', KEYS[6], 'total', images)
 redis.call('EXPIRE', KEYS[5], ARGV[11])
 redis.call('EXPIRE', KEYS[6], ARGV[11])
+if ARGV[13] ~= '' then
+  if #ARGV > 13 then
+    redis.call('HSET', KEYS[7], unpack(ARGV, 14))
+    redis.call('EXPIRE', KEYS[7], ARGV[12])
+  end
+  redis.call('LPUSH', KEYS[8], ARGV[13])
+end
 return {'admitted', used, maxmemory, host}
 """
 )
@@ -129,8 +139,20 @@ class LedgerKeys:
 
 
 @dataclass(frozen=True)
+class QueuedTask:
+    """A request's image bytes and its task message, for the queue named ``queue``."""
+
+    blobs_key: str
+    images: list[tuple[int, bytes]]
+    ttl_s: int
+    queue: str
+    message: str
+
+
+@dataclass(frozen=True)
 class RequestAsk:
-    """What one synchronous request asks of the service, as the admission script weighs it."""
+    """What one synchronous request asks of the service, as the admission script weighs it; with
+    ``store_task`` the script also stores the bytes and queues the task of a request it admits."""
 
     key_id: str
     model: str
@@ -143,6 +165,8 @@ class RequestAsk:
     memory_budget: int | None
     timeout_s: float
     max_requests: int
+    task: QueuedTask
+    store_task: bool
 
 
 @dataclass(frozen=True)
@@ -179,8 +203,16 @@ class AdmissionStore:
         return [self._keys.admitted(model), self._keys.admitted_images(model)]
 
     async def admit(self, ask: RequestAsk) -> Verdict:
-        keys = [self._registry.workers(ask.model), self._registry.speeds(ask.model), *self._tenants.ledger(ask.key_id), *self._ledger(ask.model)]
-        args = [
+        task = ask.task
+        keys = [
+            self._registry.workers(ask.model),
+            self._registry.speeds(ask.model),
+            *self._tenants.ledger(ask.key_id),
+            *self._ledger(ask.model),
+            task.blobs_key,
+            task.queue,
+        ]
+        args: list[str | int | float | bytes] = [
             time.time(),
             ask.work_id,
             ask.deadline,
@@ -193,6 +225,10 @@ class AdmissionStore:
             ask.max_requests,
             math.ceil(ask.timeout_s) + 60,
         ]
+        args += [task.ttl_s, task.message if ask.store_task else ""]
+        if ask.store_task:
+            for index, data in task.images:
+                args += [index, data]
         answer = await self._admit(keys=keys, args=args)
         reason = answer[0].decode()
         if reason in ("admitted", "redis_full"):

@@ -107,11 +107,10 @@ class RequestExchange:
     def open(self, work_id: str) -> SyncRequest:
         return SyncRequest(blobs_key=self._keys.blobs(work_id), reply_key=self._keys.reply(work_id))
 
-    def stash(self, pipe: AsyncPipeline, request: SyncRequest, images: Iterable[tuple[int, bytes]], ttl_s: int) -> None:
+    def stash(self, pipe: AsyncPipeline, request: SyncRequest, images: list[tuple[int, bytes]], ttl_s: int) -> None:
         """Queue on ``pipe`` the storing of the request's images under their index, expiring after ``ttl_s``."""
-        fields = {str(index): data for index, data in images}
-        if fields:
-            pipe.hset(request.blobs_key, mapping=fields)
+        if images:
+            pipe.hset(request.blobs_key, mapping={str(index): data for index, data in images})
             pipe.expire(request.blobs_key, ttl_s)
 
     async def next_reply(self, request: SyncRequest, timeout_s: float) -> bytes | None:
