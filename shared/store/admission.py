@@ -146,7 +146,7 @@ class QueuedTask:
     images: list[tuple[int, bytes]]
     ttl_s: int
     queue: str
-    message: str
+    message: bytes
 
 
 @dataclass(frozen=True)
@@ -198,20 +198,32 @@ class AdmissionStore:
         self._tenants = TenantKeys(prefix)
         self._admit = redis.register_script(ADMIT_REQUEST)
         self._release = redis.register_script(RELEASE_REQUEST)
+        # Key names per model and per API key, built once: both come from bounded lists (the allow-list, the configured keys).
+        self._model_keys: dict[str, tuple[str, str, str, str]] = {}
+        self._tenant_keys: dict[str, list[str]] = {}
 
-    def _ledger(self, model: str) -> list[str]:
-        return [self._keys.admitted(model), self._keys.admitted_images(model)]
+    def _for_model(self, model: str) -> tuple[str, str, str, str]:
+        """The model's worker registry, its speeds, its ledger's entries and counts."""
+        keys = self._model_keys.get(model)
+        if keys is None:
+            keys = self._model_keys[model] = (
+                self._registry.workers(model),
+                self._registry.speeds(model),
+                self._keys.admitted(model),
+                self._keys.admitted_images(model),
+            )
+        return keys
+
+    def _for_key(self, key_id: str) -> list[str]:
+        keys = self._tenant_keys.get(key_id)
+        if keys is None:
+            keys = self._tenant_keys[key_id] = self._tenants.ledger(key_id)
+        return keys
 
     async def admit(self, ask: RequestAsk) -> Verdict:
         task = ask.task
-        keys = [
-            self._registry.workers(ask.model),
-            self._registry.speeds(ask.model),
-            *self._tenants.ledger(ask.key_id),
-            *self._ledger(ask.model),
-            task.blobs_key,
-            task.queue,
-        ]
+        workers, speeds, entries, counts = self._for_model(ask.model)
+        keys = [workers, speeds, *self._for_key(ask.key_id), entries, counts, task.blobs_key, task.queue]
         args: list[str | int | float | bytes] = [
             time.time(),
             ask.work_id,
@@ -242,4 +254,5 @@ class AdmissionStore:
         return Verdict(reason)
 
     async def release(self, key_id: str, model: str, work_id: str) -> None:
-        await self._release(keys=[*self._ledger(model), *self._tenants.ledger(key_id)], args=[work_id])
+        _, _, entries, counts = self._for_model(model)
+        await self._release(keys=[entries, counts, *self._for_key(key_id)], args=[work_id])
