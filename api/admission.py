@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from redis.asyncio.client import Pipeline as AsyncPipeline
+
 from api.errors import ApiError
 from api.memory_budget import MemoryBudget
 from api.quotas import TenantQuota
@@ -117,6 +119,13 @@ class RequestAdmission:
     async def release(self, admission: Admission) -> None:
         """Leave the ledger and the key's quota (idempotent)."""
         await self._store.release(admission.key_id, admission.model, admission.work_id)
+
+    def queue_take_reply(self, pipe: AsyncPipeline, admission: Admission, reply_key: str) -> None:
+        """Queue on ``pipe``, behind the wait for the reply on ``reply_key``: take it and, when there is one, release."""
+        self._store.queue_take_reply(pipe, reply_key, admission.key_id, admission.model, admission.work_id)
+
+    async def take_reply(self, admission: Admission, reply_key: str) -> bytes | None:
+        return await self._store.take_reply(reply_key, admission.key_id, admission.model, admission.work_id)
 
 
 def _retry_after(excess_s: float) -> str:

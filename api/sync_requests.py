@@ -9,8 +9,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import orjson
+from redis.exceptions import NoScriptError
 
-from api.admission import Admission
+from api.admission import Admission, RequestAdmission
 from api.errors import ApiError
 from api.inputs import ParsedInput
 from api.state import AppState
@@ -19,7 +20,7 @@ from shared.protocol import BlobRef, EmbedPayload, ImageRef, ItemResult, UrlRef
 from shared.queues import EMBED_TASK, queue_depth
 from shared.store.admission import QueuedTask
 from shared.store.claims import HolderState
-from shared.store.requests import SyncRequest, store_image_bytes
+from shared.store.requests import RequestExchange, SyncRequest, store_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,11 @@ async def embed_and_wait(
     """Admit the request, enqueue its images and wait for their results until the request's
     deadline; they count against the key's quota until then.
 
-    Three round trips to Redis: the admission script, which also stores the images' bytes and queues
+    Two round trips to Redis: the admission script, which also stores the images' bytes and queues
     the task of a small request (a larger one's follow in one transaction, so a full Redis cannot
-    take the task without its bytes), the wait, and the release. However the wait ends without an
-    answer (deadline, client gone, an error), the request is withdrawn, so no worker computes it.
-    ``client_gone()`` completes when the client disconnects.
+    take the task without its bytes), and the wait, whose reply is taken with the request's release.
+    However the wait ends without an answer (deadline, client gone, an error), the request is
+    withdrawn, so no worker computes it. ``client_gone()`` completes when the client disconnects.
     """
     timeout = state.settings.request_timeout_s
     deadline = time.time() + timeout
@@ -89,12 +90,12 @@ async def embed_and_wait(
                 state.requests.stash(send, exchange, blobs, task.ttl_s)
                 state.tasks.push(send, task.queue, task.message)
                 await send.execute()
-        reply = await _wait_for_reply(state, exchange, payload, client_gone)
+        reply = await _wait_for_reply(state, admitted, exchange, payload, client_gone)
     finally:
-        # Shielded: a cancelled request (its client left) must still withdraw and release what it held.
-        # A request refused at admission was never queued and holds nothing.
-        if admitted is not None:
-            await asyncio.shield(_finish(state, admitted, reply is None, exchange, timeout))
+        # An answered request was released with its reply. Shielded: a cancelled request (its client
+        # left) must still withdraw and release what it held. A request refused at admission holds nothing.
+        if admitted is not None and reply is None:
+            await asyncio.shield(_withdraw(state, admitted, exchange, timeout))
     if reply is None:
         raise ApiError(ErrorCode.TIMEOUT, f"no worker answered within {timeout:g} s; the request was withdrawn")
     return [ItemResult.model_validate(item) for item in orjson.loads(reply)]
@@ -111,19 +112,33 @@ def _refs(blobs_key: str, images: list[ParsedInput]) -> list[ImageRef]:
     return refs
 
 
-async def _finish(state: AppState, admitted: Admission, withdrawn: bool, exchange: SyncRequest, timeout: float) -> None:
-    """Withdraw the request if it had no answer, and leave the ledger and the key's quota."""
+async def _withdraw(state: AppState, admitted: Admission, exchange: SyncRequest, timeout: float) -> None:
+    """Withdraw a request that had no answer, and leave the ledger and the key's quota."""
     try:
-        if withdrawn:
-            # Workers skip a withdrawn request at task start and drop its images from batches; the
-            # ledger is released even when a full Redis refused the flag.
-            await state.requests.withdraw(exchange, ttl_s=int(timeout) + 60)
+        # Workers skip a withdrawn request at task start and drop its images from batches; the
+        # ledger is released even when a full Redis refused the flag.
+        await state.requests.withdraw(exchange, ttl_s=int(timeout) + 60)
         await state.admission.release(admitted)
     except Exception as exc:  # Redis went away: ledger and quota entries expire at the deadline by themselves
         log.warning("could not withdraw a request", extra={"error": type(exc).__name__})
 
 
-async def _wait_for_reply(state: AppState, exchange: SyncRequest, payload: EmbedPayload, client_gone: Callable[[], Awaitable[None]]) -> bytes | None:
+async def next_reply(requests: RequestExchange, admission: RequestAdmission, admitted: Admission, exchange: SyncRequest, timeout_s: float) -> bytes | None:
+    """The reply, or None when none came within ``timeout_s``; a reply is taken together with the
+    request's release, in the wait's round trip."""
+    pipe = requests.waits()
+    requests.queue_wait(pipe, exchange, timeout_s)
+    admission.queue_take_reply(pipe, admitted, exchange.reply_key)
+    try:
+        _, reply = await pipe.execute()
+    except NoScriptError:  # Redis lost its scripts (a restart): a reply the wait saw is still in its list
+        reply = await admission.take_reply(admitted, exchange.reply_key)
+    return reply
+
+
+async def _wait_for_reply(
+    state: AppState, admitted: Admission, exchange: SyncRequest, payload: EmbedPayload, client_gone: Callable[[], Awaitable[None]]
+) -> bytes | None:
     """The reply, or None at the deadline; raises ClientGone when the client disconnects.
 
     The wait is cut into slices: between slices the API checks that the worker that started the
@@ -135,7 +150,7 @@ async def _wait_for_reply(state: AppState, exchange: SyncRequest, payload: Embed
     redispatched = 0
     try:
         while (remaining := payload.deadline - time.time()) > 0:
-            pop = asyncio.ensure_future(state.requests.next_reply(exchange, min(state.wait_slice_s, remaining)))
+            pop = asyncio.ensure_future(next_reply(state.requests, state.admission, admitted, exchange, min(state.wait_slice_s, remaining)))
             await asyncio.wait({pop, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not pop.done():
                 pop.cancel()

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio
+from redis.asyncio.client import Pipeline as AsyncPipeline
 
 from shared.queues import model_slug
 from shared.store.registry import SPEED_FUNCTIONS, RegistryKeys
@@ -125,6 +126,24 @@ quota_release(KEYS[3], KEYS[4], ARGV[1])
 )
 
 
+# KEYS: the request's reply list, the model's ledger (entries, counts), the key's quota (work, images).
+# ARGV: work id. Queued right behind the wait for the reply (a BLMOVE of the reply list onto itself,
+# which leaves the reply in its list), on the same connection: takes the reply, if the wait saw one,
+# and releases the request with it, so the answer and the release cost one round trip.
+TAKE_REPLY = (
+    QUOTA_FUNCTIONS
+    + LEDGER_FUNCTIONS
+    + """
+local reply = redis.call('LPOP', KEYS[1])
+if reply then
+  ledger_release(KEYS[2], KEYS[3], ARGV[1])
+  quota_release(KEYS[4], KEYS[5], ARGV[1])
+end
+return reply
+"""
+)
+
+
 @dataclass(frozen=True)
 class LedgerKeys:
     prefix: str
@@ -198,6 +217,7 @@ class AdmissionStore:
         self._tenants = TenantKeys(prefix)
         self._admit = redis.register_script(ADMIT_REQUEST)
         self._release = redis.register_script(RELEASE_REQUEST)
+        self._take_reply = redis.register_script(TAKE_REPLY)
         # Key names per model and per API key, built once: both come from bounded lists (the allow-list, the configured keys).
         self._model_keys: dict[str, tuple[str, str, str, str]] = {}
         self._tenant_keys: dict[str, list[str]] = {}
@@ -256,3 +276,20 @@ class AdmissionStore:
     async def release(self, key_id: str, model: str, work_id: str) -> None:
         _, _, entries, counts = self._for_model(model)
         await self._release(keys=[entries, counts, *self._for_key(key_id)], args=[work_id])
+
+    def _take_keys(self, reply_key: str, key_id: str, model: str) -> list[str]:
+        _, _, entries, counts = self._for_model(model)
+        return [reply_key, entries, counts, *self._for_key(key_id)]
+
+    def queue_take_reply(self, pipe: AsyncPipeline, reply_key: str, key_id: str, model: str, work_id: str) -> None:
+        """Queue on ``pipe``, behind the wait for the reply: take it and, when there is one, release the request.
+
+        Queued by its digest alone (a pipeline's scripts would cost a ``SCRIPT EXISTS`` round trip on every
+        execution); where Redis has lost the script (a restart), ``take_reply`` does the same after the wait."""
+        keys = self._take_keys(reply_key, key_id, model)
+        pipe.evalsha(self._take_reply.sha, len(keys), *keys, work_id)
+
+    async def take_reply(self, reply_key: str, key_id: str, model: str, work_id: str) -> bytes | None:
+        """``queue_take_reply``'s step on its own."""
+        reply: bytes | None = await self._take_reply(keys=self._take_keys(reply_key, key_id, model), args=[work_id])
+        return reply

@@ -24,12 +24,13 @@ from api.errors import ApiError
 from api.inputs import ParsedInput
 from api.memory_budget import MemoryBudget
 from api.quotas import TenantQuota
+from api.sync_requests import next_reply
 from devtools.redis_server import RedisServer
 from shared.errors import ErrorCode
-from shared.protocol import ModelInfo
+from shared.protocol import EmbedPayload, ModelInfo
 from shared.store.admission import AdmissionStore, LedgerKeys, QueuedTask
 from shared.store.registry import ModelRegistry, WorkerRegistry
-from shared.store.requests import RequestExchange
+from shared.store.requests import RequestExchange, RequestReplies
 from shared.store.tenants import TenantKeys, TenantLedger
 from tests.support.stack import running_redis
 
@@ -171,5 +172,38 @@ async def _scenario(url: str) -> None:
         released = _state(store)
         assert (released["ledger"], released["ledger images"], released["quota"]) == (0, 0, {KEY: 0, OTHER_KEY: 0})
         assert not store.exists(TenantKeys(PREFIX).images(KEY)) and not store.exists(TenantKeys(PREFIX).work(KEY))
+    finally:
+        await client.aclose()
+
+
+def test_the_reply_is_taken_with_the_release_and_only_when_it_came(server: RedisServer) -> None:
+    """The wait for a reply and the release share a round trip: a wait that sees no reply releases
+    nothing; the reply, pushed by the worker's own code, is taken with the release; so it is after
+    Redis lost its scripts."""
+    asyncio.run(_reply_scenario(server.url))
+
+
+async def _reply_scenario(url: str) -> None:
+    store = redis.Redis.from_url(url)
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        api = Api(client)
+        WorkerRegistry(store, PREFIX).beat("worker@host", [INFO], ttl_s=60, seconds_per_image={MODEL: 0.1})
+        replies = RequestReplies(store, PREFIX, reply_ttl_s=70)
+        for lost_scripts in (False, True):
+            admitted = await api.ask(2)
+            exchange = api.requests.open(admitted.work_id)
+            payload = EmbedPayload(request_id="r", model=MODEL, items=[], reply_key=exchange.reply_key, deadline=time.time() + 10)
+            assert await next_reply(api.requests, api.admission, admitted, exchange, 0.2) is None
+            assert _state(store)["quota"] == {KEY: 2, OTHER_KEY: 0}  # no reply yet: still held
+
+            assert replies.push(payload, '[{"index": 0}]')
+            if lost_scripts:
+                store.script_flush()
+            assert await next_reply(api.requests, api.admission, admitted, exchange, 0.2) == b'[{"index": 0}]'
+            taken = _state(store)
+            assert (taken["ledger"], taken["ledger images"], taken["quota"]) == (0, 0, {KEY: 0, OTHER_KEY: 0}), lost_scripts
+            assert not store.exists(exchange.reply_key)
+            store.delete(QUEUE, exchange.blobs_key)
     finally:
         await client.aclose()
