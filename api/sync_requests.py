@@ -76,7 +76,8 @@ async def embed_and_wait(
     exchange = state.requests.open(work_id)
     blobs = [(image.index, image.data) for image in images if image.data is not None]
     payload = EmbedPayload(request_id=request_id, model=model, items=_refs(exchange.blobs_key, images), reply_key=exchange.reply_key, deadline=deadline)
-    task = QueuedTask(exchange.blobs_key, blobs, int(timeout) + 60, *state.tasks.message(EMBED_TASK, payload.model_dump()))
+    queue, message = state.tasks.message(EMBED_TASK, payload.model_dump())
+    task = QueuedTask(blobs_key=exchange.blobs_key, images=blobs, ttl_s=int(timeout) + 60, queue=queue, message=message)
     inline = sum(len(data) for _, data in blobs) <= INLINE_TASK_BYTES
     admitted: Admission | None = None
     reply: bytes | None = None

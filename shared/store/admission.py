@@ -10,8 +10,9 @@ A request is admitted in one round trip (``ADMIT_REQUEST``): whether a live work
 the key's quota (``shared.store.tenants``' Lua functions), Redis's memory (``INFO memory``, read in
 the script), the expected wait at the speed the live workers published (``shared.store.registry``),
 and this ledger, checked in that order; the first that refuses answers, and only a request that
-passes them all is entered in the key's quota and the ledger. The policy (what a refusal says, with
-which status) is ``api.admission``'s.
+passes them all is entered in the key's quota and the ledger. Its reply is taken, and the request
+released, by ``TAKE_REPLY`` in the round trip of the wait; ``RELEASE_REQUEST`` releases a request
+withdrawn without an answer. The policy (what a refusal says, with which status) is ``api.admission``'s.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from shared.queues import model_slug
 from shared.store.registry import SPEED_FUNCTIONS, RegistryKeys
 from shared.store.tenants import QUOTA_FUNCTIONS, TenantKeys
 
+# Lua: a request leaves the ledger (once; a second release changes nothing).
 LEDGER_FUNCTIONS = """
 local function ledger_release(ledger, counts, id)
   if redis.call('ZREM', ledger, id) == 1 then

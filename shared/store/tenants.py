@@ -34,8 +34,9 @@ class TenantKeys:
         return [self.work(key_id), self.images(key_id)]
 
 
-# Lua helpers the job scripts (shared.store.jobs) and the quota scripts share. `work` is the key's sorted
-# set of work id -> expiry, `images` its hash of work id -> unfinished images plus 'total'.
+# Lua helpers the job scripts (shared.store.jobs), the synchronous admission (shared.store.admission)
+# and the quota scripts share. `work` is the key's sorted set of work id -> expiry, `images` its hash
+# of work id -> unfinished images plus 'total'.
 QUOTA_FUNCTIONS = """
 local function quota_keep(key, ttl)
   if redis.call('TTL', key) < ttl then
