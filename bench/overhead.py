@@ -2,8 +2,9 @@
 
 Starts Redis, one worker and the API as real processes (as ``bench.service`` does) serving a tiny
 random-weight model, drives N one-image sync requests from M concurrent keep-alive clients, and prints
-CPU milliseconds per request of the API, the worker (its decode children included) and Redis, and
-the requests per second reached. With a tiny model and a small JPEG, what is left is the service's own
+CPU milliseconds per request of the API (with its user / system split), the worker (its decode
+children included) and Redis, Redis's commands and round trips per request (and the commands run on
+the API's connections), and the requests per second reached. With a tiny model and a small JPEG, what is left is the service's own
 overhead: HTTP, JSON, base64, Redis round trips, Celery publish and consume, batching, reply.
 
 ``--profile DIR`` also records py-spy stacks (collapsed, flamegraph.pl input) of the API and the worker during the measured run
