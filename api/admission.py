@@ -1,11 +1,14 @@
-"""Admission of synchronous requests: refuse up front the work that would only time out.
+"""Admission of synchronous requests: refuse up front the work that could not finish, in one round trip.
 
-The ledger lives in Redis so every API instance sees the same queue (``shared.store.admission``).
-
-The expected wait of a new request is the images ahead of it (and its own) times the seconds the
-model's workers need per image, which the workers measure and publish (``shared.store.registry``).
-When that exceeds the request timeout, the answer is 429 with a ``Retry-After`` computed from the
-excess, rather than a request accepted only to end in 504.
+One script (``shared.store.admission``) weighs a request, in this order, against: the model's live
+workers (503 when none), the key's quota (``api.quotas``: 400 when the request alone exceeds it, 429
+when the key's unfinished work leaves no room), Redis's memory budget (``api.memory_budget``: 507),
+and the expected wait. The ledger of admitted requests lives in Redis so every API instance sees the
+same queue; the expected wait of a new request is the images ahead of it (and its own) times the
+seconds the model's workers need per image, which the workers measure and publish
+(``shared.store.registry``). When that exceeds the request timeout, the answer is 429 with a
+``Retry-After`` computed from the excess, rather than a request accepted only to end in 504; a
+request that alone needs more than the timeout gets 400.
 """
 
 from __future__ import annotations
@@ -13,66 +16,116 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import redis.asyncio
+from redis.asyncio.client import Pipeline as AsyncPipeline
 
 from api.errors import ApiError
+from api.memory_budget import MemoryBudget
+from api.quotas import TenantQuota
 from shared.errors import ErrorCode
-from shared.store.admission import AdmissionStore
-from shared.store.registry import ModelRegistry
+from shared.store.admission import AdmissionStore, QueuedTask, RequestAsk, Verdict
 
 
 @dataclass(frozen=True)
 class Admission:
-    """A request's place in the ledger; release it exactly when its wait ends."""
+    """A request's place in the ledger and the key's quota; release it exactly when its wait ends."""
 
+    key_id: str
     model: str
     work_id: str
 
 
-class AdmissionLedger:
-    def __init__(self, redis: redis.asyncio.Redis, prefix: str, registry: ModelRegistry, request_timeout_s: float, max_requests: int) -> None:
-        self._store = AdmissionStore(redis, prefix)
-        self._registry = registry
+class RequestAdmission:
+    def __init__(self, store: AdmissionStore, quota: TenantQuota, memory: MemoryBudget, request_timeout_s: float, max_requests: int) -> None:
+        self._store = store
+        self._quota = quota
+        self._memory = memory
         self._timeout_s = request_timeout_s
         self._max_requests = max_requests
 
-    async def seconds_per_image(self, model: str) -> float:
-        """How long the model's live workers together take per image; 0 while none has measured.
+    async def admit(
+        self,
+        key_id: str,
+        model: str,
+        work_id: str,
+        images: int,
+        deadline: float,
+        bytes_needed: int,
+        bytes_in_flight: int,
+        task: QueuedTask,
+        store_task: bool,
+    ) -> Admission:
+        """Enter the request in the key's quota and the model's ledger until ``deadline`` at the
+        latest, or raise the first refusal that applies. ``bytes_in_flight``: what this process's
+        other submissions are storing now. With ``store_task``, an admitted request's image bytes
+        and task are stored and queued in the same step."""
+        budget = await self._memory.budget()
+        ask = RequestAsk(
+            key_id=key_id,
+            model=model,
+            work_id=work_id,
+            images=images,
+            deadline=deadline,
+            key_limit=self._quota.limit,
+            bytes_needed=bytes_needed,
+            bytes_in_flight=bytes_in_flight,
+            memory_budget=budget.limit,
+            timeout_s=self._timeout_s,
+            max_requests=self._max_requests,
+            task=task,
+            store_task=store_task,
+        )
+        verdict = await self._store.admit(ask)
+        if verdict.memory is not None:
+            self._memory.seen(verdict.memory)
+        if verdict.reason == "admitted":
+            return Admission(key_id, model, work_id)
+        if verdict.reason == "redis_full":
+            assert verdict.memory is not None
+            raise self._memory.refusal(verdict.memory.used + bytes_in_flight, budget, bytes_needed, "request")
+        raise self._refusal(model, images, verdict)
 
-        Workers run in parallel, so their rates add up: 1 / sum(1 / s_w).
-        """
-        rate = sum(1.0 / seconds for seconds in await self._registry.live_speeds(model))
-        return 1.0 / rate if rate > 0 else 0.0
-
-    async def admit(self, model: str, work_id: str, images: int, deadline: float) -> Admission:
+    def _refusal(self, model: str, images: int, verdict: Verdict) -> ApiError:
         timeout = self._timeout_s
-        per_image = await self.seconds_per_image(model)
-        if per_image > 0 and images * per_image > timeout:
-            raise ApiError(
+        per_image = verdict.seconds_per_image
+        if verdict.reason == "not_served":
+            message = f"no worker is serving model {model!r} right now; retry later"
+            return ApiError(ErrorCode.MODEL_NOT_SERVED, message, param="model", headers={"Retry-After": "5"})
+        if verdict.reason == "over_key_limit":
+            return self._quota.over_limit(images)
+        if verdict.reason == "key_quota":
+            return self._quota.exceeded(images, verdict.queued, per_image)
+        if verdict.reason == "exceeds_timeout":
+            return ApiError(
                 ErrorCode.REQUEST_EXCEEDS_TIMEOUT,
                 f"{images} images need about {images * per_image:.0f} s of the model's time, more than the request timeout of {timeout:g} s; "
                 "send fewer per request or submit a job (POST /v1/jobs)",
                 param="input",
             )
-        refusal = await self._store.admit(model, work_id, images, deadline, per_image, timeout, self._max_requests)
-        if refusal is None:
-            return Admission(model, work_id)
-        if refusal.reason == "depth":
+        if verdict.reason == "depth":
             retry = _retry_after(per_image * images) if per_image > 0 else "2"
-            raise ApiError(
+            return ApiError(
                 ErrorCode.QUEUE_FULL,
-                f"model {model!r} has {refusal.value} requests waiting (limit {self._max_requests}); retry later",
+                f"model {model!r} has {verdict.queued} requests waiting (limit {self._max_requests}); retry later",
                 headers={"Retry-After": retry},
             )
-        wait_s = refusal.value / 1000
-        raise ApiError(
+        assert verdict.reason == "wait", verdict
+        wait_s = verdict.wait_ms / 1000
+        return ApiError(
             ErrorCode.QUEUE_FULL,
             f"model {model!r} is busy: this request would wait about {wait_s:.0f} s, longer than the request timeout of {timeout:g} s; retry later",
             headers={"Retry-After": _retry_after(wait_s - timeout)},
         )
 
     async def release(self, admission: Admission) -> None:
-        await self._store.release(admission.model, admission.work_id)
+        """Leave the ledger and the key's quota (idempotent)."""
+        await self._store.release(admission.key_id, admission.model, admission.work_id)
+
+    def queue_take_reply(self, pipe: AsyncPipeline, admission: Admission, reply_key: str) -> None:
+        """Queue on ``pipe``, behind the wait for the reply on ``reply_key``: take it and, when there is one, release."""
+        self._store.queue_take_reply(pipe, reply_key, admission.key_id, admission.model, admission.work_id)
+
+    async def take_reply(self, admission: Admission, reply_key: str) -> bytes | None:
+        return await self._store.take_reply(reply_key, admission.key_id, admission.model, admission.work_id)
 
 
 def _retry_after(excess_s: float) -> str:

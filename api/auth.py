@@ -18,7 +18,7 @@ from shared.errors import ErrorCode
 ANONYMOUS = ""
 
 
-def require_api_key(request: Request) -> str:
+async def require_api_key(request: Request) -> str:
     keys = get_state(request).settings.api_keys
     if not keys:
         request.state.key_id = ANONYMOUS

@@ -6,7 +6,10 @@ still Celery's own: ``app.amqp.create_task_message`` builds the task (protocol 2
 app's router, arguments summarised as ``shared.task_events`` does), and it is framed exactly as
 kombu's Redis transport frames a message sent to the anonymous exchange (a direct-exchange route:
 the routing key is the queue, the message is LPUSHed onto the list of that name). Workers consume it
-with Celery, unchanged; ``tests/e2e/test_api_embeddings.py`` checks the framing against ``send_task``.
+with Celery, unchanged; ``tests/e2e/test_publisher.py`` checks the framing against ``send_task``. The frame
+is written by orjson rather than by kombu's encoder (the standard library's ``json``): the same JSON
+document, in a fraction of the time, and the frame holds only JSON's own types (Celery's headers and
+properties of a task are strings, numbers, lists and None).
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import base64
 import uuid
 from typing import Any
 
+import orjson
 import redis.asyncio
 from celery import Celery
 from kombu.serialization import dumps as serialize
-from kombu.utils.json import dumps as frame
+from redis.asyncio.client import Pipeline as AsyncPipeline
 
 # kombu's default: a message for the anonymous exchange on a queue without priorities.
 PRIORITY = 0
@@ -31,8 +35,9 @@ class TaskPublisher:
     def __init__(self, celery: Celery, redis: redis.asyncio.Redis) -> None:
         self._celery = celery
         self._redis = redis
+        self._serializer = celery.conf.task_serializer
 
-    def message(self, name: str, payload: dict[str, Any]) -> tuple[str, str]:
+    def message(self, name: str, payload: dict[str, Any]) -> tuple[str, bytes]:
         """The queue a task goes to and the message kombu's Redis transport would push there."""
         app = self._celery
         kwargs = {"payload": payload}
@@ -40,7 +45,7 @@ class TaskPublisher:
         task_id = str(uuid.uuid4())
         # No task-sent event: the API sends none (README, "Why no task-sent").
         task = app.amqp.create_task_message(task_id, name, (), kwargs, reply_to=app.thread_oid, ignore_result=None)
-        content_type, content_encoding, body = serialize(task.body, serializer=app.conf.task_serializer)
+        content_type, content_encoding, body = serialize(task.body, serializer=self._serializer)
         properties = {
             **task.properties,
             "delivery_mode": PERSISTENT,
@@ -50,14 +55,19 @@ class TaskPublisher:
             "delivery_tag": str(uuid.uuid4()),
         }
         encoded = base64.b64encode(body if isinstance(body, bytes) else body.encode(content_encoding)).decode()
-        return queue, frame(
+        return queue, orjson.dumps(
             {"body": encoded, "content-encoding": content_encoding, "content-type": content_type, "headers": task.headers, "properties": properties}
         )
+
+    @staticmethod
+    def push(pipe: AsyncPipeline, queue: str, message: bytes) -> None:
+        """Queue on ``pipe`` (a caller's transaction or pipeline) the push of a ``message`` onto its ``queue``."""
+        pipe.lpush(queue, message)
 
     async def publish(self, name: str, payloads: list[dict[str, Any]]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for payload in payloads:
-            pipe.lpush(*self.message(name, payload))
+            self.push(pipe, *self.message(name, payload))
             if len(pipe) >= PIPELINE_MESSAGES:
                 await pipe.execute()
         if len(pipe):

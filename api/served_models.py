@@ -1,4 +1,4 @@
-"""What the API knows about workers: which models are served now, and what each model looks like."""
+"""Which model a request names, and whether its dimensions fit the vectors the workers reported."""
 
 from __future__ import annotations
 
@@ -21,8 +21,3 @@ async def validate_dimensions(state: AppState, model: str, dimensions: int | Non
     info = await state.registry.model_info(model)
     if info is not None and dimensions > info.dim:
         raise ApiError(ErrorCode.INVALID_DIMENSIONS, oversized_dimensions(dimensions, info.dim), param="dimensions")
-
-
-async def require_served(state: AppState, model: str) -> None:
-    if await state.registry.live_workers(model) == 0:
-        raise ApiError(ErrorCode.MODEL_NOT_SERVED, f"no worker is serving model {model!r} right now; retry later", param="model", headers={"Retry-After": "5"})

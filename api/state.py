@@ -8,11 +8,12 @@ import redis.asyncio
 from celery import Celery
 from fastapi import Request
 
-from api.admission import AdmissionLedger
+from api.admission import RequestAdmission
 from api.memory_budget import MemoryBudget
 from api.publisher import TaskPublisher
 from api.quotas import TenantQuota
 from shared.settings import Settings
+from shared.store.admission import AdmissionStore
 from shared.store.claims import ClaimWatch
 from shared.store.jobs import AsyncJobStore
 from shared.store.registry import ModelRegistry
@@ -33,9 +34,9 @@ class AppState:
     registry: ModelRegistry = field(init=False)
     requests: RequestExchange = field(init=False)
     claims: ClaimWatch = field(init=False)
-    ledger: AdmissionLedger = field(init=False)
     memory: MemoryBudget = field(init=False)
     quotas: TenantQuota = field(init=False)
+    admission: RequestAdmission = field(init=False)
     jobs: AsyncJobStore = field(init=False)
     tasks: TaskPublisher = field(init=False)
 
@@ -45,8 +46,10 @@ class AppState:
         self.requests = RequestExchange(self.redis, self.waits, prefix)
         self.claims = ClaimWatch(self.redis, prefix)
         self.memory = MemoryBudget(self.redis, self.registry, self.settings.redis_max_bytes)
-        self.ledger = AdmissionLedger(self.redis, prefix, self.registry, self.settings.request_timeout_s, self.settings.max_queue_depth)
-        self.quotas = TenantQuota(TenantLedger(self.redis, prefix), self.settings.key_max_queued_images, self.ledger)
+        self.quotas = TenantQuota(TenantLedger(self.redis, prefix), self.settings.key_max_queued_images, self.registry)
+        self.admission = RequestAdmission(
+            AdmissionStore(self.redis, prefix), self.quotas, self.memory, self.settings.request_timeout_s, self.settings.max_queue_depth
+        )
         self.jobs = AsyncJobStore(self.redis, prefix, self.settings.job_result_ttl_s)
         self.tasks = TaskPublisher(self.celery, self.redis)
 

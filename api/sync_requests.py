@@ -9,19 +9,26 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import orjson
+from redis.exceptions import NoScriptError
 
-from api.admission import Admission
+from api.admission import Admission, RequestAdmission
 from api.errors import ApiError
 from api.inputs import ParsedInput
 from api.state import AppState
 from shared.errors import ErrorCode
 from shared.protocol import BlobRef, EmbedPayload, ImageRef, ItemResult, UrlRef
 from shared.queues import EMBED_TASK, queue_depth
+from shared.store.admission import QueuedTask
 from shared.store.claims import HolderState
-from shared.store.requests import SyncRequest, store_image_bytes
+from shared.store.requests import RequestExchange, SyncRequest, store_image_bytes
 
 log = logging.getLogger(__name__)
 
+# A request whose images total at most this many bytes is stored and queued by its admission script,
+# in the same round trip; larger ones follow in a transaction of their own, so that megabytes of
+# image bytes are not copied once more into Redis's Lua interpreter and kept there until its next
+# garbage collection.
+INLINE_TASK_BYTES = 64 * 1024
 # A worker that stopped heartbeating has its request sent again at most this often: a request that
 # kills every worker it reaches must not take the fleet down one worker at a time.
 MAX_REDISPATCHES = 2
@@ -37,14 +44,8 @@ async def check_job_backpressure(state: AppState, model: str) -> None:
 
 async def stash_images(state: AppState, blobs_key: str, images: list[ParsedInput], ttl_s: int) -> list[ImageRef]:
     """Store image bytes in one Redis hash for the workers, and reference them; URLs pass as they are."""
-    refs: list[ImageRef] = []
-    for image in images:
-        if image.data is not None:
-            refs.append(BlobRef(index=image.index, blob_key=blobs_key))
-        elif image.url is not None:
-            refs.append(UrlRef(index=image.index, url=image.url))
     await store_image_bytes(state.redis, blobs_key, ((image.index, image.data) for image in images if image.data is not None), ttl_s)
-    return refs
+    return _refs(blobs_key, images)
 
 
 async def publish(state: AppState, name: str, payloads: list[dict[str, object]]) -> None:
@@ -59,9 +60,12 @@ class ClientGone(Exception):
 async def embed_and_wait(
     state: AppState, key_id: str, model: str, images: list[ParsedInput], request_id: str, client_gone: Callable[[], Awaitable[None]]
 ) -> list[ItemResult]:
-    """Enqueue the images and wait for their results until the request's deadline; they count
-    against the key's quota until then.
+    """Admit the request, enqueue its images and wait for their results until the request's
+    deadline; they count against the key's quota until then.
 
+    Two round trips to Redis: the admission script, which also stores the images' bytes and queues
+    the task of a small request (a larger one's follow in one transaction, so a full Redis cannot
+    take the task without its bytes), and the wait, whose reply is taken with the request's release.
     However the wait ends without an answer (deadline, client gone, an error), the request is
     withdrawn, so no worker computes it. ``client_gone()`` completes when the client disconnects.
     """
@@ -69,43 +73,73 @@ async def embed_and_wait(
     deadline = time.time() + timeout
     # Keys are per dispatch, not per request id: clients choose X-Request-ID and may reuse it.
     work_id = uuid.uuid4().hex
-    await state.quotas.admit(key_id, model, work_id, len(images), deadline)
     exchange = state.requests.open(work_id)
+    blobs = [(image.index, image.data) for image in images if image.data is not None]
+    payload = EmbedPayload(request_id=request_id, model=model, items=_refs(exchange.blobs_key, images), reply_key=exchange.reply_key, deadline=deadline)
+    queue, message = state.tasks.message(EMBED_TASK, payload.model_dump())
+    task = QueuedTask(blobs_key=exchange.blobs_key, images=blobs, ttl_s=int(timeout) + 60, queue=queue, message=message)
+    inline = sum(len(data) for _, data in blobs) <= INLINE_TASK_BYTES
     admitted: Admission | None = None
     reply: bytes | None = None
+    need = await state.memory.need(model, images)
     try:
         # The images' bytes are held against the memory budget until Redis counts them itself.
-        async with state.memory.reserve(await state.memory.need(model, images), "request"):
-            admitted = await state.ledger.admit(model, work_id, len(images), deadline)
-            refs = await stash_images(state, exchange.blobs_key, images, ttl_s=int(timeout) + 60)
-        payload = EmbedPayload(request_id=request_id, model=model, items=refs, reply_key=exchange.reply_key, deadline=deadline)
-        await publish(state, EMBED_TASK, [payload.model_dump()])
-        reply = await _wait_for_reply(state, exchange, payload, client_gone)
+        with state.memory.hold(need) as others_in_flight:
+            admitted = await state.admission.admit(key_id, model, work_id, len(images), deadline, need, others_in_flight, task, store_task=inline)
+            if not inline:
+                send = state.redis.pipeline(transaction=True)
+                state.requests.stash(send, exchange, blobs, task.ttl_s)
+                state.tasks.push(send, task.queue, task.message)
+                await send.execute()
+        reply = await _wait_for_reply(state, admitted, exchange, payload, client_gone)
     finally:
-        # Shielded: a cancelled request (its client left) must still withdraw and leave the ledger.
-        # A request refused before it entered the ledger was never queued: nothing to withdraw.
-        await asyncio.shield(_finish(state, key_id, work_id, admitted, admitted is not None and reply is None, exchange, timeout))
+        # An answered request was released with its reply. Shielded: a cancelled request (its client
+        # left) must still withdraw and release what it held. A request refused at admission holds nothing.
+        if admitted is not None and reply is None:
+            await asyncio.shield(_withdraw(state, admitted, exchange, timeout))
     if reply is None:
         raise ApiError(ErrorCode.TIMEOUT, f"no worker answered within {timeout:g} s; the request was withdrawn")
     return [ItemResult.model_validate(item) for item in orjson.loads(reply)]
 
 
-async def _finish(state: AppState, key_id: str, work_id: str, admitted: Admission | None, withdrawn: bool, exchange: SyncRequest, timeout: float) -> None:
-    """Withdraw the request if it had no answer, and release what it held (``admitted`` is None
-    when it was refused before it entered the ledger)."""
+def _refs(blobs_key: str, images: list[ParsedInput]) -> list[ImageRef]:
+    """What crosses the queue for each image: its bytes' place in Redis, or its URL."""
+    refs: list[ImageRef] = []
+    for image in images:
+        if image.data is not None:
+            refs.append(BlobRef(index=image.index, blob_key=blobs_key))
+        elif image.url is not None:
+            refs.append(UrlRef(index=image.index, url=image.url))
+    return refs
+
+
+async def _withdraw(state: AppState, admitted: Admission, exchange: SyncRequest, timeout: float) -> None:
+    """Withdraw a request that had no answer, and leave the ledger and the key's quota."""
     try:
-        if withdrawn:
-            # Workers skip a withdrawn request at task start and drop its images from batches; the
-            # ledger is released even when a full Redis refused the flag.
-            await state.requests.withdraw(exchange, ttl_s=int(timeout) + 60)
-        if admitted is not None:
-            await state.ledger.release(admitted)
-        await state.quotas.release(key_id, work_id)
+        # Workers skip a withdrawn request at task start and drop its images from batches; the
+        # ledger is released even when a full Redis refused the flag.
+        await state.requests.withdraw(exchange, ttl_s=int(timeout) + 60)
+        await state.admission.release(admitted)
     except Exception as exc:  # Redis went away: ledger and quota entries expire at the deadline by themselves
         log.warning("could not withdraw a request", extra={"error": type(exc).__name__})
 
 
-async def _wait_for_reply(state: AppState, exchange: SyncRequest, payload: EmbedPayload, client_gone: Callable[[], Awaitable[None]]) -> bytes | None:
+async def next_reply(requests: RequestExchange, admission: RequestAdmission, admitted: Admission, exchange: SyncRequest, timeout_s: float) -> bytes | None:
+    """The reply, or None when none came within ``timeout_s``; a reply is taken together with the
+    request's release, in the wait's round trip."""
+    pipe = requests.waits()
+    requests.queue_wait(pipe, exchange, timeout_s)
+    admission.queue_take_reply(pipe, admitted, exchange.reply_key)
+    try:
+        _, reply = await pipe.execute()
+    except NoScriptError:  # Redis lost its scripts (a restart): a reply the wait saw is still in its list
+        reply = await admission.take_reply(admitted, exchange.reply_key)
+    return reply
+
+
+async def _wait_for_reply(
+    state: AppState, admitted: Admission, exchange: SyncRequest, payload: EmbedPayload, client_gone: Callable[[], Awaitable[None]]
+) -> bytes | None:
     """The reply, or None at the deadline; raises ClientGone when the client disconnects.
 
     The wait is cut into slices: between slices the API checks that the worker that started the
@@ -117,7 +151,7 @@ async def _wait_for_reply(state: AppState, exchange: SyncRequest, payload: Embed
     redispatched = 0
     try:
         while (remaining := payload.deadline - time.time()) > 0:
-            pop = asyncio.ensure_future(state.requests.next_reply(exchange, min(state.wait_slice_s, remaining)))
+            pop = asyncio.ensure_future(next_reply(state.requests, state.admission, admitted, exchange, min(state.wait_slice_s, remaining)))
             await asyncio.wait({pop, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not pop.done():
                 pop.cancel()

@@ -2,8 +2,9 @@
 
 Starts Redis, one worker and the API as real processes (as ``bench.service`` does) serving a tiny
 random-weight model, drives N one-image sync requests from M concurrent keep-alive clients, and prints
-CPU milliseconds per request of the API, the worker (its decode children included) and Redis, and
-the requests per second reached. With a tiny model and a small JPEG, what is left is the service's own
+CPU milliseconds per request of the API (with its user / system split), the worker (its decode
+children included) and Redis, Redis's commands and round trips per request (and the commands run on
+the API's connections), and the requests per second reached. With a tiny model and a small JPEG, what is left is the service's own
 overhead: HTTP, JSON, base64, Redis round trips, Celery publish and consume, batching, reply.
 
 The worker's own share is its CPU per image less what decoding, preprocessing and the forward pass
@@ -30,6 +31,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import redis
 import torch
 
@@ -87,6 +89,24 @@ def pipeline_cpu_ms_per_img(model_dir: Path, jpegs: list[bytes], batch: int, ima
     return (time.process_time() - started) / images * 1000
 
 
+def _round_trips(client: redis.Redis) -> int:
+    """Answers Redis has written to its clients so far: one per round trip (a pipeline's or a
+    transaction's answers go out in one write)."""
+    return int(client.info("stats")["total_writes_processed"])
+
+
+def _commands_by_connection(client: redis.Redis, pid: int) -> dict[str, int]:
+    """Commands run so far on each connection that process ``pid`` holds to Redis (the client's id ->
+    its ``tot-cmds``; the commands inside a script are not counted)."""
+    ports = {f"127.0.0.1:{conn.laddr.port}" for conn in psutil.Process(pid).net_connections(kind="tcp") if conn.raddr}
+    return {entry["id"]: int(entry["tot-cmds"]) for entry in client.client_list() if entry["addr"] in ports}
+
+
+def _user_system_seconds(pid: int) -> tuple[float, float]:
+    times = psutil.Process(pid).cpu_times()
+    return times.user, times.system
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dinov2-tiny", help="tiny preset from devtools.random_models")
@@ -123,14 +143,20 @@ def main() -> None:
                     )
             redis_client = stack.redis.client()
             commands_before = _command_calls(redis_client)
+            trips_before = _round_trips(redis_client)
+            api_commands_before = _commands_by_connection(redis_client, stack.api.pid)
+            api_times_before = _user_system_seconds(stack.api.pid)
             before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
             worker_main_before = cpu_seconds(stack.worker.pid)
             batches_before = stack.batch_totals()
             result = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, args.requests))
             after = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
             decoders = after["worker"] - before["worker"] - (cpu_seconds(stack.worker.pid) - worker_main_before)
+            api_times = [now - then for now, then in zip(_user_system_seconds(stack.api.pid), api_times_before)]
             batches_after = stack.batch_totals()
             commands = _command_calls(redis_client) - commands_before
+            trips = _round_trips(redis_client) - trips_before
+            api_commands = sum(n - api_commands_before.get(client_id, 0) for client_id, n in _commands_by_connection(redis_client, stack.api.pid).items())
             for recorder in recorders:
                 recorder.send_signal(2)
                 recorder.wait(timeout=60)
@@ -146,7 +172,10 @@ def main() -> None:
                 "req_s": round(args.requests / result.wall_s, 1),
                 **{f"{name}_cpu_ms_per_req": round((after[name] - before[name]) / args.requests * 1000, 3) for name in pids},
                 "worker_decoders_cpu_ms_per_req": round(decoders / args.requests * 1000, 3),
+                "api_user_system_ms_per_req": [round(seconds / args.requests * 1000, 3) for seconds in api_times],
                 "redis_commands_per_req": round(sum(commands.values()) / args.requests, 1),
+                "redis_round_trips_per_req": round(trips / args.requests, 2),
+                "api_redis_commands_per_req": round(api_commands / args.requests, 2),
                 "redis_top_commands_per_req": {name: round(n / args.requests, 2) for name, n in commands.most_common(12)},
                 "forward_ms_per_img": round((batches_after[2] - batches_before[2]) / (batches_after[1] - batches_before[1]) * 1000, 3),
                 "mean_batch": round((batches_after[1] - batches_before[1]) / batches, 2),

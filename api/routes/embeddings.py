@@ -12,10 +12,10 @@ from api import metrics
 from api.deps import KeyIdDep, StateDep
 from api.errors import ERROR_RESPONSES, ApiError, first_failure
 from api.inputs import parse_inputs
-from api.json_body import bounded_json_route
+from api.json_body import INLINE_PARSE_BYTES, bounded_json_route
 from api.responses import JSONBytesResponse
 from api.schemas import EmbeddingRequest, EmbeddingResponse, embedding_dim, embedding_item
-from api.served_models import require_served, resolve_model, validate_dimensions
+from api.served_models import resolve_model, validate_dimensions
 from api.sync_requests import ClientGone, embed_and_wait
 from shared.errors import ErrorCode
 
@@ -34,9 +34,9 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, key_id: Ke
     model = resolve_model(state, body.model)
     request.state.model = model
     await validate_dimensions(state, model, body.dimensions)
-    # Base64 decoding of up to 64 MiB: off the event loop, like the parsing before it.
-    images = await anyio.to_thread.run_sync(parse_inputs, body.input, settings.max_inputs_per_request, settings.max_image_bytes)
-    await require_served(state, model)
+    # Base64 decoding of up to 64 MiB: off the event loop, like the parsing before it, unless the body is small.
+    parse = partial(parse_inputs, body.input, settings.max_inputs_per_request, settings.max_image_bytes)
+    images = parse() if len(await request.body()) <= INLINE_PARSE_BYTES else await anyio.to_thread.run_sync(parse)
     try:
         results = await embed_and_wait(state, key_id, model, images, request.state.request_id, partial(_disconnected, request))
     except ClientGone:

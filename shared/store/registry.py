@@ -44,6 +44,39 @@ end
 """
 
 
+# Lua: the seconds per image of a model's live workers together, and whether any is live (0 while
+# none has measured). Workers run in parallel, so their rates add up: 1 / sum(1 / s_w).
+SPEED_FUNCTIONS = """
+local function live_seconds_per_image(workers, speeds, now)
+  local live = redis.call('ZRANGEBYSCORE', workers, now, '+inf')
+  if #live == 0 then
+    return 0, false
+  end
+  local rate = 0
+  for _, seconds in ipairs(redis.call('HMGET', speeds, unpack(live))) do
+    local s = tonumber(seconds)
+    if s and s > 0 then
+      rate = rate + 1 / s
+    end
+  end
+  if rate > 0 then
+    return 1 / rate, true
+  end
+  return 0, true
+end
+"""
+
+# KEYS: the model's workers, its speeds. ARGV: now. The seconds per image as text (a Lua number
+# would reach Python as an integer).
+SECONDS_PER_IMAGE = (
+    SPEED_FUNCTIONS
+    + """
+local per_image = live_seconds_per_image(KEYS[1], KEYS[2], tonumber(ARGV[1]))
+return string.format('%.17g', per_image)
+"""
+)
+
+
 @dataclass(frozen=True)
 class RegistryKeys:
     prefix: str
@@ -97,6 +130,7 @@ class ModelRegistry:
     def __init__(self, redis: redis.asyncio.Redis, prefix: str) -> None:
         self._redis = redis
         self._keys = RegistryKeys(prefix)
+        self._seconds_per_image = redis.register_script(SECONDS_PER_IMAGE)
 
     async def live_workers(self, model_id: str) -> int:
         return int(await self._redis.zcount(self._keys.workers(model_id), time.time(), "+inf"))
@@ -105,14 +139,9 @@ class ModelRegistry:
         """Queue the count of the model's live workers on ``pipe`` (for a caller's single round trip)."""
         pipe.zcount(self._keys.workers(model_id), now, "+inf")
 
-    async def live_speeds(self, model_id: str) -> list[float]:
-        """Seconds per image of each live worker of the model that has measured it."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zrangebyscore(self._keys.workers(model_id), time.time(), "+inf")
-        pipe.hgetall(self._keys.speeds(model_id))
-        live, speeds = await pipe.execute()
-        measured = (speeds.get(name) for name in live)
-        return [float(value) for value in measured if value is not None and float(value) > 0]
+    async def seconds_per_image(self, model_id: str) -> float:
+        """How long the model's live workers together take per image; 0 while none has measured."""
+        return float(await self._seconds_per_image(keys=[self._keys.workers(model_id), self._keys.speeds(model_id)], args=[time.time()]))
 
     async def model_info(self, model_id: str) -> ModelInfo | None:
         """What a worker reported about the model; None until one has announced it."""

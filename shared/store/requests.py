@@ -132,10 +132,21 @@ class RequestExchange:
     def open(self, work_id: str) -> SyncRequest:
         return SyncRequest(blobs_key=self._keys.blobs(work_id), reply_key=self._keys.reply(work_id))
 
-    async def next_reply(self, request: SyncRequest, timeout_s: float) -> bytes | None:
-        """The reply, or None when none came within ``timeout_s``."""
-        popped = await self._waits.blpop([request.reply_key], timeout=timeout_s)
-        return popped[1] if popped is not None else None
+    def stash(self, pipe: AsyncPipeline, request: SyncRequest, images: list[tuple[int, bytes]], ttl_s: int) -> None:
+        """Queue on ``pipe`` the storing of the request's images under their index, expiring after ``ttl_s``."""
+        if images:
+            pipe.hset(request.blobs_key, mapping={str(index): data for index, data in images})
+            pipe.expire(request.blobs_key, ttl_s)
+
+    def waits(self) -> AsyncPipeline:
+        """A pipeline on the connections for waits, for a wait and what follows it."""
+        return self._waits.pipeline(transaction=False)
+
+    @staticmethod
+    def queue_wait(pipe: AsyncPipeline, request: SyncRequest, timeout_s: float) -> None:
+        """Queue on ``pipe`` a wait of up to ``timeout_s`` for the request's reply, which stays in its list
+        (moved onto the list itself, so it keeps the list's expiry) for a command queued behind to take."""
+        pipe.blmove(request.reply_key, request.reply_key, timeout_s, "LEFT", "RIGHT")
 
     async def withdraw(self, request: SyncRequest, ttl_s: int) -> None:
         """Tell workers to skip the request, and drop its image bytes now.

@@ -34,8 +34,9 @@ class TenantKeys:
         return [self.work(key_id), self.images(key_id)]
 
 
-# Lua helpers the job scripts (shared.store.jobs) and the quota scripts share. `work` is the key's sorted
-# set of work id -> expiry, `images` its hash of work id -> unfinished images plus 'total'.
+# Lua helpers the job scripts (shared.store.jobs), the synchronous admission (shared.store.admission)
+# and the quota scripts share. `work` is the key's sorted set of work id -> expiry, `images` its hash
+# of work id -> unfinished images plus 'total'.
 QUOTA_FUNCTIONS = """
 local function quota_keep(key, ttl)
   if redis.call('TTL', key) < ttl then
@@ -53,6 +54,21 @@ local function quota_release(work, images, id)
     -- Nothing left to count: a key's ledger does not outlive its work (the zset is gone already).
     redis.call('DEL', images)
   end
+end
+-- Drops the key's lapsed entries; returns its unfinished images.
+local function quota_purge(work, images, now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', work, '-inf', now)) do
+    quota_release(work, images, id)
+  end
+  return tonumber(redis.call('HGET', images, 'total') or '0')
+end
+local function quota_add(work, images, id, expiry, count, now)
+  redis.call('ZADD', work, expiry, id)
+  redis.call('HSET', images, id, count)
+  redis.call('HINCRBY', images, 'total', count)
+  local ttl = math.ceil(expiry - now) + 60
+  quota_keep(work, ttl)
+  quota_keep(images, ttl)
 end
 local function quota_settle(work, images, id, done, ttl, now)
   local n = redis.call('HGET', images, id)
@@ -75,20 +91,12 @@ ADMIT = (
     QUOTA_FUNCTIONS
     + """
 local now = tonumber(ARGV[1])
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
-  quota_release(KEYS[1], KEYS[2], id)
-end
-local total = tonumber(redis.call('HGET', KEYS[2], 'total') or '0')
+local total = quota_purge(KEYS[1], KEYS[2], now)
 local images = tonumber(ARGV[4])
 if total + images > tonumber(ARGV[5]) then
   return {0, total}
 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[2], images)
-redis.call('HINCRBY', KEYS[2], 'total', images)
-local ttl = math.ceil(tonumber(ARGV[3]) - now) + 60
-quota_keep(KEYS[1], ttl)
-quota_keep(KEYS[2], ttl)
+quota_add(KEYS[1], KEYS[2], ARGV[2], tonumber(ARGV[3]), images, now)
 return {1, total + images}
 """
 )

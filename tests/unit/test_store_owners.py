@@ -46,5 +46,5 @@ def test_only_the_stores_hold_the_job_and_quota_scripts() -> None:
             for line in re.findall(rf"^from {re.escape(module)} import (.+)$", path.read_text(), re.MULTILINE):
                 if set(names) & {name.strip() for name in line.split(",")}:
                     importers.add((path.relative_to(ROOT).as_posix(), module))
-    # The job scripts account for the owner's quota with the quota module's Lua functions.
-    assert importers == {("shared/store/jobs.py", "shared.store.tenants")}
+    # The job scripts and the synchronous admission script account for the owner's quota with the quota module's Lua functions.
+    assert importers == {("shared/store/jobs.py", "shared.store.tenants"), ("shared/store/admission.py", "shared.store.tenants")}
