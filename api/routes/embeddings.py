@@ -9,13 +9,13 @@ import anyio
 from fastapi import APIRouter, Request
 
 from api import metrics
-from api.deps import KeyIdDep, StateDep
 from api.errors import ERROR_RESPONSES, ApiError, first_failure
 from api.inputs import parse_inputs
 from api.json_body import INLINE_PARSE_BYTES, bounded_json_route
 from api.responses import JSONBytesResponse
 from api.schemas import EmbeddingRequest, EmbeddingResponse, embedding_dim, embedding_item
 from api.served_models import resolve_model, validate_dimensions
+from api.state import get_state
 from api.sync_requests import ClientGone, embed_and_wait
 from shared.errors import ErrorCode
 
@@ -29,7 +29,11 @@ async def _disconnected(request: Request) -> None:
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES, summary="Embed images (waits for the result)")
-async def create_embeddings(body: EmbeddingRequest, request: Request, key_id: KeyIdDep, state: StateDep) -> JSONBytesResponse:
+async def create_embeddings(body: EmbeddingRequest, request: Request) -> JSONBytesResponse:
+    # The state and the key id (which the router's require_api_key dependency set) are read from the
+    # request rather than declared as dependencies: FastAPI solves each declared one on every request.
+    state = get_state(request)
+    key_id: str = request.state.key_id
     settings = state.settings
     model = resolve_model(state, body.model)
     request.state.model = model
