@@ -47,6 +47,9 @@ def create_app(settings: Settings) -> FastAPI:
         "summary": "Image embeddings (CLS and MEAN of a Vision Transformer) behind an OpenAI-style API.",
         "version": "1.0.0",
         "lifespan": lifespan,
+        # The service's metrics are Prometheus's (api.metrics); FastAPI's OpenTelemetry hooks, left on,
+        # looked for configured OpenTelemetry providers on every request.
+        "telemetry": {"tracing": False, "metrics": False, "logs": False},
     }
     # The docs pages load Swagger UI and ReDoc from the fastapi-offline package, not from a CDN, so
     # they work on an air-gapped host.

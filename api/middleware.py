@@ -8,6 +8,7 @@ import time
 import uuid
 
 import anyio
+from prometheus_client import Counter, Histogram
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,12 +39,19 @@ class ObservabilityMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Each label set's series, looked up once (the labels' values are few, see above): prometheus_client's
+        # ``labels()`` validates and locks on every call.
+        self._counts: dict[tuple[str, str, str, str, str], Counter] = {}
+        self._latencies: dict[tuple[str, str], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        supplied = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        supplied = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                supplied = value.decode("latin-1")
         request_id = supplied if _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
@@ -64,12 +72,26 @@ class ObservabilityMiddleware:
             route = _route_template(scope)
             model = scope["state"].get("model", "")
             key = scope["state"].get("key_id", "")
-            metrics.REQUESTS.labels(route, scope["method"], model, str(status), key).inc()
-            metrics.LATENCY.labels(route, scope["method"]).observe(seconds)
+            self._series(route, scope["method"], model, str(status), key).inc()
+            self._latency(route, scope["method"]).observe(seconds)
             if route != "/metrics":
                 line = {"method": scope["method"], "path": scope["path"], "route": route, "status": status, "model": model, "key": key}
                 access_log.info("request", extra={**line, "seconds": round(seconds, 4)})
             request_id_var.reset(token)
+
+    def _series(self, route: str, method: str, model: str, status: str, key: str) -> Counter:
+        labels = (route, method, model, status, key)
+        series = self._counts.get(labels)
+        if series is None:
+            series = self._counts[labels] = metrics.REQUESTS.labels(*labels)
+        return series
+
+    def _latency(self, route: str, method: str) -> Histogram:
+        labels = (route, method)
+        series = self._latencies.get(labels)
+        if series is None:
+            series = self._latencies[labels] = metrics.LATENCY.labels(*labels)
+        return series
 
 
 def _route_template(scope: Scope) -> str:
