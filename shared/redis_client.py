@@ -62,6 +62,33 @@ def _with_hiredis_packing(connection_class: type) -> type:
     return _PACKING_CLASSES[connection_class]
 
 
+class _LeanConnectionPool(redis.asyncio.ConnectionPool):
+    """redis-py's asyncio pool without its bookkeeping around every command.
+
+    redis-py (8.1) takes a lock, records OpenTelemetry connection counts and dispatches a
+    connection-released event around each command it sends. The service uses neither redis-py's
+    OpenTelemetry metrics nor the credential providers that listen to those events, and a pool used
+    from one event loop needs no lock: taking and returning a connection never waits. Each connection
+    is still checked as redis-py checks it before use (connected, nothing left unread), and one that
+    must reconnect is disconnected when it comes back.
+    """
+
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> redis.asyncio.Connection:
+        connection = self.get_available_connection()
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection  # type: ignore[no-any-return]
+
+    async def release(self, connection: redis.asyncio.Connection) -> None:  # type: ignore[override]
+        self._in_use_connections.remove(connection)
+        if connection.should_reconnect():
+            await connection.disconnect()
+        self._available_connections.append(connection)
+
+
 class _AsyncSentinelConnection(_HiredisPacking, redis.asyncio.sentinel.SentinelManagedConnection):
     """Reconnects through the Sentinels on a retry, as ``_SentinelConnection`` does, for the API's asyncio connections."""
 
@@ -114,8 +141,10 @@ def async_client(
         sentinels = SentinelUrl.parse(url)
         manager = redis.asyncio.sentinel.Sentinel(sentinels.sentinels, sentinel_kwargs=SENTINEL_QUERY_TIMEOUTS, **sentinels.server_options())
         return manager.master_for(_master_name(sentinel_master), redis_class=redis.asyncio.Redis, connection_class=_AsyncSentinelConnection, **options)
-    client = redis.asyncio.Redis.from_url(url, **options)
-    client.connection_pool.connection_class = _with_hiredis_packing(client.connection_pool.connection_class)
+    pool = _LeanConnectionPool.from_url(url, **options)
+    pool.connection_class = _with_hiredis_packing(pool.connection_class)
+    client = redis.asyncio.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # the pool is the client's own, as with Redis.from_url
     return client
 
 
