@@ -41,8 +41,8 @@ def test_ratio_median_is_not_the_ratio_of_medians() -> None:
 
 
 def test_table_has_issue_13s_rows_with_each_rounds_figure() -> None:
-    lines = table(summarize(ROUNDS), clients=16, batch=8).splitlines()
-    assert lines[0] == "| load | stand-in: torch fp32 loop (batch 8) | Imbeddings fp32 | Imbeddings bf16 |"
+    lines = table(summarize(ROUNDS), clients=16, batch_sizes=[1, 8, 16]).splitlines()
+    assert lines[0] == "| load | stand-in: torch fp32 loop, best of batch 1/8/16 | Imbeddings fp32 | Imbeddings bf16 |"
     assert lines[2] == "| 16 clients × 1 image, img/s | 10.0 (10.0, 12.0, 8.0) | 13.0 (13.0, 13.2, 12.0) | 22.0 (22.0, 24.0, 20.0) |"
     assert lines[3] == "| 1 client, p50 ms | 100 (100, 96, 110) | 90 (90, 94, 88) | 60 (60, 58, 65) |"
     assert lines[4] == "| img/s ÷ stand-in, median of the rounds' ratios | 1.00 (1.00, 1.00, 1.00) | 1.30 (1.30, 1.10, 1.50) | 2.20 (2.20, 2.00, 2.50) |"
