@@ -12,7 +12,8 @@ settings, ``IMBEDDINGS_DTYPE`` float32 in one and bfloat16 in the other. Each ro
 stand-in, the float32 stack and the bfloat16 stack, in an order that rotates from round to round, so
 that the machine's drift falls on all three alike: one client sending ``--latency-requests`` one-image
 requests one at a time, then ``--requests`` from ``--clients`` concurrent clients (``bench.service``).
-While the stand-in runs, the idle stacks' CPU is counted, to show what leaving them up costs it.
+While the stand-in runs, the idle stacks' CPU is counted, to show what leaving them up costs it; during
+every measurement, the CPU other processes took (the machine's other tenants) and the time stolen.
 
 Prints a JSON line per measurement, then the table: medians over the rounds with each round's figure in
 brackets, and the ratio of each column's throughput to the stand-in's, round by round and its median.
@@ -28,6 +29,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +39,7 @@ from bench.__main__ import jpegs_1024, machine
 from bench.bare import in_process_latencies_s, in_process_loop
 from bench.load import run_load
 from bench.service import Stack, measure_service, one_image_bodies, start_stack
-from devtools.processes import cpu_seconds, tree_cpu_seconds
+from devtools.processes import cpu_seconds, machine_cpu_seconds, tree_cpu_seconds
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
 from worker.model.loader import LoadedModel, load_model
@@ -70,6 +73,17 @@ def stack_pids(stack: Stack) -> list[int]:
 def stacks_cpu_seconds(stacks: dict[str, Stack]) -> float:
     """CPU of every process of the stacks, the workers' decode processes included."""
     return sum(tree_cpu_seconds(pid) for stack in stacks.values() for pid in stack_pids(stack))
+
+
+def with_others_share(measure: Callable[[], dict[str, object]], stacks: dict[str, Stack]) -> dict[str, object]:
+    """``measure()``'s figures, plus the CPU that processes other than the bench and its stacks took meanwhile and the
+    time the hypervisor stole, in percent of one core: a round the machine's other tenants disturbed shows here."""
+    busy_before, steal_before = machine_cpu_seconds()
+    own_before, wall_before = cpu_seconds(os.getpid()) + stacks_cpu_seconds(stacks), time.perf_counter()
+    row = measure()
+    busy, steal = (now - then for now, then in zip(machine_cpu_seconds(), (busy_before, steal_before)))
+    own, wall = cpu_seconds(os.getpid()) + stacks_cpu_seconds(stacks) - own_before, time.perf_counter() - wall_before
+    return {**row, "others_cpu_pct": round((busy - own) / wall * 100, 1), "steal_pct": round(steal / wall * 100, 1)}
 
 
 def measure_standin(model: LoadedModel, model_dir: Path, jpegs: list[bytes], args: argparse.Namespace, stacks: dict[str, Stack]) -> dict[str, object]:
@@ -176,9 +190,9 @@ def main() -> None:
                 measured: dict[str, dict[str, float]] = {}
                 for column in order:
                     if column == STANDIN:
-                        measured[column] = measure_standin(standin, model_dir, jpegs, args, stacks)
+                        measured[column] = with_others_share(partial(measure_standin, standin, model_dir, jpegs, args, stacks), stacks)
                     else:
-                        measured[column] = measure_stack(stacks[column], jpegs, args)
+                        measured[column] = with_others_share(partial(measure_stack, stacks[column], jpegs, args), stacks)
                     print(json.dumps({"round": number + 1, "column": column, **measured[column]}), flush=True)
                 rounds.append(measured)
         finally:

@@ -94,6 +94,12 @@ def cpu_seconds(pid: int, reaped: bool = False) -> float:
     return ticks / _TICKS
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine has been busy (all processes, interrupts) and had stolen by its hypervisor, from /proc/stat."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq) / _TICKS, steal / _TICKS
+
+
 def children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
