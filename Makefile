@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-unit test-e2e install install-dev browser bench bench-urls bench-overhead clean
+.PHONY: run test test-unit test-e2e install install-dev browser bench bench-headline bench-urls bench-overhead clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ test-e2e: install-dev browser
 
 bench: install-dev
 	$(BIN)/python -m bench
+
+# Issue 13's table: the original service's stand-in, the service in float32 and in bfloat16, in interleaved rounds.
+bench-headline: install-dev
+	$(BIN)/python -m bench.headline
 
 bench-urls: install-dev
 	$(BIN)/python -m bench.urls

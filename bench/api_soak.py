@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 
 from bench.photos import bench_jpegs
-from bench.service import rss_mb, start_stack
+from bench.service import start_stack
+from devtools.processes import rss_mb
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
 

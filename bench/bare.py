@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -35,8 +36,8 @@ def model_only(model: LoadedModel, batch_sizes: list[int], seconds: float) -> di
     return rates
 
 
-def in_process_loop(model: LoadedModel, model_dir: Path, jpegs: list[bytes], batch: int, seconds: float) -> float:
-    """img/s of what a user would write: decode, the Transformers processor, a PyTorch forward, pool."""
+def _loop_step(model: LoadedModel, model_dir: Path, jpegs: list[bytes], batch: int) -> Callable[[], None]:
+    """One step of what a user would write: decode ``batch`` JPEGs, the Transformers processor, a PyTorch forward, pool."""
     processor = AutoImageProcessor.from_pretrained(model_dir)
     cursor = 0
 
@@ -48,4 +49,21 @@ def in_process_loop(model: LoadedModel, model_dir: Path, jpegs: list[bytes], bat
         with torch.inference_mode():
             pool_cls_mean(model.module(pixel_values=pixels).last_hidden_state, model.num_register_tokens)
 
-    return _rate(step, batch, seconds)
+    return step
+
+
+def in_process_loop(model: LoadedModel, model_dir: Path, jpegs: list[bytes], batch: int, seconds: float) -> float:
+    """img/s of the loop a user would write, at ``batch`` images per step."""
+    return _rate(_loop_step(model, model_dir, jpegs, batch), batch, seconds)
+
+
+def in_process_latencies_s(model: LoadedModel, model_dir: Path, jpegs: list[bytes], images: int) -> list[float]:
+    """Seconds per image of the same loop fed one image at a time (decode, processor, forward, pool)."""
+    step = _loop_step(model, model_dir, jpegs, 1)
+    step()  # warm-up
+    latencies = []
+    for _ in range(images):
+        started = time.perf_counter()
+        step()
+        latencies.append(time.perf_counter() - started)
+    return latencies

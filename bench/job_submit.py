@@ -31,8 +31,7 @@ from pathlib import Path
 import redis
 
 from bench.photos import bench_jpegs
-from bench.service import cpu_seconds, rss_mb
-from devtools.processes import ServiceProcess, wait_until
+from devtools.processes import ServiceProcess, cpu_seconds, reset_peak_rss, rss_mb, status_kb, wait_until
 from devtools.redis_server import RedisServer, free_port
 from shared.settings import REPO_ROOT
 
@@ -40,13 +39,6 @@ SEND_BYTES = 2**20
 # The API's RSS is read this long after its answer: what it keeps, not what it is still freeing.
 SETTLE_S = 3.0
 MEASURES = ("peak_rss_mb", "kept_rss_mb", "submit_s", "api_cpu_s")
-
-
-def _peak_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _body_parts(uris: list[bytes], images: int) -> tuple[int, Iterator[bytes]]:
@@ -102,13 +94,13 @@ def measure(name: str, root: Path, uris: list[bytes], images: int, workdir: Path
             raise RuntimeError(f"{name}: warm-up job answered {warm_status}: {warm_body[:300]!r}")
         time.sleep(1)
         start_rss = rss_mb(api.pid)
-        Path(f"/proc/{api.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS now
+        reset_peak_rss(api.pid)
         cpu_before = cpu_seconds(api.pid)
         started = time.perf_counter()
         status, answer = _post(port, length, parts)
         submit_s = time.perf_counter() - started
         cpu = cpu_seconds(api.pid) - cpu_before
-        peak = _peak_mb(api.pid)
+        peak = status_kb(api.pid, "VmHWM") / 1024
         time.sleep(SETTLE_S)
         kept = rss_mb(api.pid)
         used = int(redis.Redis.from_url(store.url).info("memory")["used_memory"])

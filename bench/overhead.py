@@ -37,33 +37,14 @@ import torch
 
 from bench.load import run_load
 from bench.photos import bench_jpegs
-from bench.service import cpu_seconds, one_image_bodies, rss_mb, start_stack
+from bench.service import one_image_bodies, start_stack
+from devtools.processes import cpu_seconds, rss_mb, tree_cpu_seconds
 from devtools.random_models import build
 from shared.settings import REPO_ROOT, Settings
 from worker.images.decode import decode_image
 from worker.images.limits import InputLimits
 from worker.model.loader import load_model, probe_image
 from worker.model.preprocess import choose_preprocessor, resize_rule
-
-
-def _descendants(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            found.append(int(child))
-            found.extend(_descendants(int(child)))
-    return found
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU of a process and its live children (the worker's decode processes)."""
-    total = 0.0
-    for member in [pid, *_descendants(pid)]:
-        try:
-            total += cpu_seconds(member)
-        except FileNotFoundError:
-            pass
-    return total
 
 
 def _command_calls(client: redis.Redis) -> Counter[str]:

@@ -13,22 +13,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load import build_request, percentile, run_load
-from devtools.processes import ServiceProcess, wait_until
+from devtools.processes import ServiceProcess, cpu_seconds, rss_mb, tree_cpu_seconds, wait_until
 from devtools.redis_server import RedisServer, free_port
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 @dataclass
@@ -122,6 +108,7 @@ def measure_service(stack: Stack, jpegs: list[bytes], clients: int, requests: in
     worker_rss_start = rss_mb(stack.worker.pid)
     pids = {"worker": stack.worker.pid, "api": stack.api.pid, "redis": stack.redis.process.pid, "client": os.getpid()}
     cpu_start = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    worker_tree_start = tree_cpu_seconds(stack.worker.pid)
     rss_trace: list[float] = []
 
     def sample_rss(done: int) -> None:
@@ -130,7 +117,10 @@ def measure_service(stack: Stack, jpegs: list[bytes], clients: int, requests: in
 
     before_high = stack.batch_totals()
     high = asyncio.run(run_load("127.0.0.1", stack.port, requests_raw, clients, requests, on_progress=sample_rss))
+    worker_tree = tree_cpu_seconds(stack.worker.pid) - worker_tree_start
     cpu = {name: (cpu_seconds(pid) - cpu_start[name]) / requests * 1000 for name, pid in pids.items()}
+    # The worker's decode processes are its children: their CPU is not in the worker's own.
+    cpu["worker_decoders"] = worker_tree / requests * 1000 - cpu["worker"]
     mean_batch, mean_forward_ms = _batch_means(before_high, stack.batch_totals())
     errors = {**low.errors, **high.errors}
     if errors:

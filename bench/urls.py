@@ -17,9 +17,9 @@ import urllib.request
 from pathlib import Path
 
 from bench.photos import bench_jpegs
-from bench.service import Stack, cpu_seconds, rss_mb, start_stack
+from bench.service import Stack, start_stack
 from devtools.image_server import ServedImages, serve_images
-from devtools.processes import wait_until
+from devtools.processes import cpu_seconds, rss_mb, wait_until
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
 

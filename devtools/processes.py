@@ -1,4 +1,5 @@
-"""Start and stop the service's processes (``python -m api`` / ``python -m worker``) from Python."""
+"""Start and stop the service's processes (``python -m api`` / ``python -m worker``) from Python, and read
+what /proc counts for a process: CPU time, memory, children. Tests and benchmarks both use these."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import IO
 
 from shared.settings import REPO_ROOT
+
+_TICKS = os.sysconf("SC_CLK_TCK")  # what /proc/<pid>/stat counts CPU time in
 
 
 class ServiceProcess:
@@ -82,3 +85,48 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: floa
             return
         time.sleep(interval_s)
     raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def cpu_seconds(pid: int, reaped: bool = False) -> float:
+    """User and system CPU seconds of a live process; with ``reaped``, also those of the children it has waited for."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
+    return ticks / _TICKS
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine has been busy (all processes, interrupts) and had stolen by its hypervisor, from /proc/stat."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq) / _TICKS, steal / _TICKS
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its live children (a worker's decode processes); a child that exits meanwhile counts for nothing."""
+    total = cpu_seconds(pid)
+    for child in children(pid):
+        try:
+            total += cpu_seconds(child)
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A size from /proc/<pid>/status, in kB: ``VmRSS`` now, ``VmHWM`` its peak."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def rss_mb(pid: int) -> float:
+    return status_kb(pid, "VmRSS") / 1024
+
+
+def reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := current RSS

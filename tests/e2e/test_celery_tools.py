@@ -24,14 +24,14 @@ import redis
 import yaml
 
 from devtools.photos import EXAMPLES
-from devtools.processes import wait_until
+from devtools.processes import cpu_seconds, wait_until
 from devtools.redis_server import RedisServer, free_port
 from shared.queues import EMBED_TASK, JOB_CHUNK_TASK, queue_for
 from shared.settings import REPO_ROOT
 from shared.store.registry import WorkerRegistry
 from tests.support.images import ImageServer, data_uri
 from tests.support.jobs import submit, wait_done
-from tests.support.processes import cpu_seconds, ready_line
+from tests.support.processes import ready_line
 from tests.support.stack import Stack, private_stack, running_redis, wait_worker_ready
 from worker.consumer import EVENT_FLUSH_INTERVAL_S
 from worker.probe import missing_models

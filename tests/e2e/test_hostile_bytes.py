@@ -16,10 +16,9 @@ import httpx
 import pytest
 
 from devtools.photos import BENCH
-from devtools.processes import ServiceProcess, wait_until
+from devtools.processes import ServiceProcess, children, cpu_seconds, reset_peak_rss, status_kb, wait_until
 from tests.support.hostile_images import heavy_jpeg, refused_by_structure
 from tests.support.images import data_uri
-from tests.support.processes import children, cpu_seconds, reset_peak_rss, status_kb
 from tests.support.stack import SET_FOR_SPEED, private_stack, running_redis
 
 MODEL = "dinov2-tiny"  # shortest-edge resize, the rule that makes a thin image enormous

@@ -25,10 +25,9 @@ import orjson
 import pytest
 
 from api.json_body import JSON_VALUES_BASE, JSON_VALUES_PER_INPUT
-from devtools.processes import ServiceProcess, wait_until
+from devtools.processes import ServiceProcess, cpu_seconds, reset_peak_rss, status_kb, wait_until
 from devtools.redis_server import RedisServer
 from shared.settings import Settings
-from tests.support.processes import cpu_seconds, reset_peak_rss, status_kb
 from tests.support.stack import running_redis, service_env, start_api
 
 MiB = 2**20

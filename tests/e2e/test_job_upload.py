@@ -20,13 +20,12 @@ import pytest
 import redis
 
 from devtools.photos import BENCH
-from devtools.processes import ServiceProcess, wait_until
+from devtools.processes import ServiceProcess, reset_peak_rss, status_kb, wait_until
 from devtools.redis_server import RedisServer
 from shared.queues import queue_for
 from shared.settings import Settings
 from shared.store.jobs import JobKeys
 from tests.support.images import data_uri
-from tests.support.processes import reset_peak_rss, status_kb
 from tests.support.stack import running_redis, service_env, start_api
 
 MiB = 2**20
