@@ -72,7 +72,7 @@ class OpenVINOEmbedder:
 
     A batch is cut into one part per stream and the parts run at once, each stream on its own share
     of the threads: a stream whose core is taken by a decoder keeps the other going, where one stream
-    over every thread waits for the slowest at each layer (README, Backends). A batch smaller than the
+    over every thread waits for the slowest at each layer (README, Throughput). A batch smaller than the
     stream count would leave threads idle, so it runs on ``whole``: the model compiled as one stream
     over all the threads.
     """
