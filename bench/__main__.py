@@ -49,7 +49,10 @@ def machine() -> dict[str, object]:
 
 def run(preset: str, dtype: str, backend: Backend, args: argparse.Namespace, jpegs: list[bytes], workdir: Path) -> dict[str, object]:
     model_dir = build(preset, args.model_cache / preset)
-    loaded = load_model(str(model_dir), torch.device("cpu"), getattr(torch, dtype), None, warmup_batch=8, backend=backend)
+    # The model-only figures use the same OpenVINO streams as the service's worker (--env).
+    streams = dict(args.env).get("IMBEDDINGS_OPENVINO_STREAMS")
+    options = {"openvino_streams": int(streams)} if streams else {}
+    loaded = load_model(str(model_dir), torch.device("cpu"), getattr(torch, dtype), None, warmup_batch=8, backend=backend, **options)
     rates = model_only(loaded, args.batch_sizes, args.seconds)
     best_batch = max(rates, key=rates.get)
     del loaded

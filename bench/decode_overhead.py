@@ -3,6 +3,8 @@
 CPU seconds per image of decoding a 1024 x 1024 JPEG to an RGB array in the calling thread, and
 through ``DecodePool`` (the worker's share and the decode child's), with the default settings.
 CPU time rather than wall time, so that a busy machine changes the figures little.
+``--jpeg-draft`` measures each round twice, without and with IMBEDDINGS_JPEG_DRAFT's reduced-scale
+decoding (for a 224-px model input).
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jpeg-draft", action="store_true", help="alternate rounds without and with JPEG draft decoding")
     args = parser.parse_args()
     settings = Settings()
-    limits = replace(InputLimits.from_settings(settings).decode, resize=ResizeRule(shortest_edge=256))
+    exact = replace(InputLimits.from_settings(settings).decode, resize=ResizeRule(shortest_edge=256))
+    variants = {False: exact, True: exact.with_jpeg_draft((224, 224))} if args.jpeg_draft else {False: exact}
     data = encode(Image.open(BENCH / "astronaut_1024x1024.jpg").convert("RGB"), "JPEG", quality=90)
     pool = DecodePool(1, settings.decode_cpu_seconds, settings.decode_max_bytes)
     try:
-        pool.decode(data, limits)
+        pool.decode(data, exact)
         (child,) = pool._all
-        for _ in range(args.rounds):
+        for draft, limits in [item for _ in range(args.rounds) for item in variants.items()]:
             started = time.process_time()
             for _ in range(args.images):
                 int(np.array(decode_image(data, limits)).max())  # the preprocessor reads every pixel
@@ -47,6 +51,7 @@ def main() -> None:
             print(
                 json.dumps(
                     {
+                        "jpeg_draft": draft,
                         "in_process_ms": round(in_process * 1000, 2),
                         "worker_ms": round(worker * 1000, 2),
                         "decoder_ms": round(decoder * 1000, 2),

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
         "auto", description="What runs the forward pass: auto is OpenVINO on the CPU when installed, else PyTorch."
     )
     openvino_cache_dir: Path | None = Field(None, description="Where converted OpenVINO models are kept (default: ~/.cache/imbeddings/openvino).")
+    openvino_streams: int = Field(
+        2, ge=1, le=64, description="OpenVINO streams a batch is split over, each on its share of the forward-pass threads (at most one stream per thread)."
+    )
     cuda_memory_fraction: float | None = Field(None, gt=0, le=1)
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_batch_wait_ms: float = Field(2.0, ge=0, le=10_000)

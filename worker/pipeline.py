@@ -85,7 +85,9 @@ class ModelPipeline:
 
         def on_compute_thread() -> ModelPipeline:
             backend = resolve_backend(settings.backend, device)
-            model = load_model(model_id, device, dtype, token, settings.max_batch_size, backend, torch_threads, settings.openvino_cache_dir)
+            model = load_model(
+                model_id, device, dtype, token, settings.max_batch_size, backend, torch_threads, settings.openvino_cache_dir, settings.openvino_streams
+            )
             metrics.MODEL_LOAD_SECONDS.labels(model.model_id).set(model.load_seconds)
             decode_limits = replace(limits.decode, resize=resize_rule(model.processor))
             if settings.jpeg_draft:

@@ -132,6 +132,8 @@ def test_redis_url_options_kombu_cannot_take_are_refused(monkeypatch: pytest.Mon
         ("IMBEDDINGS_DTYPE", "int4", "IMBEDDINGS_DTYPE"),
         ("IMBEDDINGS_DEVICE", "tpu", "IMBEDDINGS_DEVICE"),
         ("IMBEDDINGS_MAX_BATCH_SIZE", "0", "IMBEDDINGS_MAX_BATCH_SIZE"),
+        ("IMBEDDINGS_OPENVINO_STREAMS", "0", "IMBEDDINGS_OPENVINO_STREAMS"),
+        ("IMBEDDINGS_OPENVINO_STREAMS", "two", "IMBEDDINGS_OPENVINO_STREAMS"),
         ("IMBEDDINGS_URL_ALLOWED_NETWORKS", "10.0.0.0/33", "IMBEDDINGS_URL_ALLOWED_NETWORKS"),
         ("IMBEDDINGS_REDIS_URL", "http://redis", "IMBEDDINGS_REDIS_URL"),
         ("IMBEDDINGS_REDIS_URL", "redis://redis:6379/0?socket_timeout=90", "socket_timeout"),

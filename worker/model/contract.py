@@ -47,13 +47,21 @@ def check_token_contract(model_id: str, hidden: torch.Tensor, pixel_size: torch.
 
 
 def check_precision(
-    model_id: str, embedder: VisionEmbedder, pixel_values: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype
+    model_id: str,
+    embedder: VisionEmbedder,
+    pixel_values: torch.Tensor,
+    reference: tuple[torch.Tensor, torch.Tensor],
+    dtype: torch.dtype,
+    batch: int,
 ) -> tuple[float, float] | None:
-    """The cosines (CLS, MEAN) of the embedder's vectors for ``pixel_values`` to the float32 Transformers
-    ``reference``; None when the embedder is that reference itself."""
+    """The smallest cosines (CLS, MEAN) of the embedder's vectors for the one image ``pixel_values``,
+    alone and repeated as a batch of ``batch``, to the float32 Transformers ``reference``; None when the
+    embedder is that reference itself. Both sizes, because a backend may run them differently (OpenVINO
+    splits a batch over its streams)."""
     if embedder.backend == "torch" and dtype == torch.float32:
         return None
-    cls_cos, mean_cos = (float((a.cpu() * b).sum()) for a, b in zip(reference, embedder.embed(pixel_values)))
+    outputs = [embedder.embed(pixel_values), embedder.embed(pixel_values.expand(batch, -1, -1, -1))]
+    cls_cos, mean_cos = (min(float((ref.cpu() * vectors[i]).sum(-1).min()) for vectors in outputs) for i, ref in enumerate(reference))
     if min(cls_cos, mean_cos) < MIN_COSINE:
         raise ModelRefused(
             f"model {model_id!r} refused: with backend {embedder.backend} and {dtype} its vectors have cosine "

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -67,18 +68,50 @@ class TorchEmbedder:
 
 
 class OpenVINOEmbedder:
-    """A converted model compiled for the CPU; call ``embed`` from one thread (one infer request)."""
+    """A converted model compiled for the CPU as one or more streams; call ``embed`` from one thread.
+
+    A batch is cut into one part per stream and the parts run at once, each stream on its own share
+    of the threads: a stream whose core is taken by a decoder keeps the other going, where one stream
+    over every thread waits for the slowest at each layer (README, Throughput). A batch smaller than the
+    stream count would leave threads idle, so it runs on ``whole``: the model compiled as one stream
+    over all the threads.
+    """
 
     backend: Backend = "openvino"
 
-    def __init__(self, compiled: object, num_register_tokens: int) -> None:
-        self._request = compiled.create_infer_request()  # type: ignore[attr-defined]
+    def __init__(self, streamed: object, whole: object | None, num_register_tokens: int) -> None:
+        streams = int(streamed.get_property("NUM_STREAMS"))  # type: ignore[attr-defined]
+        self._requests = [streamed.create_infer_request() for _ in range(streams)]  # type: ignore[attr-defined]
+        self._whole = whole.create_infer_request() if whole is not None else self._requests[0]  # type: ignore[attr-defined]
         self.num_register_tokens = num_register_tokens
 
     def embed(self, pixels: Pixels) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self._request.infer([_as_batch(pixels).float().contiguous().numpy()])[0]
-        # Pooling copies what it needs before the request's output buffer is reused by the next call.
-        return pool_cls_mean(torch.from_numpy(hidden), self.num_register_tokens)
+        batch = _as_batch(pixels).float().contiguous().numpy()
+        if len(batch) < len(self._requests) or len(self._requests) == 1:
+            hidden = self._whole.infer([batch])[0]
+            # Pooling copies what it needs before the request's output buffer is reused by the next call.
+            return pool_cls_mean(torch.from_numpy(hidden), self.num_register_tokens)
+        parts = np.array_split(batch, len(self._requests))
+        try:
+            for request, part in zip(self._requests, parts):
+                request.start_async([part])
+        finally:
+            _wait_all(self._requests)
+        pooled = [pool_cls_mean(torch.from_numpy(request.get_output_tensor(0).data), self.num_register_tokens) for request in self._requests]
+        return torch.cat([cls for cls, _ in pooled]), torch.cat([mean for _, mean in pooled])
+
+
+def _wait_all(requests: Sequence[object]) -> None:
+    """Wait for every started request before raising the first failure, so none is still running
+    (and refuses to start) when the next batch comes."""
+    failure: Exception | None = None
+    for request in requests:
+        try:
+            request.wait()  # type: ignore[attr-defined]
+        except RuntimeError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def resolve_backend(setting: str, device: torch.device) -> Backend:
@@ -157,19 +190,33 @@ def _converted(module: PreTrainedModel, image_size: tuple[int, int], cache_dir: 
 
 
 def openvino_embedder(
-    module: PreTrainedModel, image_size: tuple[int, int], dtype: torch.dtype, threads: int, num_register_tokens: int, cache_dir: Path
+    module: PreTrainedModel,
+    image_size: tuple[int, int],
+    dtype: torch.dtype,
+    threads: int,
+    streams: int,
+    num_register_tokens: int,
+    cache_dir: Path,
 ) -> OpenVINOEmbedder:
+    """``streams`` is capped at ``threads`` (a stream needs a thread of its own)."""
     import openvino as ov
 
     if dtype not in _OPENVINO_PRECISION:
         raise BackendUnavailable(f"IMBEDDINGS_DTYPE={dtype} has no OpenVINO precision")
-    config = {
-        "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[dtype],
-        "INFERENCE_NUM_THREADS": threads,
-        "NUM_STREAMS": 1,
-        # OpenVINO's own cache of compiled models (keyed by the model and these settings): a worker
-        # that starts again, or a second worker on the host, skips the compilation too.
-        "CACHE_DIR": str(cache_dir / "compiled"),
-    }
-    compiled = ov.Core().compile_model(_converted(module, image_size, cache_dir), "CPU", config)
-    return OpenVINOEmbedder(compiled, num_register_tokens)
+    streams = min(streams, threads)
+    model = _converted(module, image_size, cache_dir)
+    core = ov.Core()
+
+    def compiled(num_streams: int) -> object:
+        config = {
+            "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[dtype],
+            "INFERENCE_NUM_THREADS": threads,
+            "NUM_STREAMS": num_streams,
+            # OpenVINO's own cache of compiled models (keyed by the model and these settings): a worker
+            # that starts again, or a second worker on the host, skips the compilation too.
+            "CACHE_DIR": str(cache_dir / "compiled"),
+        }
+        return core.compile_model(model, "CPU", config)
+
+    log.info("openvino compiled", extra={"streams": streams, "threads": threads, "precision": _OPENVINO_PRECISION[dtype]})
+    return OpenVINOEmbedder(compiled(streams), compiled(1) if streams > 1 else None, num_register_tokens)

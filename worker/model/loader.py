@@ -17,6 +17,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from shared.protocol import ModelInfo
+from shared.settings import Settings
 from worker.model.contract import ModelRefused, check_precision, check_token_contract, patch_size
 from worker.model.embedder import Backend, TorchEmbedder, VisionEmbedder, openvino_embedder
 from worker.model.pooling import pool_cls_mean
@@ -92,6 +93,7 @@ def load_model(
     backend: Backend = "torch",
     threads: int | None = None,
     openvino_cache_dir: Path | None = None,
+    openvino_streams: int = Settings.model_fields["openvino_streams"].default,
 ) -> LoadedModel:
     """Load, check the token contract, build the backend, check its precision, warm up: each a step."""
     started = time.perf_counter()
@@ -102,8 +104,8 @@ def load_model(
     hidden = float32_hidden_state(module, pixel_values, device)
     tokens = check_token_contract(model_id, hidden, pixel_values.shape[-2:], patch, num_registers)
     image_size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
-    embedder = build_embedder(module, device, dtype, num_registers, image_size, backend, threads, openvino_cache_dir)
-    cosines = check_precision(model_id, embedder, pixel_values, pool_cls_mean(hidden, num_registers), dtype)
+    embedder = build_embedder(module, device, dtype, num_registers, image_size, backend, threads, openvino_cache_dir, openvino_streams)
+    cosines = check_precision(model_id, embedder, pixel_values, pool_cls_mean(hidden, num_registers), dtype, max(warmup_batch, 2))
     if cosines is not None:
         extra = {"model": model_id, "backend": embedder.backend, "dtype": str(dtype)}
         extra |= {"cosine_cls_vs_float32": round(cosines[0], 6), "cosine_mean_vs_float32": round(cosines[1], 6)}
@@ -149,9 +151,11 @@ def build_embedder(
     backend: Backend,
     threads: int | None,
     openvino_cache_dir: Path | None,
+    openvino_streams: int,
 ) -> VisionEmbedder:
     if backend == "openvino":
-        return openvino_embedder(module, image_size, dtype, threads or torch.get_num_threads(), num_registers, openvino_cache_dir or default_openvino_cache())
+        threads = threads or torch.get_num_threads()
+        return openvino_embedder(module, image_size, dtype, threads, openvino_streams, num_registers, openvino_cache_dir or default_openvino_cache())
     module.to(dtype)
     return TorchEmbedder(module, device, dtype, num_registers)
 
