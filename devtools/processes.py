@@ -101,9 +101,13 @@ def machine_cpu_seconds() -> tuple[float, float]:
 
 
 def children(pid: int) -> list[int]:
+    """The live children of every thread of ``pid`` (a thread that exits while they are read has none)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
     return found
 
 
