@@ -102,6 +102,7 @@ def run_jobs(port: int, jpegs: list[bytes], jobs: int, job_images: int, parallel
     uris = ["data:image/jpeg;base64," + base64.b64encode(data).decode() for data in jpegs]
     body = {"encoding_format": "base64", "input": [uris[i % len(uris)] for i in range(job_images)]}
     started = time.perf_counter()
+    # The backfill client's default --timeout.
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0) as client:
         in_flight: list[str] = []
         submitted = 0
@@ -153,7 +154,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="imbeddings-overhead-") as tmp:
         stack = start_stack(Path(tmp), model_dir, "float32", {"IMBEDDINGS_BACKEND": "torch", "IMBEDDINGS_TORCH_THREADS": "1", **dict(args.env)})
         try:
-            bodies = one_image_bodies(jpegs, stack.port)
+            bodies = one_image_bodies(jpegs, stack.port) if sync else []
             if sync:
                 warm = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, max(200, args.requests // 10)))
                 if warm.errors:
