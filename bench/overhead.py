@@ -13,6 +13,12 @@ size the worker ran, with the worker's code and one torch thread. The worker run
 thread too (``IMBEDDINGS_TORCH_THREADS=1`` unless ``--env`` says otherwise): OpenMP helpers spinning
 between the tiny model's sub-millisecond ops would otherwise be billed to the service.
 
+``--mode jobs`` measures job images instead, as the bulk backfill client sends them: ``--jobs`` jobs
+of ``--job-images`` data URIs each (the backfill client's default chunk), ``--parallel-jobs`` in flight
+at once, each polled every ``--poll`` seconds, its results read as JSON lines and the job deleted when
+it completes; the figures are then per image (``*_per_img``, ``img_s``), the per-task costs of Celery
+and the worker being shared by the images of a chunk.
+
 ``--profile DIR`` also records py-spy stacks (collapsed, flamegraph.pl input) of the API and the worker during the measured run
 (py-spy must be on PATH or given with ``--py-spy``).
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -31,6 +38,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import psutil
 import redis
 import torch
@@ -88,11 +96,49 @@ def _user_system_seconds(pid: int) -> tuple[float, float]:
     return times.user, times.system
 
 
+def run_jobs(port: int, jpegs: list[bytes], jobs: int, job_images: int, parallel: int, poll_s: float) -> float:
+    """Submit ``jobs`` jobs of ``job_images`` data URIs, ``parallel`` in flight, collect and delete each
+    when it completes, as the backfill client does; returns the wall seconds."""
+    uris = ["data:image/jpeg;base64," + base64.b64encode(data).decode() for data in jpegs]
+    body = {"encoding_format": "base64", "input": [uris[i % len(uris)] for i in range(job_images)]}
+    started = time.perf_counter()
+    # The backfill client's default --timeout.
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0) as client:
+        in_flight: list[str] = []
+        submitted = 0
+        while submitted < jobs or in_flight:
+            while submitted < jobs and len(in_flight) < parallel:
+                response = client.post("/v1/jobs", json=body)
+                if response.status_code != 202:
+                    raise RuntimeError(f"a job was answered {response.status_code}: {response.text[:300]}")
+                in_flight.append(response.json()["id"])
+                submitted += 1
+            time.sleep(poll_s)
+            for job_id in list(in_flight):
+                job = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+                if job["status"] == "completed":
+                    if job["failed"]:
+                        raise RuntimeError(f"job {job_id}: {job['failed']} images failed")
+                    lines = client.get(f"/v1/jobs/{job_id}/results.jsonl").raise_for_status().text.splitlines()
+                    if sum(1 for line in lines if line) != job_images:
+                        raise RuntimeError(f"job {job_id}: {len(lines)} results for {job_images} images")
+                    client.delete(f"/v1/jobs/{job_id}").raise_for_status()
+                    in_flight.remove(job_id)
+                elif job["status"] not in ("queued", "running"):
+                    raise RuntimeError(f"job {job_id} ended {job['status']}")
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("sync", "jobs"), default="sync", help="one-image sync requests, or job images")
     parser.add_argument("--model", default="dinov2-tiny", help="tiny preset from devtools.random_models")
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--jobs", type=int, default=10, help="jobs measured (--mode jobs)")
+    parser.add_argument("--job-images", type=int, default=1000, help="images per job (--mode jobs; the backfill client's --chunk-items)")
+    parser.add_argument("--parallel-jobs", type=int, default=4, help="jobs in flight at once (--mode jobs; the backfill client's default)")
+    parser.add_argument("--poll", type=float, default=1.0, help="seconds between a job's status polls (--mode jobs; the backfill client's default)")
     parser.add_argument("--side", type=int, default=64, help="longest side of the JPEGs sent")
     parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), help="extra VAR=value for the worker and API (repeatable)")
     parser.add_argument("--profile", type=Path, default=None, help="write py-spy stacks of the API and worker here")
@@ -100,15 +146,21 @@ def main() -> None:
     parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")
     args = parser.parse_args()
 
+    sync = args.mode == "sync"
+    # One image per sync request, so the sync figures per request are per image too.
+    unit, count = ("req", args.requests) if sync else ("img", args.jobs * args.job_images)
     jpegs = list(bench_jpegs(args.side).values())
     model_dir = build(args.model, args.model_cache / args.model)
     with tempfile.TemporaryDirectory(prefix="imbeddings-overhead-") as tmp:
         stack = start_stack(Path(tmp), model_dir, "float32", {"IMBEDDINGS_BACKEND": "torch", "IMBEDDINGS_TORCH_THREADS": "1", **dict(args.env)})
         try:
-            bodies = one_image_bodies(jpegs, stack.port)
-            warm = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, max(200, args.requests // 10)))
-            if warm.errors:
-                raise RuntimeError(f"the service answered errors while warming up: {warm.errors}")
+            bodies = one_image_bodies(jpegs, stack.port) if sync else []
+            if sync:
+                warm = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, max(200, args.requests // 10)))
+                if warm.errors:
+                    raise RuntimeError(f"the service answered errors while warming up: {warm.errors}")
+            else:
+                run_jobs(stack.port, jpegs, 1, args.job_images, 1, args.poll)
             pids = {"api": stack.api.pid, "worker": stack.worker.pid, "redis": stack.redis.process.pid}
             recorders = []
             if args.profile:
@@ -130,7 +182,11 @@ def main() -> None:
             before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
             worker_main_before = cpu_seconds(stack.worker.pid)
             batches_before = stack.batch_totals()
-            result = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, args.requests))
+            if sync:
+                result = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, args.requests))
+                wall_s = result.wall_s
+            else:
+                wall_s = run_jobs(stack.port, jpegs, args.jobs, args.job_images, args.parallel_jobs, args.poll)
             after = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
             decoders = after["worker"] - before["worker"] - (cpu_seconds(stack.worker.pid) - worker_main_before)
             api_times = [now - then for now, then in zip(_user_system_seconds(stack.api.pid), api_times_before)]
@@ -141,23 +197,31 @@ def main() -> None:
             for recorder in recorders:
                 recorder.send_signal(2)
                 recorder.wait(timeout=60)
-            if result.errors:
+            if sync and result.errors:
                 raise RuntimeError(f"the service answered errors: {result.errors}")
             batches = (batches_after[0] - batches_before[0]) or 1.0
             row = {
                 "model": args.model,
                 "jpeg_side": args.side,
                 "jpeg_bytes_mean": round(sum(map(len, jpegs)) / len(jpegs)),
-                "clients": args.clients,
-                "requests": args.requests,
-                "req_s": round(args.requests / result.wall_s, 1),
-                **{f"{name}_cpu_ms_per_req": round((after[name] - before[name]) / args.requests * 1000, 3) for name in pids},
-                "worker_decoders_cpu_ms_per_req": round(decoders / args.requests * 1000, 3),
-                "api_user_system_ms_per_req": [round(seconds / args.requests * 1000, 3) for seconds in api_times],
-                "redis_commands_per_req": round(sum(commands.values()) / args.requests, 1),
-                "redis_round_trips_per_req": round(trips / args.requests, 2),
-                "api_redis_commands_per_req": round(api_commands / args.requests, 2),
-                "redis_top_commands_per_req": {name: round(n / args.requests, 2) for name, n in commands.most_common(12)},
+                **(
+                    {"clients": args.clients, "requests": count, "req_s": round(count / wall_s, 1)}
+                    if sync
+                    else {
+                        "jobs": args.jobs,
+                        "job_images": args.job_images,
+                        "parallel_jobs": args.parallel_jobs,
+                        "images": count,
+                        "img_s": round(count / wall_s, 1),
+                    }
+                ),
+                **{f"{name}_cpu_ms_per_{unit}": round((after[name] - before[name]) / count * 1000, 3) for name in pids},
+                f"worker_decoders_cpu_ms_per_{unit}": round(decoders / count * 1000, 3),
+                f"api_user_system_ms_per_{unit}": [round(seconds / count * 1000, 3) for seconds in api_times],
+                f"redis_commands_per_{unit}": round(sum(commands.values()) / count, 1),
+                f"redis_round_trips_per_{unit}": round(trips / count, 2),
+                f"api_redis_commands_per_{unit}": round(api_commands / count, 2),
+                f"redis_top_commands_per_{unit}": {name: round(n / count, 2) for name, n in commands.most_common(12)},
                 "forward_ms_per_img": round((batches_after[2] - batches_before[2]) / (batches_after[1] - batches_before[1]) * 1000, 3),
                 "mean_batch": round((batches_after[1] - batches_before[1]) / batches, 2),
                 "api_rss_mb": round(rss_mb(stack.api.pid), 1),
@@ -165,13 +229,13 @@ def main() -> None:
                 "cpus": len(os.sched_getaffinity(0)),
             }
             # The ceilings: requests per second one process would reach on a core of its own.
-            row["api_ceiling_req_s"] = round(1000 / row["api_cpu_ms_per_req"], 1)
-            row["worker_ceiling_img_s"] = round(1000 / row["worker_cpu_ms_per_req"], 1)
+            row[f"api_ceiling_{unit}_s"] = round(1000 / row[f"api_cpu_ms_per_{unit}"], 1)
+            row["worker_ceiling_img_s"] = round(1000 / row[f"worker_cpu_ms_per_{unit}"], 1)
         finally:
             stack.stop()
     # After the stack has stopped, so the reference does not share the CPUs with it.
-    row["pipeline_cpu_ms_per_img"] = round(pipeline_cpu_ms_per_img(model_dir, jpegs, max(1, round(row["mean_batch"])), args.requests), 3)
-    row["worker_own_cpu_ms_per_img"] = round(row["worker_cpu_ms_per_req"] - row["pipeline_cpu_ms_per_img"], 3)
+    row["pipeline_cpu_ms_per_img"] = round(pipeline_cpu_ms_per_img(model_dir, jpegs, max(1, round(row["mean_batch"])), count), 3)
+    row["worker_own_cpu_ms_per_img"] = round(row[f"worker_cpu_ms_per_{unit}"] - row["pipeline_cpu_ms_per_img"], 3)
     row["worker_own_ceiling_img_s"] = round(1000 / max(row["worker_own_cpu_ms_per_img"], 1e-3), 1)
     print(json.dumps(row), flush=True)
 
