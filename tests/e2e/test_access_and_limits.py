@@ -17,6 +17,7 @@ from devtools.processes import wait_until
 from devtools.redis_server import RedisServer
 from shared.queues import queue_for
 from tests.support.images import data_uri, serve_photos
+from tests.support.sockets import address
 from tests.support.stack import Stack, private_stack, start_api
 
 JPEG = (EXAMPLES / "cmp1.jpg").read_bytes()
@@ -88,8 +89,7 @@ def test_request_limits(guarded_api: tuple[str, Path]) -> None:
 
 def test_oversized_body_is_refused_before_it_is_read(guarded_api: tuple[str, Path]) -> None:
     """A declared Content-Length over the limit gets its 413 without sending the body."""
-    host, port = guarded_api[0].removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
+    with socket.create_connection(address(guarded_api[0])) as sock:
         sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\n\r\n")
         answer = sock.recv(4096).decode()
     assert answer.startswith("HTTP/1.1 413")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -95,14 +96,24 @@ def _answer(refused: ApiError) -> tuple[ErrorCode, int, dict[str, str] | None]:
     return refused.code, refused.status, refused.headers
 
 
+@asynccontextmanager
+async def _connected(url: str) -> AsyncIterator[tuple[redis.Redis, redis.asyncio.Redis]]:
+    """A synchronous client to look at Redis with, and an asyncio client for the API's side."""
+    store = redis.Redis.from_url(url)
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        yield store, client
+    finally:
+        await client.aclose()
+        store.close()
+
+
 def test_the_first_refusal_that_applies_answers_and_a_refusal_leaves_nothing(server: RedisServer) -> None:
     asyncio.run(_scenario(server.url))
 
 
 async def _scenario(url: str) -> None:
-    store = redis.Redis.from_url(url)
-    client = redis.asyncio.Redis.from_url(url)
-    try:
+    async with _connected(url) as (store, client):
         api = Api(client)
         empty = _state(store)
 
@@ -172,8 +183,6 @@ async def _scenario(url: str) -> None:
         released = _state(store)
         assert (released["ledger"], released["ledger images"], released["quota"]) == (0, 0, {KEY: 0, OTHER_KEY: 0})
         assert not store.exists(TenantKeys(PREFIX).images(KEY)) and not store.exists(TenantKeys(PREFIX).work(KEY))
-    finally:
-        await client.aclose()
 
 
 def test_the_reply_is_taken_with_the_release_and_only_when_it_came(server: RedisServer) -> None:
@@ -184,9 +193,7 @@ def test_the_reply_is_taken_with_the_release_and_only_when_it_came(server: Redis
 
 
 async def _reply_scenario(url: str) -> None:
-    store = redis.Redis.from_url(url)
-    client = redis.asyncio.Redis.from_url(url)
-    try:
+    async with _connected(url) as (store, client):
         api = Api(client)
         WorkerRegistry(store, PREFIX).beat("worker@host", [INFO], ttl_s=60, seconds_per_image={MODEL: 0.1})
         replies = RequestReplies(store, PREFIX, reply_ttl_s=70)
@@ -205,5 +212,3 @@ async def _reply_scenario(url: str) -> None:
             assert (taken["ledger"], taken["ledger images"], taken["quota"]) == (0, 0, {KEY: 0, OTHER_KEY: 0}), lost_scripts
             assert not store.exists(exchange.reply_key)
             store.delete(QUEUE, exchange.blobs_key)
-    finally:
-        await client.aclose()

@@ -28,6 +28,7 @@ from api.json_body import JSON_VALUES_BASE, JSON_VALUES_PER_INPUT
 from devtools.processes import ServiceProcess, cpu_seconds, reset_peak_rss, status_kb, wait_until
 from devtools.redis_server import RedisServer
 from shared.settings import Settings
+from tests.support.sockets import address
 from tests.support.stack import running_redis, service_env, start_api
 
 MiB = 2**20
@@ -45,8 +46,7 @@ class EdgeAPI:
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.base_url.removeprefix("http://").split(":")
-        return host, int(port)
+        return address(self.base_url)
 
     def peak_rss_mb(self) -> float:
         return status_kb(self.process.pid, "VmHWM") / 1024

@@ -26,6 +26,7 @@ from shared.queues import queue_for
 from shared.settings import Settings
 from shared.store.jobs import JobKeys
 from tests.support.images import data_uri
+from tests.support.sockets import address
 from tests.support.stack import running_redis, service_env, start_api
 
 MiB = 2**20
@@ -45,8 +46,7 @@ class UploadAPI:
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.base_url.removeprefix("http://").split(":")
-        return host, int(port)
+        return address(self.base_url)
 
     def buffered_body_bytes(self) -> float:
         return _buffered(self.base_url)
@@ -172,8 +172,7 @@ def test_a_stalled_job_upload_gets_408_and_leaves_nothing(allow_list: Path, tiny
     store = redis.Redis.from_url(own_redis.url)
     try:
         part = b'{"input": [' + _items(30, data_uri(PHOTO)) + b","  # past one pipeline of images: stored before the stall
-        host, port = base_url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=30) as sock:
+        with socket.create_connection(address(base_url), timeout=30) as sock:
             sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (4 * len(part)))
             sock.sendall(part)
             answer = b""
@@ -195,10 +194,9 @@ def test_a_job_upload_shares_the_body_budget(allow_list: Path, tiny_models: dict
     env = service_env(own_redis.url, allow_list, tiny_models, IMBEDDINGS_MAX_REQUEST_BYTES=limit, IMBEDDINGS_MAX_BUFFERED_BYTES=limit)
     api, base_url = start_api(env, tmp_path / "api.log")
     store = redis.Redis.from_url(own_redis.url)
-    host, port = base_url.removeprefix("http://").split(":")
     body = b'{"input": [' + _items(30, data_uri(PHOTO)) + b"]}"
     try:
-        with socket.create_connection((host, int(port)), timeout=30) as other:
+        with socket.create_connection(address(base_url), timeout=30) as other:
             other.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{" % (16 * MiB))
             wait_until(lambda: _buffered(base_url) == 16 * MiB, 10, what="the other upload to hold the budget")
             with httpx.Client(base_url=base_url, timeout=60) as client:

@@ -15,6 +15,7 @@ import redis
 from devtools.processes import wait_until
 from shared.store.admission import LedgerKeys
 from tests.support.images import serve_photos
+from tests.support.sockets import address
 from tests.support.stack import Stack
 
 MiB = 2**20
@@ -64,8 +65,7 @@ def test_a_client_that_hangs_up_withdraws_its_request(service: Stack) -> None:
 def _send_then_read(base_url: str, head: bytes, body: Iterator[bytes]) -> bytes:
     """A client that sends the whole request before reading the answer, as most HTTP clients do
     (httpx is an exception: it reads an answer even after its upload failed)."""
-    host, port = base_url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
+    with socket.create_connection(address(base_url), timeout=30) as sock:
         sock.sendall(head)
         for piece in body:
             sock.sendall(piece)
@@ -93,7 +93,6 @@ def test_an_oversize_body_gets_a_readable_413(service: Stack, declared: bool) ->
 
 
 def test_an_oversize_declared_body_is_answered_before_it_is_sent(service: Stack) -> None:
-    host, port = service.base_url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
+    with socket.create_connection(address(service.base_url), timeout=5) as sock:
         sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 413")

@@ -7,6 +7,12 @@ import threading
 from collections.abc import Callable
 
 
+def address(base_url: str) -> tuple[str, int]:
+    """The (host, port) a test's ``http://host:port`` base URL names, for a raw connection to it."""
+    host, port = base_url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
 def accept_each(listener: socket.socket, handle: Callable[[socket.socket, object], None]) -> None:
     """Hands every connection ``listener`` accepts, with its peer address, to ``handle`` (on one
     daemon thread, in the order they come), until the listener is closed."""
