@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from bench.bare import in_process_loop, model_only
+from bench.cli import env_assignment, int_list
 from bench.deep_queue import deep_queue_scenarios, deep_queue_table
 from bench.fidelity import fidelity
 from bench.photos import bench_jpegs
@@ -123,12 +124,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="measured end-to-end requests per model and dtype")
     parser.add_argument("--latency-requests", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=8.0, help="time per bare measurement")
-    parser.add_argument("--batch-sizes", default="1,4,8,16,32", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--batch-sizes", default="1,4,8,16,32", type=int_list)
     parser.add_argument(
         "--env",
         action="append",
         default=[],
-        type=lambda s: tuple(s.split("=", 1)),
+        type=env_assignment,
         help="extra VAR=value in the environment of the worker and API (repeatable)",
     )
     parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")

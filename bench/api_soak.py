@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.cli import env_assignment
 from bench.photos import bench_jpegs
 from bench.service import start_stack
 from devtools.processes import rss_mb
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--job-images", type=int, default=200)
     parser.add_argument("--big-job-images", type=int, default=2500)
     parser.add_argument("--big-job-every-s", type=float, default=30.0)
-    parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), help="extra VAR=value for the worker and API (repeatable)")
+    parser.add_argument("--env", action="append", default=[], type=env_assignment, help="extra VAR=value for the worker and API (repeatable)")
     parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")
     args = parser.parse_args()
 

@@ -16,7 +16,8 @@ from worker.model.loader import LoadedModel
 from worker.model.pooling import pool_cls_mean
 
 
-def _rate(step, images_per_step: int, seconds: float) -> float:
+def rate(step: Callable[[], object], images_per_step: int, seconds: float) -> float:
+    """Images per second of calling ``step`` (``images_per_step`` images each) for ``seconds``, after one warm-up call."""
     step()  # warm-up
     started = time.perf_counter()
     count = 0
@@ -32,7 +33,7 @@ def model_only(model: LoadedModel, batch_sizes: list[int], seconds: float) -> di
     rates = {}
     for batch in batch_sizes:
         pixels = torch.randn(batch, 3, height, width)
-        rates[batch] = _rate(partial(model.embedder.embed, pixels), batch, seconds)
+        rates[batch] = rate(partial(model.embedder.embed, pixels), batch, seconds)
     return rates
 
 
@@ -54,7 +55,7 @@ def _loop_step(model: LoadedModel, model_dir: Path, jpegs: list[bytes], batch: i
 
 def in_process_loop(model: LoadedModel, model_dir: Path, jpegs: list[bytes], batch: int, seconds: float) -> float:
     """img/s of the loop a user would write, at ``batch`` images per step."""
-    return _rate(_loop_step(model, model_dir, jpegs, batch), batch, seconds)
+    return rate(_loop_step(model, model_dir, jpegs, batch), batch, seconds)
 
 
 def in_process_latencies_s(model: LoadedModel, model_dir: Path, jpegs: list[bytes], images: int) -> list[float]:

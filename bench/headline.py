@@ -37,6 +37,7 @@ import torch
 
 from bench.__main__ import jpegs_1024, machine
 from bench.bare import in_process_latencies_s, in_process_loop
+from bench.cli import env_assignment, int_list
 from bench.load import run_load
 from bench.service import Stack, measure_service, one_image_bodies, start_stack
 from devtools.processes import cpu_seconds, machine_cpu_seconds, tree_cpu_seconds
@@ -154,10 +155,6 @@ def table(summary: dict[str, dict[str, object]], clients: int, batch_sizes: list
     return "\n".join(lines)
 
 
-def int_list(text: str) -> list[int]:
-    return [int(item) for item in text.split(",")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dinov2-small", help="a preset from devtools.random_models")
@@ -167,7 +164,7 @@ def main() -> None:
     parser.add_argument("--latency-requests", type=int, default=60, help="one-client requests per stack and round (and stand-in images at batch 1)")
     parser.add_argument("--seconds", type=float, default=8.0, help="time per measurement of the stand-in's throughput")
     parser.add_argument("--loop-batch-sizes", default="1,8,16", type=int_list, help="the stand-in's batch sizes, each measured every round; the best counts")
-    parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), help="extra VAR=value for both stacks (repeatable)")
+    parser.add_argument("--env", action="append", default=[], type=env_assignment, help="extra VAR=value for both stacks (repeatable)")
     parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()

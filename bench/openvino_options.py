@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.bare import rate
+from bench.cli import int_list
 from devtools.random_models import build
 from shared.settings import REPO_ROOT
-from worker.model.embedder import _converted
+from worker.model.embedder import converted_model
 from worker.model.loader import load_pretrained, probe_image
 from worker.model.pooling import pool_cls_mean
 
@@ -51,21 +53,11 @@ def run_split(requests: list, pixels: np.ndarray) -> None:
             request.wait()
 
 
-def rate(step, images: int, seconds: float) -> float:
-    step()
-    started = time.perf_counter()
-    count = 0
-    while time.perf_counter() - started < seconds:
-        step()
-        count += images
-    return count / (time.perf_counter() - started)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dinov2-small")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--batch-sizes", default="1,4,8,16", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--batch-sizes", default="1,4,8,16", type=int_list)
     parser.add_argument("--variants", default=",".join(str(i) for i in range(len(VARIANTS))), help="indexes into the variant list")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -79,7 +71,7 @@ def main() -> None:
     pixel_values = processor(images=probe_image(), return_tensors="pt")["pixel_values"]
     image_size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
     with tempfile.TemporaryDirectory() as tmp:
-        converted = _converted(module, image_size, Path(tmp))
+        converted = converted_model(module, image_size, Path(tmp))
     chosen = [list(VARIANTS)[int(i)] for i in args.variants.split(",")]
     core = ov.Core()
     print(json.dumps({"loadavg_start": os.getloadavg()}), flush=True)

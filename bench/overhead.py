@@ -43,6 +43,7 @@ import psutil
 import redis
 import torch
 
+from bench.cli import env_assignment
 from bench.load import run_load
 from bench.photos import bench_jpegs
 from bench.service import one_image_bodies, start_stack
@@ -140,7 +141,7 @@ def main() -> None:
     parser.add_argument("--parallel-jobs", type=int, default=4, help="jobs in flight at once (--mode jobs; the backfill client's default)")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between a job's status polls (--mode jobs; the backfill client's default)")
     parser.add_argument("--side", type=int, default=64, help="longest side of the JPEGs sent")
-    parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), help="extra VAR=value for the worker and API (repeatable)")
+    parser.add_argument("--env", action="append", default=[], type=env_assignment, help="extra VAR=value for the worker and API (repeatable)")
     parser.add_argument("--profile", type=Path, default=None, help="write py-spy stacks of the API and worker here")
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.cli import env_assignment
 from bench.photos import bench_jpegs
 from bench.service import Stack, start_stack
 from devtools.image_server import ServedImages, serve_images
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--urls", type=int, default=2000, help="URLs per measured job")
     parser.add_argument("--side", type=int, default=256, help="longest side of the served JPEGs")
     parser.add_argument("--model", default="dinov2-tiny", help="a preset from devtools.random_models (a tiny one: the model is not what is measured)")
-    parser.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), help="extra VAR=value for the worker and API (repeatable)")
+    parser.add_argument("--env", action="append", default=[], type=env_assignment, help="extra VAR=value for the worker and API (repeatable)")
     parser.add_argument("--model-cache", type=Path, default=REPO_ROOT / ".local" / "bench-models")
     args = parser.parse_args()
 

@@ -159,7 +159,7 @@ def _cache_key(module: PreTrainedModel, image_size: tuple[int, int]) -> str:
     return digest.hexdigest()[:24]
 
 
-def _converted(module: PreTrainedModel, image_size: tuple[int, int], cache_dir: Path) -> object:
+def converted_model(module: PreTrainedModel, image_size: tuple[int, int], cache_dir: Path) -> object:
     """The OpenVINO model for ``module``: read from the cache, or converted once and cached."""
     import openvino as ov
 
@@ -204,7 +204,7 @@ def openvino_embedder(
     if dtype not in _OPENVINO_PRECISION:
         raise BackendUnavailable(f"IMBEDDINGS_DTYPE={dtype} has no OpenVINO precision")
     streams = min(streams, threads)
-    model = _converted(module, image_size, cache_dir)
+    model = converted_model(module, image_size, cache_dir)
     core = ov.Core()
 
     def compiled(num_streams: int) -> object:
