@@ -22,7 +22,7 @@ from api.errors import ApiError
 from api.memory_budget import MemoryBudget
 from api.quotas import TenantQuota
 from shared.errors import ErrorCode
-from shared.store.admission import AdmissionStore, QueuedTask, RequestAsk, Verdict
+from shared.store.admission import AdmissionLimits, AdmissionStore, QueuedTask, RequestAsk, Verdict
 
 
 @dataclass(frozen=True)
@@ -42,47 +42,39 @@ class RequestAdmission:
         self._timeout_s = request_timeout_s
         self._max_requests = max_requests
 
-    async def admit(
-        self,
-        key_id: str,
-        model: str,
-        work_id: str,
-        images: int,
-        deadline: float,
-        bytes_needed: int,
-        bytes_in_flight: int,
-        task: QueuedTask,
-        store_task: bool,
-    ) -> Admission:
-        """Enter the request in the key's quota and the model's ledger until ``deadline`` at the
-        latest, or raise the first refusal that applies. ``bytes_in_flight``: what this process's
-        other submissions are storing now. With ``store_task``, an admitted request's image bytes
-        and task are stored and queued in the same step."""
+    async def admit(self, model: str, asks: list[RequestAsk], task: QueuedTask | None) -> tuple[list[Admission | ApiError], bool]:
+        """Weigh the requests in order, each after the ones before it: each one's admission (entered
+        in its key's quota and the model's ledger until its deadline at the latest, its stored images
+        stored), or the first refusal that applies to it; and whether ``task`` was queued with them,
+        which it is when all were admitted."""
         budget = await self._memory.budget()
-        ask = RequestAsk(
-            key_id=key_id,
-            model=model,
-            work_id=work_id,
-            images=images,
-            deadline=deadline,
+        limits = AdmissionLimits(
             key_limit=self._quota.limit,
-            bytes_needed=bytes_needed,
-            bytes_in_flight=bytes_in_flight,
             memory_budget=budget.limit,
             timeout_s=self._timeout_s,
             max_requests=self._max_requests,
-            task=task,
-            store_task=store_task,
+            blobs_ttl_s=math.ceil(self._timeout_s) + 60,
         )
-        verdict = await self._store.admit(ask)
-        if verdict.memory is not None:
-            self._memory.seen(verdict.memory)
-        if verdict.reason == "admitted":
-            return Admission(key_id, model, work_id)
-        if verdict.reason == "redis_full":
-            assert verdict.memory is not None
-            raise self._memory.refusal(verdict.memory.used + bytes_in_flight, budget, bytes_needed, "request")
-        raise self._refusal(model, images, verdict)
+        verdicts, queued = await self._store.admit(model, limits, asks, task)
+        outcomes: list[Admission | ApiError] = []
+        for ask, verdict in zip(asks, verdicts, strict=True):
+            if verdict.memory is not None:
+                self._memory.seen(verdict.memory)
+            if verdict.reason == "admitted":
+                outcomes.append(Admission(ask.key_id, model, ask.work_id))
+            elif verdict.reason == "redis_full":
+                assert verdict.memory is not None
+                outcomes.append(self._memory.refusal(verdict.memory.used + ask.bytes_in_flight, budget, ask.bytes_needed, "request"))
+            else:
+                outcomes.append(self._refusal(model, ask.images, verdict))
+        return outcomes, queued
+
+    async def admit_one(self, model: str, ask: RequestAsk, task: QueuedTask | None) -> Admission:
+        """``admit`` for one request: its admission, or its refusal raised."""
+        [outcome], _ = await self.admit(model, [ask], task)
+        if isinstance(outcome, ApiError):
+            raise outcome
+        return outcome
 
     def _refusal(self, model: str, images: int, verdict: Verdict) -> ApiError:
         timeout = self._timeout_s

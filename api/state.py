@@ -12,6 +12,7 @@ from api.admission import RequestAdmission
 from api.memory_budget import MemoryBudget
 from api.publisher import TaskPublisher
 from api.quotas import TenantQuota
+from api.request_groups import RequestGroups
 from shared.settings import Settings
 from shared.store.admission import AdmissionStore
 from shared.store.claims import ClaimWatch
@@ -39,6 +40,7 @@ class AppState:
     admission: RequestAdmission = field(init=False)
     jobs: AsyncJobStore = field(init=False)
     tasks: TaskPublisher = field(init=False)
+    request_groups: RequestGroups = field(init=False)
 
     def __post_init__(self) -> None:
         prefix = self.settings.redis_key_prefix
@@ -52,6 +54,7 @@ class AppState:
         )
         self.jobs = AsyncJobStore(self.redis, prefix, self.settings.job_result_ttl_s)
         self.tasks = TaskPublisher(self.celery, self.redis)
+        self.request_groups = RequestGroups(self.admission, self.tasks, self.settings.max_batch_size)
 
 
 def get_state(request: Request) -> AppState:

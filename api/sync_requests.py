@@ -18,7 +18,7 @@ from api.state import AppState
 from shared.errors import ErrorCode
 from shared.protocol import BlobRef, EmbedPayload, ImageRef, ItemResult, UrlRef
 from shared.queues import EMBED_TASK, queue_depth
-from shared.store.admission import QueuedTask
+from shared.store.admission import QueuedTask, RequestAsk
 from shared.store.claims import HolderState
 from shared.store.requests import RequestExchange, SyncRequest, store_image_bytes
 
@@ -66,6 +66,8 @@ async def embed_and_wait(
     Two round trips to Redis: the admission script, which also stores the images' bytes and queues
     the task of a small request (a larger one's follow in one transaction, so a full Redis cannot
     take the task without its bytes), and the wait, whose reply is taken with the request's release.
+    Small requests of image bytes share the admission's round trip and their task with the requests
+    that arrive at the same time (``api.request_groups``).
     However the wait ends without an answer (deadline, client gone, an error), the request is
     withdrawn, so no worker computes it. ``client_gone()`` completes when the client disconnects.
     """
@@ -76,8 +78,6 @@ async def embed_and_wait(
     exchange = state.requests.open(work_id)
     blobs = [(image.index, image.data) for image in images if image.data is not None]
     payload = EmbedPayload(request_id=request_id, model=model, items=_refs(exchange.blobs_key, images), reply_key=exchange.reply_key, deadline=deadline)
-    queue, message = state.tasks.message(EMBED_TASK, payload.model_dump())
-    task = QueuedTask(blobs_key=exchange.blobs_key, images=blobs, ttl_s=int(timeout) + 60, queue=queue, message=message)
     inline = sum(len(data) for _, data in blobs) <= INLINE_TASK_BYTES
     admitted: Admission | None = None
     reply: bytes | None = None
@@ -85,11 +85,24 @@ async def embed_and_wait(
     try:
         # The images' bytes are held against the memory budget until Redis counts them itself.
         with state.memory.hold(need) as others_in_flight:
-            admitted = await state.admission.admit(key_id, model, work_id, len(images), deadline, need, others_in_flight, task, store_task=inline)
-            if not inline:
+            ask = RequestAsk(key_id, work_id, len(images), deadline, need, others_in_flight, exchange.blobs_key, blobs if inline else [])
+            if inline and len(blobs) == len(images):
+                # Small and all bytes: admitted in a round with the other requests that come meanwhile, in one task.
+                round_trip = state.request_groups.admit(model, ask, payload.model_dump())
+                try:
+                    admitted = await asyncio.shield(round_trip)
+                except asyncio.CancelledError:
+                    # The round is on its way: what it admits is withdrawn below rather than computed for nobody.
+                    admitted = await asyncio.shield(round_trip)
+                    raise
+            elif inline:  # URLs: its own task, which a worker starts fetching at once
+                admitted = await state.admission.admit_one(model, ask, QueuedTask(*state.tasks.message(EMBED_TASK, payload.model_dump())))
+            else:
+                admitted = await state.admission.admit_one(model, ask, None)
+                queue, message = state.tasks.message(EMBED_TASK, payload.model_dump())
                 send = state.redis.pipeline(transaction=True)
-                state.requests.stash(send, exchange, blobs, task.ttl_s)
-                state.tasks.push(send, task.queue, task.message)
+                state.requests.stash(send, exchange, blobs, int(timeout) + 60)
+                state.tasks.push(send, queue, message)
                 await send.execute()
         reply = await _wait_for_reply(state, admitted, exchange, payload, client_gone)
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.errors import ErrorCode
 
@@ -50,6 +50,20 @@ class EmbedPayload(BaseModel):
     items: list[ImageRef]
     reply_key: str
     deadline: float
+
+
+class EmbedRequests(BaseModel):
+    """Synchronous requests for one model that an API process admitted together, sent as one task so
+    that they share its cost; each is still started, answered, withdrawn and sent again on its own."""
+
+    model: str
+    requests: list[EmbedPayload] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_model(self) -> EmbedRequests:
+        if others := sorted({request.model for request in self.requests} - {self.model}):
+            raise ValueError(f"every request of the task must be for model {self.model!r}; found {others}")
+        return self
 
 
 class JobChunkPayload(BaseModel):

@@ -15,6 +15,7 @@ import redis.asyncio
 from redis.asyncio.client import Pipeline as AsyncPipeline
 
 EMBED_TASK = "imbeddings.embed"
+EMBED_REQUESTS_TASK = "imbeddings.embed_requests"
 JOB_CHUNK_TASK = "imbeddings.embed_job_chunk"
 
 QueueKind = Literal["interactive", "bulk"]
@@ -55,7 +56,7 @@ def route_by_model(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], opt
     model = payload.get("model")
     if not model:
         return None
-    if name == EMBED_TASK:
+    if name in (EMBED_TASK, EMBED_REQUESTS_TASK):
         return {"queue": queue_for(model, "interactive")}
     if name == JOB_CHUNK_TASK:
         return {"queue": queue_for(model, "bulk")}

@@ -32,7 +32,19 @@ PREPROCESS_SECONDS = Histogram(
     registry=REGISTRY,
 )
 IMAGES = Counter("imbeddings_worker_images_total", "Images processed, by outcome.", ["model", "outcome"], registry=REGISTRY)
-TASKS = Counter("imbeddings_worker_tasks_total", "Celery tasks handled, by kind and outcome.", ["kind", "outcome"], registry=REGISTRY)
+TASKS = Counter(
+    "imbeddings_worker_tasks_total",
+    "Celery tasks handled, by kind and outcome; each synchronous request of an embed task counts once.",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
+REQUESTS_PER_TASK = Histogram(
+    "imbeddings_worker_requests_per_task",
+    "Synchronous requests per embed task: an API process sends those it admitted together as one task.",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+    registry=REGISTRY,
+)
 MODEL_LOAD_SECONDS = Gauge("imbeddings_worker_model_load_seconds", "Time taken to load and check each model.", ["model"], registry=REGISTRY)
 URL_CONNECTIONS = Counter(
     "imbeddings_worker_url_connections_total", "Connections URL fetches used: opened, or reused from the keep-alive pool.", ["kind"], registry=REGISTRY

@@ -44,6 +44,23 @@ class WorkerStopping(Exception):
     """The worker is shutting down: work not yet started goes back to the queue."""
 
 
+class Submitted:
+    """Images on their way through a pipeline (``ModelPipeline.submit``), by their input index."""
+
+    def __init__(self, pipeline: ModelPipeline, indexes: list[int], queued: list[Future[Embedding] | ImageInputError]) -> None:
+        self._pipeline = pipeline
+        self._indexes = indexes
+        self._queued = queued
+
+    def done(self) -> bool:
+        """Every image has its outcome: ``results()`` will not wait."""
+        return all(isinstance(entry, ImageInputError) or entry.done() for entry in self._queued)
+
+    def results(self) -> list[ItemResult]:
+        """Each image's vector or error, in input order, once they have come."""
+        return [self._pipeline.collect(index, entry) for index, entry in zip(self._indexes, self._queued)]
+
+
 class ModelPipeline:
     def __init__(
         self,
@@ -104,6 +121,11 @@ class ModelPipeline:
     def embed(self, inputs: list[ImageInput], bulk: bool = False, ticket: Ticket | None = None) -> list[ItemResult]:
         """Results in the order of ``inputs``; every image gets a vector or an error. Nothing more is
         fetched, decoded or computed for them once ``ticket`` is withdrawn."""
+        return self.submit(inputs, bulk, ticket).results()
+
+    def submit(self, inputs: list[ImageInput], bulk: bool = False, ticket: Ticket | None = None) -> Submitted:
+        """Start ``inputs`` on their way to the model (``embed`` without the wait for the results), so
+        that one task can have the images of several requests in the same batches."""
         ticket = ticket or Ticket()
         priority = BULK if bulk else INTERACTIVE
         # URLs are fetched in parallel on I/O threads (a fair share of them per request); decoding
@@ -128,7 +150,7 @@ class ModelPipeline:
             reservation = self._admission.reserve(priority, ticket)
             self._pools.prep.submit(self._prepare, data, reservation).add_done_callback(lambda job, reservation=reservation: self._never_ran(job, reservation))
             queued.append(reservation.future)
-        return [self._collect(item.index, entry) for item, entry in zip(inputs, queued)]
+        return Submitted(self, [item.index for item in inputs], queued)
 
     def _prepare(self, data: bytes, reservation: Reservation) -> None:
         ticket = reservation.ticket
@@ -155,7 +177,8 @@ class ModelPipeline:
         if job.cancelled():  # the pools stopped before this image was decoded
             self._admission.cancel(reservation, CancelledError())
 
-    def _collect(self, index: int, queued: Future[Embedding] | ImageInputError) -> ItemResult:
+    def collect(self, index: int, queued: Future[Embedding] | ImageInputError) -> ItemResult:
+        """One image's vector or error, once it has come (the metrics count it here)."""
         try:
             if isinstance(queued, ImageInputError):
                 raise queued

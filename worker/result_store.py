@@ -22,9 +22,9 @@ class ResultStore:
         self._jobs = JobStore(redis, prefix, job_ttl_s)
         self._replies = RequestReplies(redis, prefix, reply_ttl_s)
 
-    def start(self, payload: EmbedPayload, worker_name: str) -> StartedRequest | None:
-        """Claim a request and read its image bytes; None when the API has stopped waiting for it."""
-        return self._replies.start(payload, worker_name)
+    def start(self, requests: list[EmbedPayload], worker_name: str) -> list[StartedRequest | None]:
+        """Claim the requests and read their image bytes; None for one the API has stopped waiting for."""
+        return self._replies.start(requests, worker_name)
 
     def is_abandoned(self, reply_key: str) -> bool:
         return self._replies.abandoned(reply_key)
@@ -45,9 +45,10 @@ class ResultStore:
         """The job was cancelled, or expired: its chunks' remaining work is for nobody."""
         return self._jobs.status(job_id) in (None, "cancelled")
 
-    def reply(self, payload: EmbedPayload, results: list[ItemResult]) -> bool:
-        """Push the results for the waiting request; False when it had stopped waiting (discarded)."""
-        return self._replies.push(payload, dump_results(results))
+    def reply(self, answers: list[tuple[EmbedPayload, list[ItemResult]]]) -> list[bool]:
+        """Push each request's results for its waiting client; False for one whose client had
+        stopped waiting (discarded)."""
+        return self._replies.push([(request, dump_results(results)) for request, results in answers])
 
     def start_chunk(self, chunk: JobChunkPayload) -> tuple[str, set[int]]:
         """The job's status, and which of the chunk's items already have a stored result.

@@ -21,17 +21,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.errors import ErrorCode, oversized_dimensions
 from shared.logs import request_id_var
-from shared.protocol import EmbedPayload, ImageRef, ItemError, ItemResult, JobChunkPayload
-from shared.queues import EMBED_TASK, JOB_CHUNK_TASK
+from shared.protocol import EmbedPayload, EmbedRequests, ImageRef, ItemError, ItemResult, JobChunkPayload
+from shared.queues import EMBED_REQUESTS_TASK, EMBED_TASK, JOB_CHUNK_TASK
 from worker import metrics
 from worker.images.sources import ImageInput, inputs_from, load_inputs
-from worker.pipeline import ModelPipeline, WorkerStopping
+from worker.pipeline import ModelPipeline, Submitted, WorkerStopping
 from worker.result_store import ResultStore
 from worker.tickets import Ticket
 
 log = logging.getLogger(__name__)
 
-Message = TypeVar("Message", EmbedPayload, JobChunkPayload)
+Message = TypeVar("Message", EmbedPayload, EmbedRequests, JobChunkPayload)
 
 # Redis full (noeviction) or away: the chunk waits for Redis, as often as it takes.
 REDIS_UNAVAILABLE = (OutOfMemoryError, RedisConnectionError, RedisTimeoutError)
@@ -82,8 +82,17 @@ def embed_refs(context: WorkerResources, model: str, refs: list[ImageRef], bulk:
 
 def embed_inputs(pipeline: ModelPipeline, loaded: list[ImageInput | ItemResult], bulk: bool = False, ticket: Ticket | None = None) -> list[ItemResult]:
     """Every input's result, in order; those already answered (their bytes expired) keep their error."""
-    embedded = iter(pipeline.embed([item for item in loaded if isinstance(item, ImageInput)], bulk=bulk, ticket=ticket))
-    return [next(embedded) if isinstance(item, ImageInput) else item for item in loaded]
+    return _merged(loaded, pipeline.submit(_images(loaded), bulk=bulk, ticket=ticket).results())
+
+
+def _images(loaded: list[ImageInput | ItemResult]) -> list[ImageInput]:
+    return [item for item in loaded if isinstance(item, ImageInput)]
+
+
+def _merged(loaded: list[ImageInput | ItemResult], embedded: list[ItemResult]) -> list[ItemResult]:
+    """The results of ``loaded`` in order: ``embedded`` for its images, the errors already in place for the rest."""
+    results = iter(embedded)
+    return [next(results) if isinstance(item, ImageInput) else item for item in loaded]
 
 
 def _not_served(model: str, refs: list[ImageRef]) -> list[ItemResult]:
@@ -112,9 +121,18 @@ def _message(kind: str, schema: type[Message], payload: dict) -> Iterator[Messag
         metrics.TASKS.labels(kind, "malformed").inc()
         yield None
         return
-    token = request_id_var.set(message.request_id)
-    try:
+    if isinstance(message, EmbedRequests):  # each request's id is set around its own work
         yield message
+        return
+    with _request_id(message.request_id):
+        yield message
+
+
+@contextmanager
+def _request_id(request_id: str) -> Iterator[None]:
+    token = request_id_var.set(request_id)
+    try:
+        yield
     finally:
         request_id_var.reset(token)
 
@@ -125,35 +143,106 @@ def _failed(refs: list[ImageRef], message: str, code: ErrorCode) -> list[ItemRes
 
 @shared_task(name=EMBED_TASK, base=WorkerTask, bind=True, ignore_result=True)
 def embed(self: WorkerTask, payload: dict) -> None:
+    """One synchronous request (one with URLs or large images, or one sent again)."""
     with _message("embed", EmbedPayload, payload) as request:
-        if request is None:
-            return
-        context = self.resources
-        # Named as the request's holder, so the waiting API sends it again should this worker stop
-        # heartbeating: the broker would redeliver it only after the visibility timeout, past its deadline.
-        started_request = None if time.time() > request.deadline else context.store.start(request, context.node)
-        if started_request is None:
-            log.info("skipping request the API stopped waiting for", extra={"model": request.model, "images": len(request.items)})
-            metrics.TASKS.labels("embed", "skipped").inc()
-            return
-        started = time.perf_counter()
+        if request is not None:
+            answer_requests(self.resources, request.model, [request])
+
+
+@shared_task(name=EMBED_REQUESTS_TASK, base=WorkerTask, bind=True, ignore_result=True)
+def embed_requests(self: WorkerTask, payload: dict) -> None:
+    """Synchronous requests an API process admitted together: their images share the batches."""
+    with _message("embed", EmbedRequests, payload) as group:
+        if group is not None:
+            answer_requests(self.resources, group.model, group.requests)
+
+
+@dataclass
+class _Answering:
+    """A started request whose images are on their way through the pipeline (or already answered)."""
+
+    request: EmbedPayload
+    loaded: list[ImageInput | ItemResult]
+    submitted: Submitted | None  # None: ``answered`` holds the results
+    answered: list[ItemResult] | None
+    started: float
+
+    def done(self) -> bool:
+        return self.submitted is None or self.submitted.done()
+
+    def results(self) -> list[ItemResult]:
+        """Waits for the request's images; raises WorkerStopping when the worker stops before they are embedded."""
+        if self.submitted is None:
+            assert self.answered is not None
+            return self.answered
         try:
-            ticket = Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key), looked_up_at=time.monotonic())
-            pipeline = context.pipelines.get(request.model)
-            loaded = inputs_from(request.items, started_request.image_bytes())
-            results = _not_served(request.model, request.items) if pipeline is None else embed_inputs(pipeline, loaded, ticket=ticket)
+            return _merged(self.loaded, self.submitted.results())
         except WorkerStopping:
-            # Not answered: the API sees this worker withdrawn and sends the request to another one.
-            log.info("worker stopping: request left unanswered for the API to re-send", extra={"model": request.model})
-            metrics.TASKS.labels("embed", "abandoned").inc()
-            return
+            raise
         except Exception as exc:  # the client waits for an answer: a failure it can read, not a timeout
-            log.exception("request failed in the worker; its images are answered with errors", extra={"model": request.model})
-            results = _failed(request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", ErrorCode.WORKER_ERROR)
-        delivered = context.store.reply(request, results)
-        metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
-        failed = sum(r.error is not None for r in results)
-        extra = {"model": request.model, "images": len(results), "failed": failed, "seconds": round(time.perf_counter() - started, 4)}
+            with _request_id(self.request.request_id):
+                log.exception("request failed in the worker; its images are answered with errors", extra={"model": self.request.model})
+            return _failed(self.request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", ErrorCode.WORKER_ERROR)
+
+
+def answer_requests(context: WorkerResources, model: str, requests: list[EmbedPayload]) -> None:
+    """Start the requests still waited for, run their images through the model together, and
+    answer each as soon as its results are in: those finished at the same moment in one round trip.
+
+    Each is named as its request's holder when started, so the waiting API sends it again should
+    this worker stop heartbeating: the broker would redeliver it only after the visibility timeout,
+    past its deadline.
+    """
+    metrics.REQUESTS_PER_TASK.labels(model).observe(len(requests))
+    now = time.time()
+    live = [request for request in requests if now <= request.deadline]
+    started = context.store.start(live, context.node) if live else []
+    claimed = {id(request) for request, start in zip(live, started) if start is not None}
+    for request in requests:
+        if id(request) not in claimed:
+            with _request_id(request.request_id):
+                log.info("skipping request the API stopped waiting for", extra={"model": request.model, "images": len(request.items)})
+            metrics.TASKS.labels("embed", "skipped").inc()
+    pipeline = context.pipelines.get(model)
+    pending: list[_Answering] = []
+    for request, start in zip(live, started):
+        if start is None:
+            continue
+        begun = time.perf_counter()
+        ticket = Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key), looked_up_at=time.monotonic())
+        try:
+            loaded = inputs_from(request.items, start.image_bytes())
+            if pipeline is None:
+                pending.append(_Answering(request, loaded, None, _not_served(model, request.items), begun))
+            else:
+                pending.append(_Answering(request, loaded, pipeline.submit(_images(loaded), ticket=ticket), None, begun))
+        except Exception as exc:  # the client waits for an answer: a failure it can read, not a timeout
+            with _request_id(request.request_id):
+                log.exception("request failed in the worker; its images are answered with errors", extra={"model": model})
+            failed = _failed(request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", ErrorCode.WORKER_ERROR)
+            pending.append(_Answering(request, [], None, failed, begun))
+    while pending:
+        try:
+            answers = [(pending[0], pending[0].results())]
+            answers += [(answering, answering.results()) for answering in pending[1:] if answering.done()]
+        except WorkerStopping:
+            # Not answered: the API sees this worker withdrawn and sends these requests to another one.
+            log.info("worker stopping: requests left unanswered for the API to re-send", extra={"model": model, "requests": len(pending)})
+            metrics.TASKS.labels("embed", "abandoned").inc(len(pending))
+            return
+        delivered = context.store.reply([(answering.request, results) for answering, results in answers])
+        for (answering, results), pushed in zip(answers, delivered):
+            _log_answer(answering, results, pushed)
+        answered = {id(answering) for answering, _ in answers}
+        pending = [answering for answering in pending if id(answering) not in answered]
+
+
+def _log_answer(answering: _Answering, results: list[ItemResult], delivered: bool) -> None:
+    metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
+    request = answering.request
+    failed = sum(r.error is not None for r in results)
+    extra = {"model": request.model, "images": len(results), "failed": failed, "seconds": round(time.perf_counter() - answering.started, 4)}
+    with _request_id(request.request_id):
         log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra=extra)
 
 

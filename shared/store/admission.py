@@ -1,12 +1,13 @@
 """The admission ledger of synchronous requests, per model (``admitted:<model>``, ``admitted-images:<model>``),
-and the one script that admits a synchronous request.
+and the one script that admits synchronous requests.
 
 The ledger lives in Redis so every API instance sees the same queue. Each admitted request is an
 entry scored by its deadline with its image count beside it; the running total of images is kept
 in the same hash. Entries leave when the request is answered or withdrawn, and an entry whose API
 process died is purged once its deadline has passed, so the ledger heals itself.
 
-A request is admitted in one round trip (``ADMIT_REQUEST``): whether a live worker serves the model,
+A request is admitted in one round trip (``ADMIT_REQUESTS``, which weighs the requests an API process
+admitted together one after the other, and queues their one task): whether a live worker serves the model,
 the key's quota (``shared.store.tenants``' Lua functions), Redis's memory (``INFO memory``, read in
 the script), the expected wait at the speed the live workers published (``shared.store.registry``),
 and this ledger, checked in that order; the first that refuses answers, and only a request that
@@ -41,78 +42,105 @@ local function ledger_release(ledger, counts, id)
 end
 """
 
-# KEYS: the model's worker registry, its speeds, the key's quota (work, images), the model's ledger
-# (entries, counts), the request's image-bytes hash, the model's task queue. ARGV: now, work id,
-# deadline, images, the key's limit, bytes needed, bytes this API process is storing, the memory
-# budget ('' for none), timeout s, max requests, ledger ttl s, image-bytes ttl s, then either '' or
-# the task message followed by index, bytes pairs: an admitted request's bytes and task are then
-# stored here too (the task after its bytes, in the same atomic step).
-# Returns {'admitted', used_memory, maxmemory, total_system_memory} or the first refusal:
-# {'not_served'}, {'over_key_limit'}, {'key_quota', queued, s/img}, {'redis_full', used_memory,
-# maxmemory, total_system_memory}, {'exceeds_timeout', s/img}, {'depth', requests, s/img}, {'wait', ms}.
+# Admits the requests of one model given to it, one after the other, each seeing the ones before it.
+# KEYS: the model's worker registry, its speeds, its ledger (entries, counts), its task queue, then
+# for each request: its key's quota (work, images), its image-bytes hash. ARGV: now, the keys' limit,
+# the memory budget ('' for none), timeout s, max requests, ledger ttl s, image-bytes ttl s, the
+# task message ('' for none), then for each request: work id, deadline, images, bytes needed, bytes
+# its API process is storing, the number of image-bytes pairs, then index, bytes for each: an
+# admitted request's bytes are stored here. The task goes after the bytes, in the same atomic step,
+# and only when every request was admitted (the caller queues a task without the refused ones).
+# Returns {1 when the task was queued else 0, verdict...}, a verdict being {'admitted', used_memory,
+# maxmemory, total_system_memory} or the first refusal: {'not_served'}, {'over_key_limit'},
+# {'key_quota', queued, s/img}, {'redis_full', used_memory, maxmemory, total_system_memory},
+# {'exceeds_timeout', s/img}, {'depth', requests, s/img}, {'wait', ms}.
 # Seconds per image travel as text (a Lua number would reach Python as an integer); 0: not measured.
-ADMIT_REQUEST = (
+ADMIT_REQUESTS = (
     SPEED_FUNCTIONS
     + QUOTA_FUNCTIONS
     + LEDGER_FUNCTIONS
     + """
 local now = tonumber(ARGV[1])
+local key_limit = tonumber(ARGV[2])
+local timeout = tonumber(ARGV[4])
 local per_image, served = live_seconds_per_image(KEYS[1], KEYS[2], now)
-if not served then
-  return {'not_served'}
-end
 local per_image_text = string.format('%.17g', per_image)
+local memory = nil
+local used, maxmemory, host
+local purged = false
 
-local images = tonumber(ARGV[4])
-local key_limit = tonumber(ARGV[5])
-if images > key_limit then
-  return {'over_key_limit'}
-end
-local queued = quota_purge(KEYS[3], KEYS[4], now)
-if queued + images > key_limit then
-  return {'key_quota', queued, per_image_text}
-end
-
-local memory = redis.call('INFO', 'memory')
-local used = string.match(memory, '\\nused_memory:(%d+)')
-local maxmemory = string.match(memory, '\\nmaxmemory:(%d+)') or '0'
-local host = string.match(memory, '\\ntotal_system_memory:(%d+)') or '0'
-if ARGV[8] ~= '' and tonumber(used) + tonumber(ARGV[7]) + tonumber(ARGV[6]) > tonumber(ARGV[8]) then
-  return {'redis_full', used, maxmemory, host}
-end
-
-local timeout = tonumber(ARGV[9])
-if per_image > 0 and images * per_image > timeout then
-  return {'exceeds_timeout', per_image_text}
-end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)) do
-  ledger_release(KEYS[5], KEYS[6], id)
-end
-local requests = redis.call('ZCARD', KEYS[5])
-if requests >= tonumber(ARGV[10]) then
-  return {'depth', requests, per_image_text}
-end
-local ahead = tonumber(redis.call('HGET', KEYS[6], 'total') or '0')
-local wait = (ahead + images) * per_image
-if wait > timeout then
-  return {'wait', math.floor(wait * 1000)}
-end
-
-local deadline = tonumber(ARGV[3])
-quota_add(KEYS[3], KEYS[4], ARGV[2], deadline, images, now)
-redis.call('ZADD', KEYS[5], deadline, ARGV[2])
-redis.call('HSET', KEYS[6], ARGV[2], images)
-redis.call('HINCRBY', KEYS[6], 'total', images)
-redis.call('EXPIRE', KEYS[5], ARGV[11])
-redis.call('EXPIRE', KEYS[6], ARGV[11])
-if ARGV[13] ~= '' then
-  if #ARGV > 13 then
-    redis.call('HSET', KEYS[7], unpack(ARGV, 14))
-    redis.call('EXPIRE', KEYS[7], ARGV[12])
+local function admit(quota_work, quota_images, blobs, a)
+  if not served then
+    return {'not_served'}
   end
-  redis.call('LPUSH', KEYS[8], ARGV[13])
+  local images = tonumber(ARGV[a + 2])
+  if images > key_limit then
+    return {'over_key_limit'}
+  end
+  local queued = quota_purge(quota_work, quota_images, now)
+  if queued + images > key_limit then
+    return {'key_quota', queued, per_image_text}
+  end
+  if not memory then
+    memory = redis.call('INFO', 'memory')
+    used = string.match(memory, '\\nused_memory:(%d+)')
+    maxmemory = string.match(memory, '\\nmaxmemory:(%d+)') or '0'
+    host = string.match(memory, '\\ntotal_system_memory:(%d+)') or '0'
+  end
+  if ARGV[3] ~= '' and tonumber(used) + tonumber(ARGV[a + 4]) + tonumber(ARGV[a + 3]) > tonumber(ARGV[3]) then
+    return {'redis_full', used, maxmemory, host}
+  end
+  if per_image > 0 and images * per_image > timeout then
+    return {'exceeds_timeout', per_image_text}
+  end
+  if not purged then
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+      ledger_release(KEYS[3], KEYS[4], id)
+    end
+    purged = true
+  end
+  local requests = redis.call('ZCARD', KEYS[3])
+  if requests >= tonumber(ARGV[5]) then
+    return {'depth', requests, per_image_text}
+  end
+  local ahead = tonumber(redis.call('HGET', KEYS[4], 'total') or '0')
+  local wait = (ahead + images) * per_image
+  if wait > timeout then
+    return {'wait', math.floor(wait * 1000)}
+  end
+
+  local work_id = ARGV[a]
+  local deadline = tonumber(ARGV[a + 1])
+  quota_add(quota_work, quota_images, work_id, deadline, images, now)
+  redis.call('ZADD', KEYS[3], deadline, work_id)
+  redis.call('HSET', KEYS[4], work_id, images)
+  redis.call('HINCRBY', KEYS[4], 'total', images)
+  redis.call('EXPIRE', KEYS[3], ARGV[6])
+  redis.call('EXPIRE', KEYS[4], ARGV[6])
+  local pairs_count = tonumber(ARGV[a + 5])
+  if pairs_count > 0 then
+    redis.call('HSET', blobs, unpack(ARGV, a + 6, a + 5 + 2 * pairs_count))
+    redis.call('EXPIRE', blobs, ARGV[7])
+  end
+  return {'admitted', used, maxmemory, host}
 end
-return {'admitted', used, maxmemory, host}
+
+local verdicts = {0}
+local all_admitted = true
+local a = 9
+local k = 6
+while a <= #ARGV do
+  local verdict = admit(KEYS[k], KEYS[k + 1], KEYS[k + 2], a)
+  all_admitted = all_admitted and verdict[1] == 'admitted'
+  verdicts[#verdicts + 1] = verdict
+  a = a + 6 + 2 * tonumber(ARGV[a + 5])
+  k = k + 3
+end
+if all_admitted and ARGV[8] ~= '' then
+  redis.call('LPUSH', KEYS[5], ARGV[8])
+  verdicts[1] = 1
+end
+return verdicts
 """
 )
 
@@ -161,33 +189,35 @@ class LedgerKeys:
 
 @dataclass(frozen=True)
 class QueuedTask:
-    """A request's image bytes and its task message, for the queue named ``queue``."""
+    """The task message of admitted requests, for the queue named ``queue``."""
 
-    blobs_key: str
-    images: list[tuple[int, bytes]]
-    ttl_s: int
     queue: str
     message: bytes
 
 
 @dataclass(frozen=True)
 class RequestAsk:
-    """What one synchronous request asks of the service, as the admission script weighs it; with
-    ``store_task`` the script also stores the bytes and queues the task of a request it admits."""
+    """What one synchronous request asks of the service, as the admission script weighs it."""
 
     key_id: str
-    model: str
     work_id: str
     images: int
     deadline: float
-    key_limit: int
     bytes_needed: int
-    bytes_in_flight: int
+    bytes_in_flight: int  # what its API process's other submissions are storing now
+    blobs_key: str
+    stored_images: list[tuple[int, bytes]]  # stored with the admission; [] for a request whose bytes follow on their own
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """What every request of an API process is weighed against."""
+
+    key_limit: int
     memory_budget: int | None
     timeout_s: float
     max_requests: int
-    task: QueuedTask
-    store_task: bool
+    blobs_ttl_s: int
 
 
 @dataclass(frozen=True)
@@ -217,7 +247,7 @@ class AdmissionStore:
         self._keys = LedgerKeys(prefix)
         self._registry = RegistryKeys(prefix)
         self._tenants = TenantKeys(prefix)
-        self._admit = redis.register_script(ADMIT_REQUEST)
+        self._admit = redis.register_script(ADMIT_REQUESTS)
         self._release = redis.register_script(RELEASE_REQUEST)
         self._take_reply = redis.register_script(TAKE_REPLY)
         # Key names per model and per API key, built once: both come from bounded lists (the allow-list, the configured keys).
@@ -242,38 +272,28 @@ class AdmissionStore:
             keys = self._tenant_keys[key_id] = self._tenants.ledger(key_id)
         return keys
 
-    async def admit(self, ask: RequestAsk) -> Verdict:
-        task = ask.task
-        workers, speeds, entries, counts = self._for_model(ask.model)
-        keys = [workers, speeds, *self._for_key(ask.key_id), entries, counts, task.blobs_key, task.queue]
+    async def admit(self, model: str, limits: AdmissionLimits, asks: list[RequestAsk], task: QueuedTask | None) -> tuple[list[Verdict], bool]:
+        """Each request's verdict, in order, and whether ``task`` was queued: it is, in the same step,
+        when every request was admitted."""
+        workers, speeds, entries, counts = self._for_model(model)
+        keys = [workers, speeds, entries, counts, "" if task is None else task.queue]
         args: list[str | int | float | bytes] = [
             time.time(),
-            ask.work_id,
-            ask.deadline,
-            ask.images,
-            ask.key_limit,
-            ask.bytes_needed,
-            ask.bytes_in_flight,
-            "" if ask.memory_budget is None else ask.memory_budget,
-            ask.timeout_s,
-            ask.max_requests,
-            math.ceil(ask.timeout_s) + 60,
+            limits.key_limit,
+            "" if limits.memory_budget is None else limits.memory_budget,
+            limits.timeout_s,
+            limits.max_requests,
+            math.ceil(limits.timeout_s) + 60,
+            limits.blobs_ttl_s,
+            "" if task is None else task.message,
         ]
-        args += [task.ttl_s, task.message if ask.store_task else ""]
-        if ask.store_task:
-            for index, data in task.images:
+        for ask in asks:
+            keys += [*self._for_key(ask.key_id), ask.blobs_key]
+            args += [ask.work_id, ask.deadline, ask.images, ask.bytes_needed, ask.bytes_in_flight, len(ask.stored_images)]
+            for index, data in ask.stored_images:
                 args += [index, data]
-        answer = await self._admit(keys=keys, args=args)
-        reason = answer[0].decode()
-        if reason in ("admitted", "redis_full"):
-            return Verdict(reason, memory=RedisMemory(*(int(value) for value in answer[1:4])))
-        if reason in ("key_quota", "depth"):
-            return Verdict(reason, queued=int(answer[1]), seconds_per_image=float(answer[2]))
-        if reason == "exceeds_timeout":
-            return Verdict(reason, seconds_per_image=float(answer[1]))
-        if reason == "wait":
-            return Verdict(reason, wait_ms=int(answer[1]))
-        return Verdict(reason)
+        queued, *answers = await self._admit(keys=keys, args=args)
+        return [_verdict(answer) for answer in answers], bool(queued)
 
     async def release(self, key_id: str, model: str, work_id: str) -> None:
         _, _, entries, counts = self._for_model(model)
@@ -295,3 +315,16 @@ class AdmissionStore:
         """``queue_take_reply``'s step on its own."""
         reply: bytes | None = await self._take_reply(keys=self._take_keys(reply_key, key_id, model), args=[work_id])
         return reply
+
+
+def _verdict(answer: list[bytes]) -> Verdict:
+    reason = answer[0].decode()
+    if reason in ("admitted", "redis_full"):
+        return Verdict(reason, memory=RedisMemory(*(int(value) for value in answer[1:4])))
+    if reason in ("key_quota", "depth"):
+        return Verdict(reason, queued=int(answer[1]), seconds_per_image=float(answer[2]))
+    if reason == "exceeds_timeout":
+        return Verdict(reason, seconds_per_image=float(answer[1]))
+    if reason == "wait":
+        return Verdict(reason, wait_ms=int(answer[1]))
+    return Verdict(reason)

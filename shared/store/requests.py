@@ -12,7 +12,8 @@ A job's image bytes live in a hash of the same layout named by the jobs store; `
 and ``read_image_bytes`` serve both, the hash being named in each ``BlobRef``.
 
 A worker starting a request claims it (``shared.store.claims``), checks the flag and reads the bytes
-in one round trip (``RequestReplies.start``); its reply and the deletion of the bytes are one script.
+in one round trip (``RequestReplies.start``, for all the requests of a task at once); its reply and
+the deletion of the bytes are one script, the replies of requests finished together one round trip.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import redis.asyncio
 from redis import Redis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from shared.protocol import BlobRef, EmbedPayload
 from shared.store.claims import claim
@@ -89,6 +91,11 @@ class _ImageBytesRead:
         self._fields: dict[str, list[str]] = {}
         for ref in refs:
             self._fields.setdefault(ref.blob_key, []).append(str(ref.index))
+
+    @property
+    def commands(self) -> int:
+        """How many commands ``queue`` queues."""
+        return len(self._fields)
 
     def queue(self, pipe: Pipeline) -> None:
         for key, names in self._fields.items():
@@ -187,21 +194,27 @@ class RequestReplies:
         self._ttl_s = reply_ttl_s
         self._reply = redis.register_script(REPLY)
 
-    def start(self, payload: EmbedPayload, worker_name: str) -> StartedRequest | None:
-        """Claim the request for ``worker_name``, check that the API still waits for it, and read its
-        image bytes, in one round trip. None when the API has stopped waiting (the claim, set anyway,
-        expires unread). Raises what Redis refused of the claim (a full Redis refuses it); what it
-        refused of the read is raised by ``StartedRequest.image_bytes``."""
-        read = _ImageBytesRead([ref for ref in payload.items if isinstance(ref, BlobRef)])
+    def start(self, requests: list[EmbedPayload], worker_name: str) -> list[StartedRequest | None]:
+        """Claim each request for ``worker_name``, check that the API still waits for it, and read its
+        image bytes, in one round trip for them all. None for a request the API has stopped waiting
+        for (its claim, set anyway, expires unread). Raises what Redis refused of a claim (a full
+        Redis refuses it); what it refused of a read is raised by ``StartedRequest.image_bytes``."""
+        reads = [_ImageBytesRead([ref for ref in request.items if isinstance(ref, BlobRef)]) for request in requests]
         pipe = self._redis.pipeline(transaction=False)
-        pipe.exists(self._keys.abandoned(payload.reply_key))
-        claim(pipe, self._prefix, payload.reply_key, worker_name, payload.deadline)
-        read.queue(pipe)
-        abandoned, claimed, *replies = pipe.execute(raise_on_error=False)
-        for reply in (abandoned, claimed):
-            if isinstance(reply, Exception):
-                raise reply
-        return None if abandoned else StartedRequest(read, replies)
+        for request, read in zip(requests, reads):
+            pipe.exists(self._keys.abandoned(request.reply_key))
+            claim(pipe, self._prefix, request.reply_key, worker_name, request.deadline)
+            read.queue(pipe)
+        replies = iter(pipe.execute(raise_on_error=False))
+        started: list[StartedRequest | None] = []
+        for read in reads:
+            abandoned, claimed = next(replies), next(replies)
+            for reply in (abandoned, claimed):
+                if isinstance(reply, Exception):
+                    raise reply
+            values = [next(replies) for _ in range(read.commands)]
+            started.append(None if abandoned else StartedRequest(read, values))
+        return started
 
     def abandoned(self, reply_key: str) -> bool:
         return bool(self._redis.exists(self._keys.abandoned(reply_key)))
@@ -210,8 +223,24 @@ class RequestReplies:
         """Whether each request was abandoned, in one round trip for them all."""
         return [flag is not None for flag in self._redis.mget([self._keys.abandoned(key) for key in reply_keys])]
 
-    def push(self, payload: EmbedPayload, results_json: str) -> bool:
-        """Push the results and drop the request's image bytes; False when the API had stopped waiting."""
-        blobs = sorted({ref.blob_key for ref in payload.items if isinstance(ref, BlobRef)})
-        keys = [payload.reply_key, self._keys.abandoned(payload.reply_key), *blobs]
-        return bool(self._reply(keys=keys, args=[results_json, self._ttl_s]))
+    def push(self, replies: list[tuple[EmbedPayload, str]]) -> list[bool]:
+        """Push each request's results (JSON) and drop its image bytes, in one round trip for them
+        all; False for a request the API had stopped waiting for (its results are discarded)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for request, results_json in replies:
+            keys = self._reply_keys(request)
+            # By digest: a pipeline's registered scripts would cost a SCRIPT EXISTS round trip each time.
+            pipe.evalsha(self._reply.sha, len(keys), *keys, results_json, self._ttl_s)
+        answers = pipe.execute(raise_on_error=False)
+        pushed: list[bool] = []
+        for (request, results_json), answer in zip(replies, answers, strict=True):
+            if isinstance(answer, NoScriptError):  # Redis lost its scripts (a restart): this loads it again
+                answer = self._reply(keys=self._reply_keys(request), args=[results_json, self._ttl_s])
+            elif isinstance(answer, Exception):
+                raise answer
+            pushed.append(bool(answer))
+        return pushed
+
+    def _reply_keys(self, request: EmbedPayload) -> list[str]:
+        blobs = sorted({ref.blob_key for ref in request.items if isinstance(ref, BlobRef)})
+        return [request.reply_key, self._keys.abandoned(request.reply_key), *blobs]

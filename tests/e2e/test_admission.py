@@ -10,6 +10,8 @@ and its task stored by the same script, and its release leaves nothing behind ei
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,12 +26,17 @@ from api.admission import Admission, RequestAdmission
 from api.errors import ApiError
 from api.inputs import ParsedInput
 from api.memory_budget import MemoryBudget
+from api.publisher import TaskPublisher
 from api.quotas import TenantQuota
+from api.request_groups import RequestGroups
 from api.sync_requests import next_reply
 from devtools.redis_server import RedisServer
+from shared.celery_app import create_celery_app
 from shared.errors import ErrorCode
 from shared.protocol import EmbedPayload, ModelInfo
-from shared.store.admission import AdmissionStore, LedgerKeys, QueuedTask
+from shared.queues import queue_for
+from shared.settings import Settings
+from shared.store.admission import AdmissionStore, LedgerKeys, QueuedTask, RequestAsk
 from shared.store.registry import ModelRegistry, WorkerRegistry
 from shared.store.requests import RequestExchange, RequestReplies
 from shared.store.tenants import TenantKeys, TenantLedger
@@ -63,13 +70,16 @@ class Api:
         self.admission = RequestAdmission(AdmissionStore(client, PREFIX), self.quota, self.memory, timeout_s, max_requests)
         self.requests = RequestExchange(client, client, PREFIX)
 
-    async def ask(self, images: int, key: str = KEY, store_task: bool = True) -> Admission:
+    async def request(self, images: int, key: str = KEY, store_bytes: bool = True) -> RequestAsk:
         work_id = uuid.uuid4().hex
         blobs_key = self.requests.open(work_id).blobs_key
-        inputs = [ParsedInput(index=index, data=IMAGE) for index in range(images)]
-        task = QueuedTask(blobs_key, [(index, IMAGE) for index in range(images)], 70, QUEUE, f"task of {work_id}".encode())
-        need = await self.memory.need(MODEL, inputs)
-        return await self.admission.admit(key, MODEL, work_id, images, time.time() + 10, need, 0, task, store_task)
+        need = await self.memory.need(MODEL, [ParsedInput(index=index, data=IMAGE) for index in range(images)])
+        stored = [(index, IMAGE) for index in range(images)] if store_bytes else []
+        return RequestAsk(key, work_id, images, time.time() + 10, need, 0, blobs_key, stored)
+
+    async def ask(self, images: int, key: str = KEY, store_task: bool = True) -> Admission:
+        ask = await self.request(images, key, store_task)
+        return await self.admission.admit_one(MODEL, ask, QueuedTask(QUEUE, f"task of {ask.work_id}".encode()) if store_task else None)
 
     async def refusal(self, images: int, key: str = KEY) -> ApiError:
         try:
@@ -185,6 +195,84 @@ async def _scenario(url: str) -> None:
         assert not store.exists(TenantKeys(PREFIX).images(KEY)) and not store.exists(TenantKeys(PREFIX).work(KEY))
 
 
+def test_requests_admitted_together_are_weighed_in_order_and_share_one_task(server: RedisServer) -> None:
+    """A round of requests (``api.request_groups``) is one script: each request sees those before it,
+    a refused one changes nothing, and the round's task is queued only when all were admitted."""
+    asyncio.run(_round_scenario(server.url))
+
+
+async def _round_scenario(url: str) -> None:
+    async with _connected(url) as (store, client):
+        api = Api(client)
+        WorkerRegistry(store, PREFIX).beat("worker@host", [INFO], ttl_s=60, seconds_per_image={MODEL: 0.1})
+        empty = _state(store)
+
+        # The key's limit is 4: 2 + 2 fit, the third request of 1 no longer does; the other key's does.
+        asks = [await api.request(2), await api.request(2), await api.request(1), await api.request(1, OTHER_KEY)]
+        outcomes, queued = await api.admission.admit(MODEL, asks, QueuedTask(QUEUE, b"the round's task"))
+        assert [type(outcome) for outcome in outcomes] == [Admission, Admission, ApiError, Admission] and not queued
+        refused = outcomes[2]
+        assert isinstance(refused, ApiError) and refused.code == ErrorCode.KEY_QUOTA_EXCEEDED
+        assert refused.message.startswith("this API key has 4 images queued or in progress; 1 more would exceed its limit of 4")
+        stored = {ask.work_id: store.hlen(ask.blobs_key) for ask in asks}
+        assert stored == {asks[0].work_id: 2, asks[1].work_id: 2, asks[2].work_id: 0, asks[3].work_id: 1}
+        assert _state(store) == {**empty, "blobs": 3, "ledger": 3, "ledger images": 5, "quota": {KEY: 4, OTHER_KEY: 1}}
+        for outcome in outcomes:
+            if isinstance(outcome, Admission):
+                await api.admission.release(outcome)
+
+        # All admitted: the task goes with them, once.
+        asks = [await api.request(1), await api.request(1, OTHER_KEY)]
+        outcomes, queued = await api.admission.admit(MODEL, asks, QueuedTask(QUEUE, b"the round's task"))
+        assert all(isinstance(outcome, Admission) for outcome in outcomes) and queued
+        assert store.lrange(QUEUE, 0, -1) == [b"the round's task"]
+
+
+def test_requests_that_arrive_together_go_in_rounds_of_one_batch_and_one_task(server: RedisServer) -> None:
+    """The API's rounds (``api.request_groups``) on a real Redis: requests that reach admission in one
+    turn of the event loop share a round, a round holds at most one batch of images, a refused
+    request's round still queues the others' task, and each request gets its own answer."""
+    asyncio.run(_groups_scenario(server.url))
+
+
+async def _groups_scenario(url: str) -> None:
+    settings = Settings(redis_url=url)
+    celery = create_celery_app(settings)
+    async with _connected(url) as (store, client):
+        api = Api(client)
+        WorkerRegistry(store, PREFIX).beat("worker@host", [INFO], ttl_s=60, seconds_per_image={MODEL: 0.1})
+        groups = RequestGroups(api.admission, TaskPublisher(celery, client), round_images=8)
+        queue = queue_for(MODEL, "interactive")
+
+        async def requests(sizes: list[tuple[int, str]]) -> list[Admission | BaseException]:
+            asks = [await api.request(images, key) for images, key in sizes]
+            # All reach admission in the same turn of the event loop, as concurrent requests do.
+            pending = [groups.admit(MODEL, ask, {"request_id": ask.work_id, "model": MODEL}) for ask in asks]
+            return await asyncio.gather(*pending, return_exceptions=True)
+
+        def tasks() -> list[list[str]]:
+            """The request ids of each task queued, oldest first."""
+            messages = [json.loads(raw) for raw in reversed(store.lrange(queue, 0, -1))]
+            store.delete(queue)
+            return [[request["request_id"] for request in json.loads(base64.b64decode(m["body"]))[1]["payload"]["requests"]] for m in messages]
+
+        # Ten one-image requests of two keys (each key may hold 4 images): two rounds, of 8 and 2 images.
+        admitted = await requests([(1, KEY if n < 4 else OTHER_KEY) for n in range(4)] + [(1, f"tenant-{n}") for n in range(6)])
+        assert all(isinstance(outcome, Admission) for outcome in admitted)
+        assert [len(task) for task in tasks()] == [8, 2]
+
+        # A round in which the key's third request does not fit: the others' task is queued without it.
+        for outcome in admitted:
+            assert isinstance(outcome, Admission)
+            await api.admission.release(outcome)
+        outcomes = await requests([(2, KEY), (2, KEY), (1, KEY), (1, OTHER_KEY)])
+        refused = outcomes[2]
+        assert isinstance(refused, ApiError) and refused.code == ErrorCode.KEY_QUOTA_EXCEEDED
+        kept = [outcome.work_id for outcome in outcomes if isinstance(outcome, Admission)]
+        assert len(kept) == 3 and tasks() == [kept]
+    celery.close()
+
+
 def test_the_reply_is_taken_with_the_release_and_only_when_it_came(server: RedisServer) -> None:
     """The wait for a reply and the release share a round trip: a wait that sees no reply releases
     nothing; the reply, pushed by the worker's own code, is taken with the release; so it is after
@@ -204,7 +292,7 @@ async def _reply_scenario(url: str) -> None:
             assert await next_reply(api.requests, api.admission, admitted, exchange, 0.2) is None
             assert _state(store)["quota"] == {KEY: 2, OTHER_KEY: 0}  # no reply yet: still held
 
-            assert replies.push(payload, '[{"index": 0}]')
+            assert replies.push([(payload, '[{"index": 0}]')]) == [True]
             if lost_scripts:
                 store.script_flush()
             assert await next_reply(api.requests, api.admission, admitted, exchange, 0.2) == b'[{"index": 0}]'

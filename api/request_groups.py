@@ -1,0 +1,140 @@
+"""Synchronous requests admitted together: one admission script and one Celery task for several.
+
+Group commit, as databases do it for their log: the first small request for a model that finds no
+admission of that model on its way to Redis starts one at the next turn of the event loop; requests
+that arrive while one is on its way wait for it to come back and then go together. A lone client
+waits for nothing more than before; under load the requests of a round share its round trip, its
+task message and, in the worker, Celery's per-task work and the Redis round trips of starting and
+answering them (``worker.tasks.answer_requests``). A round carries at most one batch of images
+(``IMBEDDINGS_MAX_BATCH_SIZE``), so the workers of a fleet still share the load as they did, and at
+most ``ROUND_BYTES`` of image bytes. Each request is still admitted or refused on its own, in order
+(``shared.store.admission``), and withdrawn, re-sent and answered on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.admission import Admission, RequestAdmission
+from api.publisher import TaskPublisher
+from shared.queues import EMBED_REQUESTS_TASK
+from shared.store.admission import QueuedTask, RequestAsk
+
+log = logging.getLogger(__name__)
+
+# Image bytes one round stores, at most: a request grouped is at most ``sync_requests.INLINE_TASK_BYTES``.
+ROUND_BYTES = 1024 * 1024
+
+
+@dataclass
+class _Waiting:
+    ask: RequestAsk
+    payload: dict[str, Any]  # the request's EmbedPayload, as the task carries it
+    admitted: asyncio.Future[Admission]
+
+    @property
+    def bytes(self) -> int:
+        return sum(len(data) for _, data in self.ask.stored_images)
+
+
+@dataclass
+class _Round:
+    requests: list[_Waiting] = field(default_factory=list)
+    images: int = 0
+    bytes: int = 0
+
+    def has_room(self, waiting: _Waiting, round_images: int) -> bool:
+        return self.images + waiting.ask.images <= round_images and self.bytes + waiting.bytes <= ROUND_BYTES
+
+    def add(self, waiting: _Waiting) -> None:
+        self.requests.append(waiting)
+        self.images += waiting.ask.images
+        self.bytes += waiting.bytes
+
+
+class RequestGroups:
+    """The API process's rounds of admission, per model."""
+
+    def __init__(self, admission: RequestAdmission, tasks: TaskPublisher, round_images: int) -> None:
+        self._admission = admission
+        self._tasks = tasks
+        self._round_images = round_images
+        self._open: dict[str, _Round] = {}  # by model: the requests that go in its next round
+        self._in_flight: dict[str, int] = {}  # by model: its rounds on their way to Redis
+        self._sending: set[asyncio.Task[None]] = set()  # referenced until done, as asyncio requires
+
+    def admit(self, model: str, ask: RequestAsk, payload: dict[str, Any]) -> asyncio.Future[Admission]:
+        """The request's admission, or its refusal, once its round has come back from Redis."""
+        waiting = _Waiting(ask, payload, asyncio.get_running_loop().create_future())
+        open_round = self._open.get(model)
+        if open_round is not None and not open_round.has_room(waiting, self._round_images):
+            self._send(model)
+            open_round = None
+        if open_round is None:
+            open_round = self._open[model] = _Round()
+            if not self._in_flight.get(model):
+                asyncio.get_running_loop().call_soon(self._send, model)
+        open_round.add(waiting)
+        if open_round.images >= self._round_images or open_round.bytes >= ROUND_BYTES:
+            self._send(model)
+        return waiting.admitted
+
+    def _send(self, model: str) -> None:
+        sending = self._open.pop(model, None)
+        if sending is None:  # already sent, by a request that filled it
+            return
+        self._in_flight[model] = self._in_flight.get(model, 0) + 1
+        task = asyncio.create_task(self._admit_round(model, sending))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _admit_round(self, model: str, sending: _Round) -> None:
+        try:
+            await self._admit(model, sending.requests)
+        finally:
+            for waiting in sending.requests:  # the round itself was cancelled (the API stopping)
+                if not waiting.admitted.done():
+                    waiting.admitted.cancel()
+            self._in_flight[model] -= 1
+            if not self._in_flight[model] and model in self._open:
+                self._send(model)
+
+    async def _admit(self, model: str, requests: list[_Waiting]) -> None:
+        queue, message = self._task(model, requests)
+        try:
+            outcomes, queued = await self._admission.admit(model, [waiting.ask for waiting in requests], QueuedTask(queue, message))
+        except Exception as exc:  # Redis refused or went away: each request answers with what it raised
+            for waiting in requests:
+                waiting.admitted.set_exception(exc)
+            return
+        admitted = [(waiting, outcome) for waiting, outcome in zip(requests, outcomes) if isinstance(outcome, Admission)]
+        if admitted and not queued:
+            # Some were refused, so the round's task was not queued: the admitted ones' goes now.
+            try:
+                await self._tasks.publish(EMBED_REQUESTS_TASK, [self._payload(model, [waiting for waiting, _ in admitted])])
+            except Exception as exc:
+                for _, admission in admitted:
+                    await _release_quietly(self._admission, admission)
+                outcomes = [exc if isinstance(outcome, Admission) else outcome for outcome in outcomes]
+        for waiting, outcome in zip(requests, outcomes):
+            if isinstance(outcome, Admission):
+                waiting.admitted.set_result(outcome)
+            else:
+                waiting.admitted.set_exception(outcome)
+
+    def _task(self, model: str, requests: list[_Waiting]) -> tuple[str, bytes]:
+        return self._tasks.message(EMBED_REQUESTS_TASK, self._payload(model, requests))
+
+    @staticmethod
+    def _payload(model: str, requests: list[_Waiting]) -> dict[str, Any]:
+        return {"model": model, "requests": [waiting.payload for waiting in requests]}
+
+
+async def _release_quietly(admission: RequestAdmission, admitted: Admission) -> None:
+    try:
+        await admission.release(admitted)
+    except Exception as exc:  # Redis went away: ledger and quota entries expire at the deadline by themselves
+        log.warning("could not release a request", extra={"error": type(exc).__name__})
