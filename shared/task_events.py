@@ -18,9 +18,13 @@ def summarise_kwargs(kwargs: dict[str, Any] | None) -> str:
     payload = (kwargs or {}).get("payload")
     if not isinstance(payload, dict):
         return "{}"
-    summary = {key: payload[key] for key in ("request_id", "job_id", "model") if key in payload}
-    items = payload.get("items")
-    summary["images"] = len(items) if isinstance(items, list) else 0
+    summary: dict[str, Any] = {key: payload[key] for key in ("request_id", "job_id", "model") if key in payload}
+    requests = payload.get("requests")
+    # A task of requests admitted together (``imbeddings.embed_requests``) names each of them.
+    parts = [part for part in requests if isinstance(part, dict)] if isinstance(requests, list) else [payload]
+    if isinstance(requests, list):
+        summary["request_ids"] = [part.get("request_id") for part in parts]
+    summary["images"] = sum(len(part["items"]) for part in parts if isinstance(part.get("items"), list))
     return repr({"payload": summary})
 
 

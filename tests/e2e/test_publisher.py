@@ -63,6 +63,8 @@ def test_published_message_matches_celery_send_task(redis_server: RedisServer) -
             assert _comparable(fast) == _comparable(reference), name
             assert json.loads(fast)["headers"]["task"] == name
             assert "secret" not in fast.decode()  # the arguments' repr in the headers is the summary
+        summary = json.loads(client.lindex(queue_for(models[EMBED_REQUESTS_TASK], "interactive"), 0))["headers"]["kwargsrepr"]
+        assert "'request_ids': ['r1', 'r2']" in summary and "'images': 2" in summary, summary
     finally:
         celery.close()
         client.close()
