@@ -55,6 +55,9 @@ from worker.images.limits import InputLimits
 from worker.model.loader import load_model, probe_image
 from worker.model.preprocess import choose_preprocessor, resize_rule
 
+# The worker's histogram of requests per embed task: its sum and its count.
+REQUESTS_PER_TASK = ("imbeddings_worker_requests_per_task_sum", "imbeddings_worker_requests_per_task_count")
+
 
 def _command_calls(client: redis.Redis) -> Counter[str]:
     """Redis commands run so far, by name (scripts count as EVALSHA plus the commands inside)."""
@@ -90,6 +93,12 @@ def _commands_by_connection(client: redis.Redis, pid: int) -> dict[str, int]:
     its ``tot-cmds``; the commands inside a script are not counted)."""
     ports = {f"127.0.0.1:{conn.laddr.port}" for conn in psutil.Process(pid).net_connections(kind="tcp") if conn.raddr}
     return {entry["id"]: int(entry["tot-cmds"]) for entry in client.client_list() if entry["addr"] in ports}
+
+
+def _growth(before: dict[str, float], after: dict[str, float], numerator: str, denominator: str) -> float:
+    """How much ``numerator`` grew per unit of ``denominator``'s growth between two readings (0 when it did not grow)."""
+    grown = after.get(denominator, 0.0) - before.get(denominator, 0.0)
+    return (after.get(numerator, 0.0) - before.get(numerator, 0.0)) / grown if grown else 0.0
 
 
 def _user_system_seconds(pid: int) -> tuple[float, float]:
@@ -183,6 +192,7 @@ def main() -> None:
             before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
             worker_main_before = cpu_seconds(stack.worker.pid)
             batches_before = stack.batch_totals()
+            worker_before = stack.worker_totals()
             if sync:
                 result = asyncio.run(run_load("127.0.0.1", stack.port, bodies, args.clients, args.requests))
                 wall_s = result.wall_s
@@ -192,6 +202,7 @@ def main() -> None:
             decoders = after["worker"] - before["worker"] - (cpu_seconds(stack.worker.pid) - worker_main_before)
             api_times = [now - then for now, then in zip(_user_system_seconds(stack.api.pid), api_times_before)]
             batches_after = stack.batch_totals()
+            worker_after = stack.worker_totals()
             commands = _command_calls(redis_client) - commands_before
             trips = _round_trips(redis_client) - trips_before
             api_commands = sum(n - api_commands_before.get(client_id, 0) for client_id, n in _commands_by_connection(redis_client, stack.api.pid).items())
@@ -225,6 +236,8 @@ def main() -> None:
                 f"redis_top_commands_per_{unit}": {name: round(n / count, 2) for name, n in commands.most_common(12)},
                 "forward_ms_per_img": round((batches_after[2] - batches_before[2]) / (batches_after[1] - batches_before[1]) * 1000, 3),
                 "mean_batch": round((batches_after[1] - batches_before[1]) / batches, 2),
+                # Sync requests a task carried (those an API process admitted together share one).
+                "requests_per_task": round(_growth(worker_before, worker_after, *REQUESTS_PER_TASK), 2),
                 "api_rss_mb": round(rss_mb(stack.api.pid), 1),
                 "worker_rss_mb": round(rss_mb(stack.worker.pid), 1),
                 "cpus": len(os.sched_getaffinity(0)),

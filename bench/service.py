@@ -25,14 +25,19 @@ class Stack:
     port: int
     metrics_port: int
 
-    def batch_totals(self) -> tuple[float, float, float]:
-        """Batches, images and forward seconds so far, from the worker's /metrics."""
+    def worker_totals(self) -> dict[str, float]:
+        """Each sample of the worker's /metrics so far, summed over its labels."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
             text = response.read().decode()
         totals: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        return totals
+
+    def batch_totals(self) -> tuple[float, float, float]:
+        """Batches, images and forward seconds so far, from the worker's /metrics."""
+        totals = self.worker_totals()
         return (
             totals.get("imbeddings_worker_batch_size_count", 0.0),
             totals.get("imbeddings_worker_batch_size_sum", 0.0),

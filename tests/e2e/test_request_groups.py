@@ -4,32 +4,17 @@ is alone, and the worker's tasks carried several requests each."""
 
 from __future__ import annotations
 
-import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from devtools.photos import BENCH
-from tests.support.images import data_uri
+from tests.support.images import bench_thumbnails, data_uri
 from tests.support.stack import Stack
 
 CLIENTS = 32
-
-
-def _thumbnails() -> list[bytes]:
-    """The bench photos as small JPEGs: small enough to travel with their admission."""
-    thumbnails = []
-    for path in sorted(BENCH.glob("*.jpg")):
-        with Image.open(path) as image:
-            image.thumbnail((96, 96))
-            out = io.BytesIO()
-            image.convert("RGB").save(out, format="JPEG", quality=90)
-            thumbnails.append(out.getvalue())
-    return thumbnails
 
 
 def _vectors(response: httpx.Response) -> np.ndarray:
@@ -50,7 +35,7 @@ def _requests_per_task(service: Stack) -> tuple[float, float]:
 
 
 def test_concurrent_clients_each_get_their_own_vectors(service: Stack) -> None:
-    photos = _thumbnails()
+    photos = bench_thumbnails()
     with service.client() as client:
         alone = [_vectors(client.post("/v1/embeddings", json={"input": data_uri(photo)})) for photo in photos]
         two = _vectors(client.post("/v1/embeddings", json={"input": [data_uri(photos[1]), data_uri(photos[2])]}))
