@@ -9,13 +9,22 @@ answering them (``worker.tasks.answer_requests``). A round carries at most one b
 (``IMBEDDINGS_MAX_BATCH_SIZE``), so the workers of a fleet still share the load as they did, and at
 most ``ROUND_BYTES`` of image bytes. Each request is still admitted or refused on its own, in order
 (``shared.store.admission``), and withdrawn, re-sent and answered on its own.
+
+Left to arrivals alone, rounds keep the size of the bursts they started with: the requests of one
+task are answered together, so their clients' next requests arrive together again. While this process
+already has ``BUSY_BATCHES`` batches of a model's images admitted and unanswered, the workers have its
+work queued, and a round that would only queue behind it waits to fill instead: until it holds a
+batch, until those requests' answers bring the unanswered work below that mark, or ``ROUND_HOLD_S``
+at the most (another API process's work, or a worker that stopped, may keep the workers busy longer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from api.admission import Admission, RequestAdmission
@@ -27,6 +36,11 @@ log = logging.getLogger(__name__)
 
 # Image bytes one round stores, at most: a request grouped is at most ``sync_requests.INLINE_TASK_BYTES``.
 ROUND_BYTES = 1024 * 1024
+# Batches of a model's images admitted by this process and unanswered, from which a round waits to fill.
+BUSY_BATCHES = 2
+# The longest a round waits to fill: small beside a batch of a real model on any device, and the most
+# a request can lose should the workers' queue drain faster than this process sees.
+ROUND_HOLD_S = 0.05
 
 
 @dataclass
@@ -64,10 +78,15 @@ class RequestGroups:
         self._round_images = round_images
         self._open: dict[str, _Round] = {}  # by model: the requests that go in its next round
         self._in_flight: dict[str, int] = {}  # by model: its rounds on their way to Redis
-        self._sending: set[asyncio.Task[None]] = set()  # referenced until done, as asyncio requires
+        self._unanswered: dict[str, int] = {}  # by model: images admitted in rounds, their wait not over
+        self._held: dict[str, asyncio.TimerHandle] = {}  # by model: the hold of its open round
+        self._background: set[asyncio.Future[None]] = set()  # referenced until done, as asyncio requires
 
-    def admit(self, model: str, ask: RequestAsk, payload: dict[str, Any]) -> asyncio.Future[Admission]:
-        """The request's admission, or its refusal, once its round has come back from Redis."""
+    async def admit(self, model: str, ask: RequestAsk, payload: dict[str, Any], withdraw: Callable[[Admission], Awaitable[None]]) -> Admission:
+        """The request's admission, or its refusal raised, once its round has come back from Redis.
+        Its caller reports ``settled`` when the admitted request's wait is over; a caller cancelled
+        before the round came back (its client left) has what the round admitted withdrawn with
+        ``withdraw`` instead, rather than computed for nobody."""
         waiting = _Waiting(ask, payload, asyncio.get_running_loop().create_future())
         open_round = self._open.get(model)
         if open_round is not None and not open_round.has_room(waiting, self._round_images):
@@ -76,20 +95,52 @@ class RequestGroups:
         if open_round is None:
             open_round = self._open[model] = _Round()
             if not self._in_flight.get(model):
-                asyncio.get_running_loop().call_soon(self._send, model)
+                asyncio.get_running_loop().call_soon(self._send_or_hold, model)
         open_round.add(waiting)
         if open_round.images >= self._round_images or open_round.bytes >= ROUND_BYTES:
             self._send(model)
-        return waiting.admitted
+        try:
+            return await asyncio.shield(waiting.admitted)
+        except asyncio.CancelledError:
+            waiting.admitted.add_done_callback(partial(self._abandoned, model, ask.images, withdraw))
+            raise
+
+    def _abandoned(self, model: str, images: int, withdraw: Callable[[Admission], Awaitable[None]], admitted: asyncio.Future[Admission]) -> None:
+        if admitted.cancelled() or admitted.exception() is not None:
+            return
+        self.settled(model, images)
+        self._in_background(withdraw(admitted.result()))
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def settled(self, model: str, images: int) -> None:
+        """An admitted request's wait is over (answered or withdrawn)."""
+        self._unanswered[model] -= images
+        if model in self._held and not self._busy(model):
+            self._send(model)
+
+    def _busy(self, model: str) -> bool:
+        return self._unanswered.get(model, 0) >= BUSY_BATCHES * self._round_images
+
+    def _send_or_hold(self, model: str) -> None:
+        if model not in self._open or model in self._held:
+            return
+        if self._busy(model):
+            self._held[model] = asyncio.get_running_loop().call_later(ROUND_HOLD_S, self._send, model)
+        else:
+            self._send(model)
 
     def _send(self, model: str) -> None:
+        if (hold := self._held.pop(model, None)) is not None:
+            hold.cancel()
         sending = self._open.pop(model, None)
         if sending is None:  # already sent, by a request that filled it
             return
         self._in_flight[model] = self._in_flight.get(model, 0) + 1
-        task = asyncio.create_task(self._admit_round(model, sending))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        self._in_background(self._admit_round(model, sending))
 
     async def _admit_round(self, model: str, sending: _Round) -> None:
         try:
@@ -99,8 +150,8 @@ class RequestGroups:
                 if not waiting.admitted.done():
                     waiting.admitted.cancel()
             self._in_flight[model] -= 1
-            if not self._in_flight[model] and model in self._open:
-                self._send(model)
+            if not self._in_flight[model]:
+                self._send_or_hold(model)
 
     async def _admit(self, model: str, requests: list[_Waiting]) -> None:
         queue, message = self._task(model, requests)
@@ -121,6 +172,7 @@ class RequestGroups:
                 outcomes = [exc if isinstance(outcome, Admission) else outcome for outcome in outcomes]
         for waiting, outcome in zip(requests, outcomes):
             if isinstance(outcome, Admission):
+                self._unanswered[model] = self._unanswered.get(model, 0) + waiting.ask.images
                 waiting.admitted.set_result(outcome)
             else:
                 waiting.admitted.set_exception(outcome)

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import orjson
 from redis.exceptions import NoScriptError
@@ -79,6 +80,7 @@ async def embed_and_wait(
     blobs = [(image.index, image.data) for image in images if image.data is not None]
     payload = EmbedPayload(request_id=request_id, model=model, items=_refs(exchange.blobs_key, images), reply_key=exchange.reply_key, deadline=deadline)
     inline = sum(len(data) for _, data in blobs) <= INLINE_TASK_BYTES
+    grouped = inline and len(blobs) == len(images)
     admitted: Admission | None = None
     reply: bytes | None = None
     need = await state.memory.need(model, images)
@@ -86,15 +88,9 @@ async def embed_and_wait(
         # The images' bytes are held against the memory budget until Redis counts them itself.
         with state.memory.hold(need) as others_in_flight:
             ask = RequestAsk(key_id, work_id, len(images), deadline, need, others_in_flight, exchange.blobs_key, blobs if inline else [])
-            if inline and len(blobs) == len(images):
+            if grouped:
                 # Small and all bytes: admitted in a round with the other requests that come meanwhile, in one task.
-                round_trip = state.request_groups.admit(model, ask, payload.model_dump())
-                try:
-                    admitted = await asyncio.shield(round_trip)
-                except asyncio.CancelledError:
-                    # The round is on its way: what it admits is withdrawn below rather than computed for nobody.
-                    admitted = await asyncio.shield(round_trip)
-                    raise
+                admitted = await state.request_groups.admit(model, ask, payload.model_dump(), partial(_withdraw, state, exchange=exchange, timeout=timeout))
             elif inline:  # URLs: its own task, which a worker starts fetching at once
                 admitted = await state.admission.admit_one(model, ask, QueuedTask(*state.tasks.message(EMBED_TASK, payload.model_dump())))
             else:
@@ -108,6 +104,8 @@ async def embed_and_wait(
     finally:
         # An answered request was released with its reply. Shielded: a cancelled request (its client
         # left) must still withdraw and release what it held. A request refused at admission holds nothing.
+        if admitted is not None and grouped:
+            state.request_groups.settled(model, len(images))
         if admitted is not None and reply is None:
             await asyncio.shield(_withdraw(state, admitted, exchange, timeout))
     if reply is None:

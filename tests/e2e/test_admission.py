@@ -22,6 +22,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from api import request_groups
 from api.admission import Admission, RequestAdmission
 from api.errors import ApiError
 from api.inputs import ParsedInput
@@ -239,16 +240,18 @@ async def _groups_scenario(url: str) -> None:
     settings = Settings(redis_url=url)
     celery = create_celery_app(settings)
     async with _connected(url) as (store, client):
-        api = Api(client)
+        api = Api(client, max_requests=64)
         WorkerRegistry(store, PREFIX).beat("worker@host", [INFO], ttl_s=60, seconds_per_image={MODEL: 0.1})
         groups = RequestGroups(api.admission, TaskPublisher(celery, client), round_images=8)
         queue = queue_for(MODEL, "interactive")
 
+        def admit(ask: RequestAsk) -> asyncio.Future[Admission]:
+            return asyncio.ensure_future(groups.admit(MODEL, ask, {"request_id": ask.work_id, "model": MODEL}, api.admission.release))
+
         async def requests(sizes: list[tuple[int, str]]) -> list[Admission | BaseException]:
             asks = [await api.request(images, key) for images, key in sizes]
             # All reach admission in the same turn of the event loop, as concurrent requests do.
-            pending = [groups.admit(MODEL, ask, {"request_id": ask.work_id, "model": MODEL}) for ask in asks]
-            return await asyncio.gather(*pending, return_exceptions=True)
+            return await asyncio.gather(*[admit(ask) for ask in asks], return_exceptions=True)
 
         def tasks() -> list[list[str]]:
             """The request ids of each task queued, oldest first."""
@@ -270,6 +273,28 @@ async def _groups_scenario(url: str) -> None:
         assert isinstance(refused, ApiError) and refused.code == ErrorCode.KEY_QUOTA_EXCEEDED
         kept = [outcome.work_id for outcome in outcomes if isinstance(outcome, Admission)]
         assert len(kept) == 3 and tasks() == [kept]
+        for outcome, images in zip(admitted + outcomes, [1] * 10 + [2, 2, 1, 1]):
+            if isinstance(outcome, Admission):
+                groups.settled(MODEL, images)
+                await api.admission.release(outcome)
+
+        # Two batches of this process's images admitted and unanswered: the workers have its work
+        # queued, so a round that would queue behind it waits to fill, until answers bring that
+        # below two batches.
+        busy = await requests([(1, f"tenant-{n}") for n in range(16)])
+        assert all(isinstance(outcome, Admission) for outcome in busy)
+        assert [len(task) for task in tasks()] == [8, 8]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(request_groups, "ROUND_HOLD_S", 3600.0)
+            held = admit(await api.request(1, OTHER_KEY))
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert not held.done() and tasks() == []
+            groups.settled(MODEL, 1)  # one answer: 15 images unanswered
+            assert isinstance(await held, Admission) and len(tasks()) == 1
+        # At most ROUND_HOLD_S: a round held while the workers stay busy goes when its hold is over.
+        late = admit(await api.request(1, OTHER_KEY))
+        assert isinstance(await late, Admission) and len(tasks()) == 1
     celery.close()
 
 
