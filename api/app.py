@@ -15,6 +15,7 @@ from api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
 from api.routes import batches, embeddings, files, health, jobs, models
 from api.state import AppState
 from shared.celery_app import create_celery_app
+from shared.heap import freeze_startup_heap
 from shared.model_catalog import allowed_models
 from shared.redis_client import API_COMMAND_TIMEOUT_S, async_client
 from shared.settings import Settings
@@ -35,6 +36,7 @@ def create_app(settings: Settings) -> FastAPI:
         waits = async_client(settings.redis_url, socket_timeout=WAIT_SLICE_S + API_COMMAND_TIMEOUT_S, sentinel_master=settings.redis_sentinel_master)
         celery = create_celery_app(settings)
         app.state.imbeddings = AppState(settings, redis, waits, WAIT_SLICE_S, celery, allowed)
+        freeze_startup_heap()
         try:
             yield
         finally:
