@@ -53,7 +53,7 @@ class RequestAdmission:
             memory_budget=budget.limit,
             timeout_s=self._timeout_s,
             max_requests=self._max_requests,
-            blobs_ttl_s=math.ceil(self._timeout_s) + 60,
+            ttl_s=math.ceil(self._timeout_s) + 60,
         )
         verdicts, queued = await self._store.admit(model, limits, asks, task)
         outcomes: list[Admission | ApiError] = []

@@ -11,11 +11,11 @@ from fastapi_offline import FastAPIOffline
 from api.auth import require_api_key
 from api.body_budget import BodyBudget
 from api.errors import install_error_handlers
+from api.heap import freeze_startup_heap
 from api.middleware import BodyLimitMiddleware, ObservabilityMiddleware
 from api.routes import batches, embeddings, files, health, jobs, models
 from api.state import AppState
 from shared.celery_app import create_celery_app
-from shared.heap import freeze_startup_heap
 from shared.model_catalog import allowed_models
 from shared.redis_client import API_COMMAND_TIMEOUT_S, async_client
 from shared.settings import Settings

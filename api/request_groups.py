@@ -6,8 +6,8 @@ that arrive while one is on its way wait for it to come back and then go togethe
 waits for nothing more than before; under load the requests of a round share its round trip, its
 task message and, in the worker, Celery's per-task work and the Redis round trips of starting and
 answering them (``worker.tasks.answer_requests``). A round carries at most one batch of images
-(``IMBEDDINGS_MAX_BATCH_SIZE``), so the workers of a fleet still share the load as they did, and at
-most ``ROUND_BYTES`` of image bytes. Each request is still admitted or refused on its own, in order
+(``IMBEDDINGS_MAX_BATCH_SIZE``; a request of more goes alone), so the workers of a fleet still share
+the load as they did, and at most ``ROUND_BYTES`` of image bytes. Each request is still admitted or refused on its own, in order
 (``shared.store.admission``), and withdrawn, re-sent and answered on its own.
 
 Left to arrivals alone, rounds keep the size of the bursts they started with: the requests of one
@@ -21,18 +21,17 @@ at the most (another API process's work, or a worker that stopped, may keep the 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from api.admission import Admission, RequestAdmission
+from api.errors import ApiError
 from api.publisher import TaskPublisher
+from shared.errors import ErrorCode
 from shared.queues import EMBED_REQUESTS_TASK
 from shared.store.admission import QueuedTask, RequestAsk
-
-log = logging.getLogger(__name__)
 
 # Image bytes one round stores, at most: a request grouped is at most ``sync_requests.INLINE_TASK_BYTES``.
 ROUND_BYTES = 1024 * 1024
@@ -47,10 +46,11 @@ ROUND_HOLD_S = 0.05
 class _Waiting:
     ask: RequestAsk
     payload: dict[str, Any]  # the request's EmbedPayload, as the task carries it
+    withdraw: Callable[[Admission], Awaitable[None]]  # drops its bytes, flags it for the workers, releases it
     admitted: asyncio.Future[Admission]
 
     @property
-    def bytes(self) -> int:
+    def image_bytes(self) -> int:
         return sum(len(data) for _, data in self.ask.stored_images)
 
 
@@ -58,15 +58,18 @@ class _Waiting:
 class _Round:
     requests: list[_Waiting] = field(default_factory=list)
     images: int = 0
-    bytes: int = 0
+    image_bytes: int = 0
 
     def has_room(self, waiting: _Waiting, round_images: int) -> bool:
-        return self.images + waiting.ask.images <= round_images and self.bytes + waiting.bytes <= ROUND_BYTES
+        return self.images + waiting.ask.images <= round_images and self.image_bytes + waiting.image_bytes <= ROUND_BYTES
+
+    def full(self, round_images: int) -> bool:
+        return self.images >= round_images or self.image_bytes >= ROUND_BYTES
 
     def add(self, waiting: _Waiting) -> None:
         self.requests.append(waiting)
         self.images += waiting.ask.images
-        self.bytes += waiting.bytes
+        self.image_bytes += waiting.image_bytes
 
 
 class RequestGroups:
@@ -87,7 +90,7 @@ class RequestGroups:
         Its caller reports ``settled`` when the admitted request's wait is over; a caller cancelled
         before the round came back (its client left) has what the round admitted withdrawn with
         ``withdraw`` instead, rather than computed for nobody."""
-        waiting = _Waiting(ask, payload, asyncio.get_running_loop().create_future())
+        waiting = _Waiting(ask, payload, withdraw, asyncio.get_running_loop().create_future())
         open_round = self._open.get(model)
         if open_round is not None and not open_round.has_room(waiting, self._round_images):
             self._send(model)
@@ -97,19 +100,19 @@ class RequestGroups:
             if not self._in_flight.get(model):
                 asyncio.get_running_loop().call_soon(self._send_or_hold, model)
         open_round.add(waiting)
-        if open_round.images >= self._round_images or open_round.bytes >= ROUND_BYTES:
+        if open_round.full(self._round_images):
             self._send(model)
         try:
             return await asyncio.shield(waiting.admitted)
         except asyncio.CancelledError:
-            waiting.admitted.add_done_callback(partial(self._abandoned, model, ask.images, withdraw))
+            waiting.admitted.add_done_callback(partial(self._abandoned, model, waiting))
             raise
 
-    def _abandoned(self, model: str, images: int, withdraw: Callable[[Admission], Awaitable[None]], admitted: asyncio.Future[Admission]) -> None:
+    def _abandoned(self, model: str, waiting: _Waiting, admitted: asyncio.Future[Admission]) -> None:
         if admitted.cancelled() or admitted.exception() is not None:
             return
-        self.settled(model, images)
-        self._in_background(withdraw(admitted.result()))
+        self.settled(model, waiting.ask.images)
+        self._in_background(waiting.withdraw(admitted.result()))
 
     def _in_background(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -140,35 +143,40 @@ class RequestGroups:
         if sending is None:  # already sent, by a request that filled it
             return
         self._in_flight[model] = self._in_flight.get(model, 0) + 1
-        self._in_background(self._admit_round(model, sending))
+        admitting = asyncio.ensure_future(self._admit(model, sending.requests))
+        self._background.add(admitting)
+        # A callback rather than a finally: it runs even for a round cancelled before it started.
+        admitting.add_done_callback(partial(self._round_over, model, sending))
 
-    async def _admit_round(self, model: str, sending: _Round) -> None:
-        try:
-            await self._admit(model, sending.requests)
-        finally:
-            for waiting in sending.requests:  # the round itself was cancelled (the API stopping)
-                if not waiting.admitted.done():
-                    waiting.admitted.cancel()
-            self._in_flight[model] -= 1
-            if not self._in_flight[model]:
-                self._send_or_hold(model)
+    def _round_over(self, model: str, sending: _Round, admitting: asyncio.Future[None]) -> None:
+        self._background.discard(admitting)
+        for waiting in sending.requests:  # the round was cancelled (the API stopping): no answer came
+            if not waiting.admitted.done():
+                waiting.admitted.set_exception(ApiError(ErrorCode.QUEUE_UNAVAILABLE, "the API stopped before the request was queued; retry"))
+        self._in_flight[model] -= 1
+        if not self._in_flight[model]:
+            self._send_or_hold(model)
 
     async def _admit(self, model: str, requests: list[_Waiting]) -> None:
-        queue, message = self._task(model, requests)
+        asks = [waiting.ask for waiting in requests]
         try:
-            outcomes, queued = await self._admission.admit(model, [waiting.ask for waiting in requests], QueuedTask(queue, message))
+            outcomes, queued = await self._admission.admit(model, asks, QueuedTask(*self._task(model, requests)))
         except Exception as exc:  # Redis refused or went away: each request answers with what it raised
+            # The script may have run with only its answer lost: what it admitted is withdrawn, not
+            # computed for nobody (a withdrawal of a request it did not admit changes nothing).
             for waiting in requests:
+                self._in_background(waiting.withdraw(Admission(waiting.ask.key_id, model, waiting.ask.work_id)))
                 waiting.admitted.set_exception(exc)
             return
-        admitted = [(waiting, outcome) for waiting, outcome in zip(requests, outcomes) if isinstance(outcome, Admission)]
+        admitted = [waiting for waiting, outcome in zip(requests, outcomes) if isinstance(outcome, Admission)]
         if admitted and not queued:
             # Some were refused, so the round's task was not queued: the admitted ones' goes now.
             try:
-                await self._tasks.publish(EMBED_REQUESTS_TASK, [self._payload(model, [waiting for waiting, _ in admitted])])
+                await self._tasks.publish(EMBED_REQUESTS_TASK, [self._payload(model, admitted)])
             except Exception as exc:
-                for _, admission in admitted:
-                    await _release_quietly(self._admission, admission)
+                for waiting, outcome in zip(requests, outcomes):
+                    if isinstance(outcome, Admission):
+                        self._in_background(waiting.withdraw(outcome))
                 outcomes = [exc if isinstance(outcome, Admission) else outcome for outcome in outcomes]
         for waiting, outcome in zip(requests, outcomes):
             if isinstance(outcome, Admission):
@@ -184,9 +192,3 @@ class RequestGroups:
     def _payload(model: str, requests: list[_Waiting]) -> dict[str, Any]:
         return {"model": model, "requests": [waiting.payload for waiting in requests]}
 
-
-async def _release_quietly(admission: RequestAdmission, admitted: Admission) -> None:
-    try:
-        await admission.release(admitted)
-    except Exception as exc:  # Redis went away: ledger and quota entries expire at the deadline by themselves
-        log.warning("could not release a request", extra={"error": type(exc).__name__})

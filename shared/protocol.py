@@ -57,7 +57,8 @@ class EmbedRequests(BaseModel):
     that they share its cost; each is still started, answered, withdrawn and sent again on its own."""
 
     model: str
-    requests: list[EmbedPayload] = Field(min_length=1)
+    # A round holds at most one batch of images (IMBEDDINGS_MAX_BATCH_SIZE, at most 1024), so as many requests.
+    requests: list[EmbedPayload] = Field(min_length=1, max_length=1024)
 
     @model_validator(mode="after")
     def _one_model(self) -> EmbedRequests:

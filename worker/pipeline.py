@@ -56,6 +56,10 @@ class Submitted:
         """Every image has its outcome: ``results()`` will not wait."""
         return all(isinstance(entry, ImageInputError) or entry.done() for entry in self._queued)
 
+    def futures(self) -> list[Future[Embedding]]:
+        """The images still to come from the model, to wait on."""
+        return [entry for entry in self._queued if isinstance(entry, Future)]
+
     def results(self) -> list[ItemResult]:
         """Each image's vector or error, in input order, once they have come."""
         return [self._pipeline.collect(index, entry) for index, entry in zip(self._indexes, self._queued)]
@@ -118,14 +122,10 @@ class ModelPipeline:
         metrics.observe_batch(self.model.model_id, images, seconds)
         self._speeds.observe(self.model.model_id, images, seconds)
 
-    def embed(self, inputs: list[ImageInput], bulk: bool = False, ticket: Ticket | None = None) -> list[ItemResult]:
-        """Results in the order of ``inputs``; every image gets a vector or an error. Nothing more is
-        fetched, decoded or computed for them once ``ticket`` is withdrawn."""
-        return self.submit(inputs, bulk, ticket).results()
-
     def submit(self, inputs: list[ImageInput], bulk: bool = False, ticket: Ticket | None = None) -> Submitted:
-        """Start ``inputs`` on their way to the model (``embed`` without the wait for the results), so
-        that one task can have the images of several requests in the same batches."""
+        """Start ``inputs`` on their way to the model; ``results()`` of what it returns has every
+        image's vector or error, in input order. Nothing more is fetched, decoded or computed for them
+        once ``ticket`` is withdrawn. A task can so have the images of several requests in the same batches."""
         ticket = ticket or Ticket()
         priority = BULK if bulk else INTERACTIVE
         # URLs are fetched in parallel on I/O threads (a fair share of them per request); decoding

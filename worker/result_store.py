@@ -45,9 +45,9 @@ class ResultStore:
         """The job was cancelled, or expired: its chunks' remaining work is for nobody."""
         return self._jobs.status(job_id) in (None, "cancelled")
 
-    def reply(self, answers: list[tuple[EmbedPayload, list[ItemResult]]]) -> list[bool]:
-        """Push each request's results for its waiting client; False for one whose client had
-        stopped waiting (discarded)."""
+    def reply(self, answers: list[tuple[EmbedPayload, list[ItemResult]]]) -> list[bool | Exception]:
+        """Push each request's results for its waiting client: True where pushed, False for one whose
+        client had stopped waiting (discarded), or what Redis refused of its push."""
         return self._replies.push([(request, dump_results(results)) for request, results in answers])
 
     def start_chunk(self, chunk: JobChunkPayload) -> tuple[str, set[int]]:

@@ -6,10 +6,11 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
@@ -24,6 +25,7 @@ from shared.logs import request_id_var
 from shared.protocol import EmbedPayload, EmbedRequests, ImageRef, ItemError, ItemResult, JobChunkPayload
 from shared.queues import EMBED_REQUESTS_TASK, EMBED_TASK, JOB_CHUNK_TASK
 from worker import metrics
+from worker.batching import Embedding
 from worker.images.sources import ImageInput, inputs_from, load_inputs
 from worker.pipeline import ModelPipeline, Submitted, WorkerStopping
 from worker.result_store import ResultStore
@@ -142,7 +144,7 @@ def _failed(refs: list[ImageRef], message: str, code: ErrorCode) -> list[ItemRes
 
 
 @shared_task(name=EMBED_TASK, base=WorkerTask, bind=True, ignore_result=True)
-def embed(self: WorkerTask, payload: dict) -> None:
+def embed(self: WorkerTask, payload: dict[str, Any]) -> None:
     """One synchronous request (one with URLs or large images, or one sent again)."""
     with _message("embed", EmbedPayload, payload) as request:
         if request is not None:
@@ -150,39 +152,45 @@ def embed(self: WorkerTask, payload: dict) -> None:
 
 
 @shared_task(name=EMBED_REQUESTS_TASK, base=WorkerTask, bind=True, ignore_result=True)
-def embed_requests(self: WorkerTask, payload: dict) -> None:
+def embed_requests(self: WorkerTask, payload: dict[str, Any]) -> None:
     """Synchronous requests an API process admitted together: their images share the batches."""
     with _message("embed", EmbedRequests, payload) as group:
         if group is not None:
+            metrics.REQUESTS_PER_TASK.labels(group.model).observe(len(group.requests))
             answer_requests(self.resources, group.model, group.requests)
 
 
 @dataclass
 class _Answering:
-    """A started request whose images are on their way through the pipeline (or already answered)."""
+    """A started request: its images on their way through the pipeline, or its results already known."""
 
     request: EmbedPayload
+    began_at: float  # time.perf_counter()
+    outcome: Submitted | list[ItemResult]
     loaded: list[ImageInput | ItemResult]
-    submitted: Submitted | None  # None: ``answered`` holds the results
-    answered: list[ItemResult] | None
-    started: float
 
     def done(self) -> bool:
-        return self.submitted is None or self.submitted.done()
+        return not isinstance(self.outcome, Submitted) or self.outcome.done()
+
+    def futures(self) -> list[Future[Embedding]]:
+        return self.outcome.futures() if isinstance(self.outcome, Submitted) else []
 
     def results(self) -> list[ItemResult]:
-        """Waits for the request's images; raises WorkerStopping when the worker stops before they are embedded."""
-        if self.submitted is None:
-            assert self.answered is not None
-            return self.answered
+        """The request's results once its images are in; raises WorkerStopping when the worker stops first."""
+        if not isinstance(self.outcome, Submitted):
+            return self.outcome
         try:
-            return _merged(self.loaded, self.submitted.results())
+            return _merged(self.loaded, self.outcome.results())
         except WorkerStopping:
             raise
         except Exception as exc:  # the client waits for an answer: a failure it can read, not a timeout
-            with _request_id(self.request.request_id):
-                log.exception("request failed in the worker; its images are answered with errors", extra={"model": self.request.model})
-            return _failed(self.request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", ErrorCode.WORKER_ERROR)
+            return _worker_error(self.request, exc)
+
+
+def _worker_error(request: EmbedPayload, exc: Exception) -> list[ItemResult]:
+    with _request_id(request.request_id):
+        log.exception("request failed in the worker; its images are answered with errors", extra={"model": request.model})
+    return _failed(request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", ErrorCode.WORKER_ERROR)
 
 
 def answer_requests(context: WorkerResources, model: str, requests: list[EmbedPayload]) -> None:
@@ -193,11 +201,10 @@ def answer_requests(context: WorkerResources, model: str, requests: list[EmbedPa
     this worker stop heartbeating: the broker would redeliver it only after the visibility timeout,
     past its deadline.
     """
-    metrics.REQUESTS_PER_TASK.labels(model).observe(len(requests))
     now = time.time()
     live = [request for request in requests if now <= request.deadline]
-    started = context.store.start(live, context.node) if live else []
-    claimed = {id(request) for request, start in zip(live, started) if start is not None}
+    starts = context.store.start(live, context.node) if live else []
+    claimed = {id(request) for request, start in zip(live, starts) if start is not None}
     for request in requests:
         if id(request) not in claimed:
             with _request_id(request.request_id):
@@ -205,45 +212,48 @@ def answer_requests(context: WorkerResources, model: str, requests: list[EmbedPa
             metrics.TASKS.labels("embed", "skipped").inc()
     pipeline = context.pipelines.get(model)
     pending: list[_Answering] = []
-    for request, start in zip(live, started):
+    for request, start in zip(live, starts):
         if start is None:
             continue
-        begun = time.perf_counter()
+        began_at = time.perf_counter()
         ticket = Ticket(request.reply_key, request.deadline, partial(context.store.is_abandoned, request.reply_key), looked_up_at=time.monotonic())
         try:
             loaded = inputs_from(request.items, start.image_bytes())
-            if pipeline is None:
-                pending.append(_Answering(request, loaded, None, _not_served(model, request.items), begun))
-            else:
-                pending.append(_Answering(request, loaded, pipeline.submit(_images(loaded), ticket=ticket), None, begun))
+            outcome = _not_served(model, request.items) if pipeline is None else pipeline.submit(_images(loaded), ticket=ticket)
+            pending.append(_Answering(request, began_at, outcome, loaded))
         except Exception as exc:  # the client waits for an answer: a failure it can read, not a timeout
-            with _request_id(request.request_id):
-                log.exception("request failed in the worker; its images are answered with errors", extra={"model": model})
-            failed = _failed(request.items, f"the worker failed on this request: {type(exc).__name__}: {exc}", ErrorCode.WORKER_ERROR)
-            pending.append(_Answering(request, [], None, failed, begun))
+            pending.append(_Answering(request, began_at, _worker_error(request, exc), []))
     while pending:
-        try:
-            answers = [(pending[0], pending[0].results())]
-            answers += [(answering, answering.results()) for answering in pending[1:] if answering.done()]
-        except WorkerStopping:
-            # Not answered: the API sees this worker withdrawn and sends these requests to another one.
-            log.info("worker stopping: requests left unanswered for the API to re-send", extra={"model": model, "requests": len(pending)})
-            metrics.TASKS.labels("embed", "abandoned").inc(len(pending))
-            return
-        delivered = context.store.reply([(answering.request, results) for answering, results in answers])
-        for (answering, results), pushed in zip(answers, delivered):
-            _log_answer(answering, results, pushed)
-        answered = {id(answering) for answering, _ in answers}
-        pending = [answering for answering in pending if id(answering) not in answered]
+        if not any(answering.done() for answering in pending):
+            wait([future for answering in pending for future in answering.futures()], return_when=FIRST_COMPLETED)
+        answers: list[tuple[_Answering, list[ItemResult]]] = []
+        for answering in [answering for answering in pending if answering.done()]:
+            pending.remove(answering)
+            try:
+                answers.append((answering, answering.results()))
+            except WorkerStopping:
+                # Not answered: the API sees this worker withdrawn and sends the request to another one.
+                with _request_id(answering.request.request_id):
+                    log.info("worker stopping: request left unanswered for the API to re-send", extra={"model": model})
+                metrics.TASKS.labels("embed", "abandoned").inc()
+        if answers:
+            _reply(context, answers)
 
 
-def _log_answer(answering: _Answering, results: list[ItemResult], delivered: bool) -> None:
-    metrics.TASKS.labels("embed", "done" if delivered else "discarded").inc()
-    request = answering.request
-    failed = sum(r.error is not None for r in results)
-    extra = {"model": request.model, "images": len(results), "failed": failed, "seconds": round(time.perf_counter() - answering.started, 4)}
-    with _request_id(request.request_id):
-        log.info("request embedded" if delivered else "request embedded after the API stopped waiting; result discarded", extra=extra)
+def _reply(context: WorkerResources, answers: list[tuple[_Answering, list[ItemResult]]]) -> None:
+    delivered = context.store.reply([(answering.request, results) for answering, results in answers])
+    for (answering, results), outcome in zip(answers, delivered):
+        request = answering.request
+        with _request_id(request.request_id):
+            if isinstance(outcome, Exception):
+                # Redis refused or lost this reply: the client's wait ends at its deadline; the task's other requests go on.
+                log.error("could not store the request's results", extra={"model": request.model, "error": f"{type(outcome).__name__}: {outcome}"})
+                metrics.TASKS.labels("embed", "reply_failed").inc()
+                continue
+            metrics.TASKS.labels("embed", "done" if outcome else "discarded").inc()
+            failed = sum(r.error is not None for r in results)
+            extra = {"model": request.model, "images": len(results), "failed": failed, "seconds": round(time.perf_counter() - answering.began_at, 4)}
+            log.info("request embedded" if outcome else "request embedded after the API stopped waiting; result discarded", extra=extra)
 
 
 @shared_task(name=JOB_CHUNK_TASK, base=WorkerTask, bind=True, ignore_result=True, max_retries=MAX_CHUNK_RETRIES)

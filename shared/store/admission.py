@@ -18,14 +18,13 @@ withdrawn without an answer. The policy (what a refusal says, with which status)
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import redis.asyncio
 from redis.asyncio.client import Pipeline as AsyncPipeline
 
-from shared.queues import model_slug
+from shared.queues import model_slug, queue_for
 from shared.store.registry import SPEED_FUNCTIONS, RegistryKeys
 from shared.store.tenants import QUOTA_FUNCTIONS, TenantKeys
 
@@ -217,7 +216,7 @@ class AdmissionLimits:
     memory_budget: int | None
     timeout_s: float
     max_requests: int
-    blobs_ttl_s: int
+    ttl_s: int  # of what an admission stores: ledger entries and image bytes
 
 
 @dataclass(frozen=True)
@@ -276,15 +275,16 @@ class AdmissionStore:
         """Each request's verdict, in order, and whether ``task`` was queued: it is, in the same step,
         when every request was admitted."""
         workers, speeds, entries, counts = self._for_model(model)
-        keys = [workers, speeds, entries, counts, "" if task is None else task.queue]
+        # The model's queue is named even without a task: a Redis ACL may allow only the service's key patterns.
+        keys = [workers, speeds, entries, counts, queue_for(model, "interactive") if task is None else task.queue]
         args: list[str | int | float | bytes] = [
             time.time(),
             limits.key_limit,
             "" if limits.memory_budget is None else limits.memory_budget,
             limits.timeout_s,
             limits.max_requests,
-            math.ceil(limits.timeout_s) + 60,
-            limits.blobs_ttl_s,
+            limits.ttl_s,
+            limits.ttl_s,
             "" if task is None else task.message,
         ]
         for ask in asks:

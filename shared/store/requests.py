@@ -25,7 +25,7 @@ import redis.asyncio
 from redis import Redis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from shared.protocol import BlobRef, EmbedPayload
 from shared.store.claims import claim
@@ -223,22 +223,27 @@ class RequestReplies:
         """Whether each request was abandoned, in one round trip for them all."""
         return [flag is not None for flag in self._redis.mget([self._keys.abandoned(key) for key in reply_keys])]
 
-    def push(self, replies: list[tuple[EmbedPayload, str]]) -> list[bool]:
+    def push(self, replies: list[tuple[EmbedPayload, str]]) -> list[bool | Exception]:
         """Push each request's results (JSON) and drop its image bytes, in one round trip for them
-        all; False for a request the API had stopped waiting for (its results are discarded)."""
+        all: True where pushed, False for a request the API had stopped waiting for (its results are
+        discarded), or what Redis refused of that request's push (a full Redis, a lost connection)."""
         pipe = self._redis.pipeline(transaction=False)
         for request, results_json in replies:
             keys = self._reply_keys(request)
             # By digest: a pipeline's registered scripts would cost a SCRIPT EXISTS round trip each time.
             pipe.evalsha(self._reply.sha, len(keys), *keys, results_json, self._ttl_s)
-        answers = pipe.execute(raise_on_error=False)
-        pushed: list[bool] = []
+        try:
+            answers = pipe.execute(raise_on_error=False)
+        except RedisError as exc:  # the connection failed: none of them was answered
+            return [exc for _ in replies]
+        pushed: list[bool | Exception] = []
         for (request, results_json), answer in zip(replies, answers, strict=True):
             if isinstance(answer, NoScriptError):  # Redis lost its scripts (a restart): this loads it again
-                answer = self._reply(keys=self._reply_keys(request), args=[results_json, self._ttl_s])
-            elif isinstance(answer, Exception):
-                raise answer
-            pushed.append(bool(answer))
+                try:
+                    answer = self._reply(keys=self._reply_keys(request), args=[results_json, self._ttl_s])
+                except RedisError as exc:
+                    answer = exc
+            pushed.append(answer if isinstance(answer, Exception) else bool(answer))
         return pushed
 
     def _reply_keys(self, request: EmbedPayload) -> list[str]:
