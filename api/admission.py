@@ -41,6 +41,9 @@ class RequestAdmission:
         self._memory = memory
         self._timeout_s = request_timeout_s
         self._max_requests = max_requests
+        # How long what a request stores in Redis lives: past its deadline, so a worker still holding
+        # it finds its bytes, and bounded, so what an API process that died left behind goes.
+        self.ttl_s = math.ceil(request_timeout_s) + 60
 
     async def admit(self, model: str, asks: list[RequestAsk], task: QueuedTask | None) -> tuple[list[Admission | ApiError], bool]:
         """Weigh the requests in order, each after the ones before it: each one's admission (entered
@@ -53,7 +56,7 @@ class RequestAdmission:
             memory_budget=budget.limit,
             timeout_s=self._timeout_s,
             max_requests=self._max_requests,
-            ttl_s=math.ceil(self._timeout_s) + 60,
+            ttl_s=self.ttl_s,
         )
         verdicts, queued = await self._store.admit(model, limits, asks, task)
         outcomes: list[Admission | ApiError] = []

@@ -90,14 +90,14 @@ async def embed_and_wait(
             ask = RequestAsk(key_id, work_id, len(images), deadline, need, others_in_flight, exchange.blobs_key, blobs if inline else [])
             if grouped:
                 # Small and all bytes: admitted in a round with the other requests that come meanwhile, in one task.
-                admitted = await state.request_groups.admit(model, ask, payload.model_dump(), partial(_withdraw, state, exchange=exchange, timeout=timeout))
+                admitted = await state.request_groups.admit(model, ask, payload.model_dump(), partial(_withdraw, state, exchange=exchange))
             elif inline:  # URLs: its own task, which a worker starts fetching at once
                 admitted = await state.admission.admit_one(model, ask, QueuedTask(*state.tasks.message(EMBED_TASK, payload.model_dump())))
             else:
                 admitted = await state.admission.admit_one(model, ask, None)
                 queue, message = state.tasks.message(EMBED_TASK, payload.model_dump())
                 send = state.redis.pipeline(transaction=True)
-                state.requests.stash(send, exchange, blobs, int(timeout) + 60)
+                state.requests.stash(send, exchange, blobs, state.admission.ttl_s)
                 state.tasks.push(send, queue, message)
                 await send.execute()
         reply = await _wait_for_reply(state, admitted, exchange, payload, client_gone)
@@ -107,7 +107,7 @@ async def embed_and_wait(
         if admitted is not None and grouped:
             state.request_groups.settled(model, len(images))
         if admitted is not None and reply is None:
-            await asyncio.shield(_withdraw(state, admitted, exchange, timeout))
+            await asyncio.shield(_withdraw(state, admitted, exchange))
     if reply is None:
         raise ApiError(ErrorCode.TIMEOUT, f"no worker answered within {timeout:g} s; the request was withdrawn")
     return [ItemResult.model_validate(item) for item in orjson.loads(reply)]
@@ -124,12 +124,12 @@ def _refs(blobs_key: str, images: list[ParsedInput]) -> list[ImageRef]:
     return refs
 
 
-async def _withdraw(state: AppState, admitted: Admission, exchange: SyncRequest, timeout: float) -> None:
+async def _withdraw(state: AppState, admitted: Admission, exchange: SyncRequest) -> None:
     """Withdraw a request that had no answer, and leave the ledger and the key's quota."""
     try:
         # Workers skip a withdrawn request at task start and drop its images from batches; the
         # ledger is released even when a full Redis refused the flag.
-        await state.requests.withdraw(exchange, ttl_s=int(timeout) + 60)
+        await state.requests.withdraw(exchange, ttl_s=state.admission.ttl_s)
         await state.admission.release(admitted)
     except Exception as exc:  # Redis went away: ledger and quota entries expire at the deadline by themselves
         log.warning("could not withdraw a request", extra={"error": type(exc).__name__})

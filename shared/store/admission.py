@@ -44,8 +44,8 @@ end
 # Admits the requests of one model given to it, one after the other, each seeing the ones before it.
 # KEYS: the model's worker registry, its speeds, its ledger (entries, counts), its task queue, then
 # for each request: its key's quota (work, images), its image-bytes hash. ARGV: now, the keys' limit,
-# the memory budget ('' for none), timeout s, max requests, ledger ttl s, image-bytes ttl s, the
-# task message ('' for none), then for each request: work id, deadline, images, bytes needed, bytes
+# the memory budget ('' for none), timeout s, max requests, the ttl s of ledger entries and image
+# bytes, the task message ('' for none), then for each request: work id, deadline, images, bytes needed, bytes
 # its API process is storing, the number of image-bytes pairs, then index, bytes for each: an
 # admitted request's bytes are stored here. The task goes after the bytes, in the same atomic step,
 # and only when every request was admitted (the caller queues a task without the refused ones).
@@ -119,14 +119,14 @@ local function admit(quota_work, quota_images, blobs, a)
   local pairs_count = tonumber(ARGV[a + 5])
   if pairs_count > 0 then
     redis.call('HSET', blobs, unpack(ARGV, a + 6, a + 5 + 2 * pairs_count))
-    redis.call('EXPIRE', blobs, ARGV[7])
+    redis.call('EXPIRE', blobs, ARGV[6])
   end
   return {'admitted', used, maxmemory, host}
 end
 
 local verdicts = {0}
 local all_admitted = true
-local a = 9
+local a = 8
 local k = 6
 while a <= #ARGV do
   local verdict = admit(KEYS[k], KEYS[k + 1], KEYS[k + 2], a)
@@ -135,8 +135,8 @@ while a <= #ARGV do
   a = a + 6 + 2 * tonumber(ARGV[a + 5])
   k = k + 3
 end
-if all_admitted and ARGV[8] ~= '' then
-  redis.call('LPUSH', KEYS[5], ARGV[8])
+if all_admitted and ARGV[7] ~= '' then
+  redis.call('LPUSH', KEYS[5], ARGV[7])
   verdicts[1] = 1
 end
 return verdicts
@@ -283,7 +283,6 @@ class AdmissionStore:
             "" if limits.memory_budget is None else limits.memory_budget,
             limits.timeout_s,
             limits.max_requests,
-            limits.ttl_s,
             limits.ttl_s,
             "" if task is None else task.message,
         ]
