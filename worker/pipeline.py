@@ -52,13 +52,13 @@ class Submitted:
         self._indexes = indexes
         self._queued = queued
 
+    def futures(self) -> list[Future[Embedding]]:
+        """The images handed to the model, to wait on (the others already have their error)."""
+        return [entry for entry in self._queued if isinstance(entry, Future)]
+
     def done(self) -> bool:
         """Every image has its outcome: ``results()`` will not wait."""
-        return all(isinstance(entry, ImageInputError) or entry.done() for entry in self._queued)
-
-    def futures(self) -> list[Future[Embedding]]:
-        """The images still to come from the model, to wait on."""
-        return [entry for entry in self._queued if isinstance(entry, Future)]
+        return all(future.done() for future in self.futures())
 
     def results(self) -> list[ItemResult]:
         """Each image's vector or error, in input order, once they have come."""
